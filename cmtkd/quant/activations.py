@@ -1,0 +1,148 @@
+"""Activation quantizers.  Each one *replaces* the ReLU, so its output is always >= 0.
+
+* :class:`HWGQ`   - half-wave Gaussian quantizer (Cai et al., CVPR 2017); what CMT-KD uses.
+* :class:`PACT`   - learnable clipping level (Choi et al., 2018); plain-quantization baseline.
+* :class:`LSQActivation` - learned step size (Esser et al., ICLR 2020); baseline.
+* :class:`DoReFaActivation` - fixed clip at 1 (Zhou et al., 2016); baseline.
+
+Use :func:`make_act_quantizer` rather than the classes: it also handles 32-bit (plain ReLU)
+and validates names and bit-widths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cmtkd.quant.common import (
+    FULL_PRECISION,
+    HWGQ_STEPS,
+    LazyStepMixin,
+    check_bits,
+    check_name,
+    check_quantized_bits,
+    round_ste,
+    scale_grad,
+    straight_through,
+)
+
+ACT_QUANTIZERS = ("hwgq", "pact", "lsq", "dorefa")
+
+
+class HWGQ(nn.Module):
+    """Half-wave Gaussian quantizer (Cai et al., CVPR 2017; steps from EdMIPS).
+
+    Forward ``y = s * round(clamp(x, 0, s*(2^b - 1)) / s)`` with the fixed step ``s = HWGQ_STEPS[b]``
+    (optimal uniform quantizer for the positive half of a unit Gaussian, which is what
+    batch-normalised pre-activations look like).  Backward: identity inside ``[0, s*(2^b - 1)]``,
+    zero outside (the clipped-ReLU straight-through estimator of HWGQ).
+    """
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = check_quantized_bits(bits, "HWGQ")
+        self.step = HWGQ_STEPS[self.bits]
+        self.clip = self.step * (2**self.bits - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        clipped = x.clamp(0.0, self.clip)  # clamp's gradient is exactly the in-range mask
+        return straight_through(clipped, torch.round(clipped / self.step) * self.step)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, step={self.step}, clip={self.clip:.4g}"
+
+
+class PACT(nn.Module):
+    """PACT: parameterised clipping activation (Choi et al., 2018).
+
+    ``y = round(clamp(x, 0, alpha) * n / alpha) * alpha / n`` with ``n = 2^b - 1`` and a learnable
+    clip ``alpha``.  Gradient wrt ``x``: 1 inside ``[0, alpha]``, 0 outside (STE on the round).
+    Gradient wrt ``alpha``: comes only from the clamp, i.e. 1 for every ``x >= alpha`` and 0
+    otherwise, as in the PACT paper (not the LSQ-style gradient through the rounding error).
+
+    Assumption: ``alpha`` starts at 10.0, the PACT paper's initial value.  PACT also puts an L2
+    penalty on ``alpha``; that is the optimiser's job (weight decay on this parameter), not ours.
+    """
+
+    def __init__(self, bits: int, init_alpha: float = 10.0):
+        super().__init__()
+        self.bits = check_quantized_bits(bits, "PACT")
+        self.levels = 2**self.bits - 1
+        self.alpha = nn.Parameter(torch.tensor(float(init_alpha)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha.to(x.dtype)
+        # torch.where rather than clamp(max=alpha): clamp splits the gradient 50/50 when
+        # x == alpha, PACT gives it all to alpha (d y / d alpha = 1 for x >= alpha).
+        clipped = torch.where(x < alpha, x.clamp_min(0.0), alpha)
+        step = alpha.detach() / self.levels
+        return straight_through(clipped, torch.round(clipped.detach() / step) * step)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class LSQActivation(LazyStepMixin, nn.Module):
+    """LSQ for unsigned activations (Esser et al., ICLR 2020): levels ``0 .. Q_P = 2^b - 1``.
+
+    ``y = round(clamp(x / s, 0, Q_P)) * s`` with a learnable step ``s``, initialised from the first
+    batch as ``2 * mean|x| / sqrt(Q_P)``.  Gradient wrt ``x``: 1 inside ``[0, Q_P*s]``, 0 outside;
+    gradient wrt ``s`` is LSQ's, scaled by ``g = 1 / sqrt(numel(x) * Q_P)``.
+
+    Assumption: ``numel(x)`` counts the whole batch (as lsq-net does); the LSQ paper says "number
+    of features", which could be read as per example.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = check_quantized_bits(bits, "LSQ activation")
+        self.qp = 2**self.bits - 1
+        self._init_step_state()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._maybe_init_step(x, self.qp)
+        step = scale_grad(self.step, 1.0 / math.sqrt(x.numel() * self.qp)).to(x.dtype)
+        return round_ste(torch.clamp(x / step, 0, self.qp)) * step
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class DoReFaActivation(nn.Module):
+    """DoReFa-Net activation quantizer (Zhou et al., 2016).
+
+    ``y = round(clamp(x, 0, 1) * n) / n`` with ``n = 2^b - 1``: a fixed clip at 1, which suits
+    DoReFa's bounded activations.  Backward: identity inside ``[0, 1]``, zero outside.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = check_quantized_bits(bits, "DoReFa activation")
+        self.levels = 2**self.bits - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        clipped = x.clamp(0.0, 1.0)
+        return straight_through(clipped, torch.round(clipped * self.levels) / self.levels)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+_ACT_CLASSES = {"hwgq": HWGQ, "pact": PACT, "lsq": LSQActivation, "dorefa": DoReFaActivation}
+
+
+def make_act_quantizer(name: str, bits: int) -> nn.Module:
+    """Build the activation quantizer ``name`` at ``bits``; it replaces the layer's ReLU.
+
+    ``bits == 32`` gives a plain ``nn.ReLU`` (with ``bits = 32`` set on it) whatever the name.
+    Unknown names and bit-widths raise :class:`cmtkd.errors.UserError`.
+    """
+    check_name(name, ACT_QUANTIZERS, "activation quantizer")
+    bits = check_bits(bits)
+    if bits == FULL_PRECISION:
+        relu = nn.ReLU()
+        relu.bits = FULL_PRECISION
+        return relu
+    return _ACT_CLASSES[name](bits)

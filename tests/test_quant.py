@@ -1,0 +1,477 @@
+"""Property-based tests of cmtkd.quant (in the style of brevitas): random shapes and scales, outputs on
+the grid, at most 2^b levels, idempotence, straight-through gradients, plus a few golden values."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from cmtkd.errors import UserError
+from cmtkd.quant import (
+    ACT_QUANTIZERS,
+    FULL_PRECISION,
+    GAUSSIAN_WEIGHT_SCALES,
+    HWGQ,
+    HWGQ_STEPS,
+    PACT,
+    WEIGHT_QUANTIZERS,
+    BinaryWeight,
+    DoReFaActivation,
+    DoReFaWeight,
+    GaussianWeight,
+    LSQActivation,
+    LSQWeight,
+    QConv2d,
+    QLinear,
+    check_bits,
+    gaussian_quantize,
+    gaussian_scale,
+    make_act_quantizer,
+    make_weight_quantizer,
+)
+
+torch.set_num_threads(1)
+
+SETTINGS = settings(max_examples=30, deadline=None)
+BITS = st.integers(min_value=1, max_value=8)
+SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
+SCALES = st.floats(min_value=0.01, max_value=10.0)
+ACT_SHAPES = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)
+WEIGHT_SHAPES = st.one_of(
+    st.tuples(st.integers(1, 6), st.integers(1, 6)),  # linear OI
+    st.tuples(st.integers(1, 6), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)),  # conv OIHW
+)
+
+
+def randn(shape, seed, scale=1.0, shift=0.0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator) * scale + shift
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation quantizers
+
+
+def act_grid(quantizer) -> tuple[float, float]:
+    """(step, clip) of an activation quantizer's grid: levels are k * step, 0 <= k * step <= clip."""
+    n = 2**quantizer.bits - 1
+    if isinstance(quantizer, HWGQ):
+        return quantizer.step, quantizer.clip
+    if isinstance(quantizer, PACT):
+        alpha = quantizer.alpha.item()
+        return alpha / n, alpha
+    if isinstance(quantizer, LSQActivation):
+        step = quantizer.step.item()
+        return step, step * n
+    assert isinstance(quantizer, DoReFaActivation)
+    return 1.0 / n, 1.0
+
+
+def make_act(name, bits, x, alpha):
+    quantizer = make_act_quantizer(name, bits)
+    if name == "pact":
+        with torch.no_grad():
+            quantizer.alpha.fill_(alpha)
+    if name == "lsq":
+        quantizer(x)  # lazy step initialisation from this batch
+    return quantizer
+
+
+@SETTINGS
+@given(name=st.sampled_from(ACT_QUANTIZERS), bits=BITS, shape=ACT_SHAPES, seed=SEEDS, scale=SCALES,
+       alpha=st.floats(0.1, 5.0))
+def test_activation_levels_grid_idempotent(name, bits, shape, seed, scale, alpha):
+    x = randn(shape, seed, scale, shift=0.3 * scale)
+    quantizer = make_act(name, bits, x, alpha)
+    assert quantizer.bits == bits
+    y = quantizer(x)
+    assert y.shape == x.shape
+    assert (y >= 0).all()
+    assert y.unique().numel() <= 2**bits
+    step, clip = act_grid(quantizer)
+    k = y / step
+    assert torch.allclose(k, k.round(), atol=1e-4)
+    assert (k.round() >= 0).all() and (k.round() <= 2**bits - 1).all()
+    assert (y <= clip * (1 + 1e-6)).all()
+    assert torch.equal(quantizer(y), y)  # exactly idempotent
+
+
+@SETTINGS
+@given(name=st.sampled_from(ACT_QUANTIZERS), bits=BITS, shape=ACT_SHAPES, seed=SEEDS, scale=SCALES,
+       alpha=st.floats(0.1, 5.0))
+def test_activation_straight_through_gradient(name, bits, shape, seed, scale, alpha):
+    x = randn(shape, seed, scale, shift=0.3 * scale)
+    quantizer = make_act(name, bits, x, alpha)
+    _, clip = act_grid(quantizer)
+    x.requires_grad_(True)
+    quantizer(x).sum().backward()
+    inside = (x > 0) & (x < clip)
+    outside = (x < 0) | (x > clip)
+    # LSQ computes round(x / s) * s, so its in-range gradient is s / s: 1 up to rounding.
+    assert torch.allclose(x.grad[inside], torch.ones_like(x.grad[inside]), rtol=1e-6, atol=0)
+    assert torch.equal(x.grad[outside], torch.zeros_like(x.grad[outside]))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_activation_uses_all_levels_on_a_ramp(bits):
+    for name in ACT_QUANTIZERS:
+        quantizer = make_act(name, bits, torch.linspace(0.0, 3.0, 100), alpha=2.0)
+        _, clip = act_grid(quantizer)
+        ramp = torch.linspace(-1.0, 1.5 * clip, 20001)
+        assert quantizer(ramp).unique().numel() == 2**bits, name
+
+
+def test_hwgq_2bit_golden_levels():
+    quantizer = make_act_quantizer("hwgq", 2)
+    levels = quantizer(torch.linspace(-2.0, 4.0, 6001)).unique()
+    assert torch.allclose(levels, torch.tensor([0.0, 0.538, 1.076, 1.614]), atol=1e-6, rtol=0)
+    assert HWGQ_STEPS[2] == 0.538 and quantizer.clip == pytest.approx(1.614)
+
+
+def test_hwgq_rounds_to_nearest_level():
+    quantizer = make_act_quantizer("hwgq", 2)
+    x = torch.tensor([-0.5, 0.0, 0.26, 0.28, 0.538, 0.9, 1.5, 1.614, 9.0])
+    expected = torch.tensor([0.0, 0.0, 0.0, 0.538, 0.538, 1.076, 1.614, 1.614, 1.614])
+    assert torch.allclose(quantizer(x), expected, atol=1e-6, rtol=0)
+
+
+def test_pact_alpha_gradient_counts_clipped_inputs():
+    quantizer = make_act_quantizer("pact", 2)
+    assert quantizer.alpha.item() == 10.0
+    with torch.no_grad():
+        quantizer.alpha.fill_(1.0)
+    x = torch.tensor([-1.0, 0.2, 0.5, 0.99, 1.0, 1.5, 3.0], requires_grad=True)
+    quantizer(x).sum().backward()
+    assert quantizer.alpha.grad.item() == 3.0  # x >= alpha: 1.0, 1.5, 3.0
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]))
+
+
+@SETTINGS
+@given(bits=BITS, shape=ACT_SHAPES, seed=SEEDS, scale=SCALES)
+def test_lsq_activation_init_and_step_gradient(bits, shape, seed, scale):
+    qp = 2**bits - 1
+    x = randn(shape, seed, scale, shift=0.3 * scale)
+    quantizer = LSQActivation(bits)
+    assert not quantizer.initialized
+    quantizer(x)
+    assert quantizer.initialized
+    expected_step = (2 * x.abs().mean() / math.sqrt(qp)).clamp_min(1e-8)
+    assert torch.allclose(quantizer.step.detach(), expected_step)
+    quantizer(x * 7.0 + 1.0)  # a second batch must not re-initialise
+    assert torch.allclose(quantizer.step.detach(), expected_step)
+
+    quantizer(x).sum().backward()
+    step = quantizer.step.detach()
+    z = x / step
+    per_element = torch.where(z >= qp, torch.full_like(z, qp), torch.where(z <= 0, 0.0, z.round() - z))
+    expected_grad = per_element.sum() / math.sqrt(x.numel() * qp)
+    assert torch.allclose(quantizer.step.grad, expected_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_full_precision_activation_is_relu():
+    for name in ACT_QUANTIZERS:
+        quantizer = make_act_quantizer(name, FULL_PRECISION)
+        assert isinstance(quantizer, nn.ReLU) and quantizer.bits == 32
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(quantizer(x), F.relu(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight quantizers
+
+WEIGHT_CASES = st.one_of(
+    st.tuples(st.just("binary"), st.just(1)),
+    st.tuples(st.sampled_from(["auto", "gaussian", "dorefa"]), BITS),
+    st.tuples(st.just("lsq"), st.integers(2, 8)),
+)
+
+
+def weight_levels_ok(quantizer, weight, w_q):
+    """Check the levels/grid property of each weight quantizer; return nothing, assert instead."""
+    bits = quantizer.bits
+    if isinstance(quantizer, BinaryWeight):
+        scale = weight.abs().reshape(weight.shape[0], -1).mean(dim=1)
+        per_channel = w_q.reshape(weight.shape[0], -1)
+        for channel, magnitude in zip(per_channel, scale):
+            assert channel.unique().numel() <= 2
+            assert torch.allclose(channel.abs(), magnitude.expand_as(channel))
+        assert torch.equal(w_q >= 0, weight >= 0)  # sign(0) = +1
+    elif isinstance(quantizer, GaussianWeight):
+        assert w_q.unique().numel() <= 2**bits
+        step = gaussian_scale(weight, bits)
+        k = w_q / step + 0.5  # levels are (k - 0.5) * step
+        assert torch.allclose(k, k.round(), atol=1e-3)
+        assert (k.round().abs() <= 2 ** (bits - 1)).all() and (k.round() >= -(2 ** (bits - 1)) + 1).all()
+    elif isinstance(quantizer, LSQWeight):
+        assert w_q.unique().numel() <= 2**bits
+        k = w_q / quantizer.step.detach()
+        assert torch.allclose(k, k.round(), atol=1e-4)
+        assert (k.round() >= -(2 ** (bits - 1))).all() and (k.round() <= 2 ** (bits - 1) - 1).all()
+    else:
+        assert isinstance(quantizer, DoReFaWeight)
+        assert w_q.unique().numel() <= 2**bits
+        if bits == 1:
+            assert torch.allclose(w_q.abs(), weight.abs().mean().expand_as(w_q))
+        else:
+            n = 2**bits - 1
+            k = (w_q + 1) / 2 * n
+            assert torch.allclose(k, k.round(), atol=1e-4)
+            assert (w_q >= -1 - 1e-6).all() and (w_q <= 1 + 1e-6).all()
+
+
+@SETTINGS
+@given(case=WEIGHT_CASES, shape=WEIGHT_SHAPES, seed=SEEDS, scale=SCALES)
+def test_weight_levels_and_grid(case, shape, seed, scale):
+    name, bits = case
+    weight = randn(shape, seed, scale)
+    quantizer = make_weight_quantizer(name, bits)
+    assert quantizer.bits == bits
+    if name == "auto":
+        assert isinstance(quantizer, BinaryWeight if bits == 1 else GaussianWeight)
+    w_q = quantizer(weight)
+    assert w_q.shape == weight.shape
+    weight_levels_ok(quantizer, weight, w_q)
+
+
+@SETTINGS
+@given(case=WEIGHT_CASES, shape=WEIGHT_SHAPES, seed=SEEDS, scale=SCALES)
+def test_weight_straight_through_gradient(case, shape, seed, scale):
+    name, bits = case
+    weight = randn(shape, seed, scale).requires_grad_(True)
+    quantizer = make_weight_quantizer(name, bits)
+    upstream = randn(shape, seed + 1)
+    (quantizer(weight) * upstream).sum().backward()
+    if isinstance(quantizer, (BinaryWeight, GaussianWeight)) or (name == "dorefa" and bits == 1):
+        assert torch.equal(weight.grad, upstream)  # identity straight-through
+    elif isinstance(quantizer, LSQWeight):
+        step = quantizer.step.item()
+        inside = (weight > -quantizer.qn * step) & (weight < quantizer.qp * step)
+        outside = (weight < -quantizer.qn * step) | (weight > quantizer.qp * step)
+        assert torch.allclose(weight.grad[inside], upstream[inside])  # (x / s) * s: up to rounding
+        assert torch.equal(weight.grad[outside], torch.zeros_like(upstream[outside]))
+    else:  # DoReFa b > 1: straight through the round, differentiate the tanh normalisation
+        reference = weight.detach().clone().requires_grad_(True)
+        squashed = torch.tanh(reference)
+        (2 * (squashed / (2 * squashed.abs().max()) + 0.5) - 1).mul(upstream).sum().backward()
+        assert torch.allclose(weight.grad, reference.grad, atol=1e-6)
+
+
+@SETTINGS
+@given(shape=WEIGHT_SHAPES, seed=SEEDS, scale=SCALES)
+def test_binary_weight_idempotent_and_two_levels(shape, seed, scale):
+    weight = randn(shape, seed, scale)
+    weight[0].view(-1)[0] = 0.0  # sign(0) must be +1, not a third level
+    quantizer = make_weight_quantizer("binary", 1)
+    w_q = quantizer(weight)
+    assert w_q[0].view(-1)[0] > 0 or weight[0].abs().sum() == 0
+    for channel in w_q.reshape(shape[0], -1):
+        assert channel.unique().numel() <= 2
+    assert torch.allclose(quantizer(w_q), w_q, rtol=1e-6, atol=0)
+
+
+@SETTINGS
+@given(bits=BITS, shape=WEIGHT_SHAPES, seed=SEEDS, scale=SCALES)
+def test_gaussian_fixed_scale_idempotent(bits, shape, seed, scale):
+    weight = randn(shape, seed, scale)
+    step = gaussian_scale(weight, bits)
+    w_q = gaussian_quantize(weight, step, bits)
+    assert torch.equal(gaussian_quantize(w_q, step, bits), w_q)
+    assert torch.equal(GaussianWeight(bits)(weight), w_q)
+
+
+def test_gaussian_2bit_golden_levels():
+    weight = torch.linspace(-3.0, 3.0, 601)
+    step = GAUSSIAN_WEIGHT_SCALES[2] * weight.std()
+    levels = make_weight_quantizer("gaussian", 2)(weight).unique()
+    assert torch.allclose(levels, torch.tensor([-1.5, -0.5, 0.5, 1.5]) * step, atol=1e-6, rtol=0)
+
+
+@SETTINGS
+@given(bits=st.integers(2, 8), shape=WEIGHT_SHAPES, seed=SEEDS, scale=SCALES)
+def test_lsq_weight_init_and_fixed_step_idempotent(bits, shape, seed, scale):
+    weight = randn(shape, seed, scale)
+    quantizer = LSQWeight(bits)
+    w_q = quantizer(weight)
+    expected_step = 2 * weight.abs().mean() / math.sqrt(2 ** (bits - 1) - 1)
+    assert torch.allclose(quantizer.step.detach(), expected_step)
+    assert torch.equal(quantizer(w_q), w_q)
+
+
+def test_full_precision_weight_is_identity():
+    weight = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    for name in WEIGHT_QUANTIZERS:
+        quantizer = make_weight_quantizer(name, FULL_PRECISION)
+        assert isinstance(quantizer, nn.Identity) and quantizer.bits == 32
+        assert quantizer(weight) is weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+@pytest.mark.parametrize("bits", [0, 9, 16, -1, 33, 2.0, "2", None, True])
+def test_bad_bits_raise_user_error(bits):
+    with pytest.raises(UserError, match="bit"):
+        check_bits(bits)
+    with pytest.raises(UserError):
+        make_act_quantizer("hwgq", bits)
+    with pytest.raises(UserError):
+        make_weight_quantizer("auto", bits)
+    with pytest.raises(UserError):
+        QConv2d(3, 4, 3, w_bits=bits)
+
+
+@pytest.mark.parametrize("bits", [*range(1, 9), 32])
+def test_good_bits_accepted(bits):
+    assert check_bits(bits) == bits
+
+
+@pytest.mark.parametrize("name", ["HWGQ", "relu", "", "lsq2", None])
+def test_unknown_names_raise_user_error(name):
+    with pytest.raises(UserError, match="hwgq"):
+        make_act_quantizer(name, 2)
+    with pytest.raises(UserError, match="gaussian"):
+        make_weight_quantizer(name, 2)
+    with pytest.raises(UserError):
+        QLinear(3, 4, w_bits=32, weight_quant=name)
+
+
+def test_unsupported_bit_combinations_raise_user_error():
+    with pytest.raises(UserError, match=">=2 bits"):
+        make_weight_quantizer("lsq", 1)
+    for bits in (2, 4, 8):
+        with pytest.raises(UserError, match="bits=1"):
+            make_weight_quantizer("binary", bits)
+    for cls in (HWGQ, PACT, LSQActivation, DoReFaActivation, GaussianWeight, LSQWeight, DoReFaWeight):
+        with pytest.raises(UserError):
+            cls(32)
+
+
+def test_error_messages_are_one_line():
+    for call in (lambda: check_bits(9), lambda: make_act_quantizer("nope", 2),
+                 lambda: make_weight_quantizer("lsq", 1), lambda: make_weight_quantizer("binary", 2)):
+        with pytest.raises(UserError) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(stride=1, padding=1, bias=True),
+    dict(stride=2, padding=0, bias=False),
+    dict(stride=1, padding=1, groups=2, bias=True, padding_mode="reflect"),
+])
+def test_qconv2d_full_precision_matches_conv2d(kwargs):
+    torch.manual_seed(0)
+    reference = nn.Conv2d(4, 6, 3, **kwargs)
+    layer = QConv2d(4, 6, 3, **kwargs)  # default w_bits=32
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 4, 7, 7)
+    assert torch.equal(layer(x), reference(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_qlinear_full_precision_matches_linear(bias):
+    torch.manual_seed(0)
+    reference = nn.Linear(5, 3, bias=bias)
+    layer = QLinear(5, 3, bias=bias, w_bits=32, weight_quant="gaussian")
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 5)
+    assert torch.equal(layer(x), reference(x))
+
+
+@pytest.mark.parametrize("weight_quant,bits", [("auto", 2), ("gaussian", 2), ("lsq", 2), ("dorefa", 2),
+                                               ("binary", 1), ("auto", 1)])
+def test_qconv2d_low_bit_uses_quantized_weight_and_trains_float_weight(weight_quant, bits):
+    torch.manual_seed(0)
+    layer = QConv2d(3, 4, 3, padding=1, w_bits=bits, weight_quant=weight_quant)
+    assert layer.w_bits == bits and f"w_bits={bits}" in repr(layer)
+    x = torch.randn(2, 3, 5, 5)
+    out = layer(x)
+    assert torch.allclose(out, F.conv2d(x, layer.weight_quantizer(layer.weight), layer.bias, padding=1))
+    per_channel = layer.weight_quantizer(layer.weight).reshape(4, -1)
+    assert all(channel.unique().numel() <= 2**bits for channel in per_channel)
+    out.square().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_qlinear_1bit_forward_and_gradient():
+    torch.manual_seed(0)
+    layer = QLinear(6, 3, w_bits=1)
+    assert isinstance(layer.weight_quantizer, BinaryWeight) and "w_bits=1" in repr(layer)
+    x = torch.randn(4, 6)
+    layer(x).sum().backward()
+    assert layer.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# State dict round trips (resume must be exact)
+
+
+def test_lsq_activation_state_dict_round_trip():
+    torch.manual_seed(0)
+    original = LSQActivation(3)
+    original(torch.randn(8, 4).abs())
+    with torch.no_grad():
+        original.step.mul_(1.3)  # as if trained
+    state = original.state_dict()
+    assert set(state) == {"step", "initialized"}
+    restored = LSQActivation(3)
+    restored.load_state_dict(state)
+    other_batch = torch.randn(8, 4) * 5  # must not re-initialise the restored step
+    assert torch.equal(restored(other_batch), original(other_batch))
+    assert torch.equal(restored.step, original.step) and bool(restored.initialized)
+
+
+def test_pact_state_dict_round_trip():
+    original = PACT(2)
+    with torch.no_grad():
+        original.alpha.fill_(1.7)
+    restored = PACT(2)
+    restored.load_state_dict(copy.deepcopy(original.state_dict()))
+    x = torch.linspace(-1, 3, 50)
+    assert restored.alpha.item() == pytest.approx(1.7)
+    assert torch.equal(restored(x), original(x))
+
+
+def test_lsq_conv_state_dict_round_trip():
+    torch.manual_seed(0)
+    original = QConv2d(2, 3, 3, w_bits=4, weight_quant="lsq")
+    x = torch.randn(1, 2, 5, 5)
+    original(x)
+    state = original.state_dict()
+    assert {"weight", "bias", "weight_quantizer.step", "weight_quantizer.initialized"} <= set(state)
+    restored = QConv2d(2, 3, 3, w_bits=4, weight_quant="lsq")
+    restored.load_state_dict(state)
+    assert torch.equal(restored(x), original(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the straight-through identities must trace without graph breaks
+
+
+def test_quantized_block_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    block = nn.Sequential(
+        QConv2d(3, 4, 3, padding=1, w_bits=2, weight_quant="lsq"), make_act_quantizer("hwgq", 2),
+        QConv2d(4, 4, 3, padding=1, w_bits=1), make_act_quantizer("lsq", 2),
+        QConv2d(4, 4, 3, padding=1, w_bits=3, weight_quant="dorefa"), make_act_quantizer("pact", 3),
+        QConv2d(4, 4, 3, padding=1, w_bits=4), make_act_quantizer("dorefa", 4),
+    )
+    x = torch.randn(2, 3, 5, 5)
+    eager = block(x)  # LSQ steps initialise eagerly; afterwards forward has no data-dependent branch
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert torch.equal(out, eager)
+    assert all(p.grad is not None for p in block.parameters())
