@@ -1,0 +1,150 @@
+"""Command line: ``cmtkd train``, ``cmtkd evaluate``, ``cmtkd list``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+from cmtkd.errors import UserError
+
+EPILOG = textwrap.dedent("""\
+    examples:
+      cmtkd train --method qat --arch resnet18 --dataset digits --w-bits 2 --a-bits 2 \\
+                  --epochs 2 --set model.width=0.25 --out runs/qat-w2a2
+      cmtkd evaluate runs/qat-w2a2
+      cmtkd train --config config/my-run.yaml --set optim.lr=0.05 --set method_args.temperature=2
+      cmtkd list
+
+    Settings are applied in order: defaults < --config FILE.yaml < flags < --set key=value.
+    A run directory that already holds a checkpoint is resumed (same config required).
+    """)
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train one run (any method) into a run directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Train one run. The run directory receives config.yaml (resolved), history.csv (one row
+            per epoch with every loss term and validation accuracy), checkpoint.pt (full state,
+            rewritten atomically every epoch), model.pt (the selected student alone) and metrics.json
+            (test top-1/top-5 of the selected student, selected epoch, wall time, images/s, peak
+            memory, environment fingerprint). Rerunning the same command after a crash resumes
+            from the last finished epoch and gives the same result as an uninterrupted run."""),
+        epilog=EPILOG)
+    p.add_argument("--method", help="training method (see `cmtkd list`): fp, qat, kd, mtkd, dml, kd-at, cmtkd, ...")
+    p.add_argument("--arch", help="network: resnet18 | alexnet")
+    p.add_argument("--dataset", help="digits (embedded, offline) | cifar100 | imagenet")
+    p.add_argument("--data-root", help="dataset root (data.root)")
+    p.add_argument("--w-bits", type=int, help="student weight bits: 1-8, or 32 for full precision")
+    p.add_argument("--a-bits", type=int, help="student activation bits: 1-8, or 32 for full precision")
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--seed", type=int, help="random seed (same seed on CPU -> same numbers)")
+    p.add_argument("--threads", type=int, help="torch threads (train.threads); match your job's cores")
+    p.add_argument("--device", help="cpu | cuda | auto (train.device)")
+    p.add_argument("--out", help="run directory (default: runs/<method>-<arch>-<dataset>-w<W>a<A>-s<seed>)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                   help="YAML file of config keys (may repeat; later files win)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="override one config key, e.g. optim.lr=0.05, model.width=0.25, "
+                        "method_args.teacher_bits=[8,6,4] (may repeat)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _config_from_args(args):
+    from cmtkd.config import build_config, load_yaml, nest, parse_set
+
+    overrides = [load_yaml(path) for path in args.config]
+    flags = {"method": args.method, "arch": args.arch, "w_bits": args.w_bits, "a_bits": args.a_bits,
+             "epochs": args.epochs, "seed": args.seed}
+    overrides.append({k: v for k, v in flags.items() if v is not None})
+    for key, value in (("data.name", args.dataset), ("data.root", args.data_root),
+                       ("train.threads", args.threads), ("train.device", args.device)):
+        if value is not None:
+            overrides.append(nest(key, value))
+    overrides += [nest(*parse_set(expr)) for expr in args.sets]
+    return build_config(overrides)
+
+
+def cmd_train(args) -> int:
+    import yaml
+    from dataclasses import asdict
+
+    cfg = _config_from_args(args)
+    if args.print_config:
+        print(yaml.safe_dump(asdict(cfg), sort_keys=False), end="")
+        return 0
+    from cmtkd.engine import train
+
+    out = args.out or f"runs/{cfg.method}-{cfg.arch}-{cfg.data.name}-w{cfg.w_bits}a{cfg.a_bits}-s{cfg.seed}"
+    train(cfg, out)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from cmtkd.engine import evaluate_run
+
+    result = evaluate_run(args.run_dir, split=args.split, threads=args.threads or 0)
+    print(json.dumps({k: result[k] for k in ("top1", "top5", "n", "split")}))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from cmtkd.data import DATASETS
+    from cmtkd.models import ARCHS, POLICIES
+    from cmtkd.quant import ACT_QUANTIZERS, WEIGHT_QUANTIZERS
+    from cmtkd.registry import METHODS, method_names
+
+    print("methods:")
+    for name in method_names():
+        doc = (sys.modules[METHODS[name].__module__].__doc__ or "").strip().splitlines()
+        print(f"  {name:14s} {doc[0] if doc else ''}")
+    print("archs:             " + ", ".join(ARCHS))
+    print("datasets:          " + ", ".join(DATASETS))
+    print("policies:          " + ", ".join(POLICIES))
+    print("weight quantizers: " + ", ".join(WEIGHT_QUANTIZERS))
+    print("act quantizers:    " + ", ".join(ACT_QUANTIZERS))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmtkd", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            cmtkd: Collaborative Multi-Teacher Knowledge Distillation (CMT-KD, WACV 2023) for low
+            bit-width networks, with the baselines it is compared against, on one engine.
+            Subcommands: train a run, evaluate a finished run standalone, list what is available."""),
+        epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,list}")
+    _train_parser(sub)
+    p = sub.add_parser("evaluate", help="evaluate a finished run's saved student on the test set -> RUN_DIR/eval.json",
+                       description="Rebuild the student from RUN_DIR/model.pt and evaluate it on the test split "
+                                   "(or --split val). Writes RUN_DIR/eval.json and prints it. This standalone "
+                                   "number, not the training log, is what the tables use.")
+    p.add_argument("run_dir", help="directory written by `cmtkd train --out`")
+    p.add_argument("--split", default="test", choices=("test", "val"))
+    p.add_argument("--threads", type=int, help="torch threads")
+    sub.add_parser("list", help="list methods, architectures, datasets, policies and quantizers")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "list": cmd_list}[args.command]
+    try:
+        return handler(args)
+    except UserError as exc:
+        print(f"cmtkd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cmtkd: interrupted; rerun the same command to resume from the last finished epoch", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""The one training loop every method runs through.
+
+Exactness: all randomness of epoch ``e`` (batch order, augmentation, dropout) is seeded from
+``(seed, e)``, and a full-state checkpoint is written atomically after every epoch. A run directory
+that already holds a checkpoint is resumed from it, so a killed run rerun with the same command
+finishes with bit-identical weights and metrics (CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from cmtkd.config import RunConfig, config_diff, config_hash, load_run_config
+from cmtkd.data import build_data
+from cmtkd.engine.env import fingerprint, peak_memory_mib
+from cmtkd.engine.io import (atomic_torch_save, atomic_write_json, atomic_write_text, ensure_writable_dir,
+                             torch_load)
+from cmtkd.errors import UserError
+from cmtkd.models import build_model
+from cmtkd.registry import get_method
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+CHECKPOINT_FORMAT = 1
+
+
+# --------------------------------------------------------------------------------------- runtime
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+    return torch.device(name)
+
+
+def setup_runtime(cfg: RunConfig) -> torch.device:
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    device = select_device(cfg.train.device)
+    if cfg.train.amp == "fp16" and device.type != "cuda":
+        raise UserError("train.amp=fp16 needs a CUDA device; on CPU use train.amp=bf16 or none")
+    return device
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def autocast(cfg: RunConfig, device: torch.device):
+    if cfg.train.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def prepare_images(images: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    if cfg.train.channels_last:
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+# ----------------------------------------------------------------------------------- optimizer
+def check_param_groups(method: nn.Module, groups: list[dict]) -> None:
+    """Every trainable parameter in exactly one group (cheap insurance that e.g. the importance
+    logits are not silently left out of the optimizer)."""
+    names = {id(p): n for n, p in method.named_parameters()}
+    seen: dict[int, str] = {}
+    for g in groups:
+        for p in g["params"]:
+            if id(p) not in names:
+                raise RuntimeError(f"group '{g['name']}' holds a parameter that is not part of the method")
+            if id(p) in seen:
+                raise RuntimeError(f"parameter {names[id(p)]} is in groups '{seen[id(p)]}' and '{g['name']}'")
+            seen[id(p)] = g["name"]
+    missing = [n for n, p in method.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        raise RuntimeError(f"trainable parameters in no optimizer group: {', '.join(missing[:5])}")
+
+
+def build_optimizer(method, cfg: RunConfig) -> torch.optim.Optimizer:
+    groups = method.param_groups()
+    check_param_groups(method, groups)
+    torch_groups = [
+        {"params": g["params"], "lr": cfg.optim.lr * g.get("lr_mult", 1.0), "weight_decay": g["weight_decay"],
+         "name": g["name"]}
+        for g in groups if g["params"]
+    ]
+    return torch.optim.SGD(torch_groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
+
+
+def lr_factor(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (updated every step)."""
+    epoch_float = step / steps_per_epoch
+    warm = cfg.optim.warmup_epochs
+    if warm > 0 and epoch_float < warm:
+        return (step + 1) / (warm * steps_per_epoch)
+    if cfg.optim.schedule == "constant":
+        return 1.0
+    if cfg.optim.schedule == "step":
+        return cfg.optim.gamma ** sum(1 for m in cfg.optim.milestones if epoch_float >= m)
+    total = max(1, cfg.epochs * steps_per_epoch - warm * steps_per_epoch)
+    t = min(1.0, (step - warm * steps_per_epoch) / total)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# ---------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_model(model: nn.Module, batches, cfg: RunConfig, device: torch.device) -> dict:
+    was_training = model.training
+    model.eval()
+    correct1 = torch.zeros((), dtype=torch.long, device=device)
+    correct5 = torch.zeros((), dtype=torch.long, device=device)
+    n = 0
+    for images, targets in batches:
+        with autocast(cfg, device):
+            logits = model(prepare_images(images, cfg))
+        k = min(5, logits.shape[1])
+        topk = logits.float().topk(k, dim=1).indices
+        hits = topk.eq(targets[:, None])
+        correct1 += hits[:, 0].sum()
+        correct5 += hits.any(dim=1).sum()
+        n += targets.shape[0]
+    model.train(was_training)
+    if n == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "n": 0}
+    return {"top1": 100.0 * correct1.item() / n, "top5": 100.0 * correct5.item() / n, "n": n}
+
+
+def load_student(run_dir: Path, device: torch.device) -> tuple[nn.Module, dict]:
+    blob = torch_load(run_dir / MODEL, what="model file")
+    if not isinstance(blob, dict) or "arch_config" not in blob or "state_dict" not in blob:
+        raise UserError(f"{run_dir / MODEL} is not a cmtkd model file; rerun `cmtkd train` for this directory")
+    model = build_model(**blob["arch_config"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise UserError(f"{run_dir / MODEL} does not match its architecture ({str(exc).splitlines()[0]})") from None
+    return model.to(device), blob
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", threads: int = 0, write: bool = True,
+                 data=None) -> dict:
+    """Standalone evaluation of a finished run's saved student: the number tables use."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if threads:
+        cfg.train.threads = threads
+    device = setup_runtime(cfg)
+    if data is None:
+        data = build_data(cfg.data, device)
+    model, blob = load_student(run_dir, device)
+    if blob["arch_config"]["num_classes"] != data.info.num_classes:
+        raise UserError(f"{run_dir / MODEL} has {blob['arch_config']['num_classes']} classes but dataset "
+                        f"{cfg.data.name} has {data.info.num_classes}")
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    result = evaluate_model(model, data.eval_batches(split), cfg, device)
+    result.update(split=split, run_dir=str(run_dir), selected_epoch=blob.get("selected_epoch"))
+    if write:
+        atomic_write_json(run_dir / ("eval.json" if split == "test" else f"eval_{split}.json"), result)
+    return result
+
+
+# ------------------------------------------------------------------------------------ training
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _history_csv(rows: list[dict]) -> str:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    lines = [",".join(cols)]
+    for r in rows:
+        lines.append(",".join("" if r.get(c) is None else (f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]))
+                              for c in cols))
+    return "\n".join(lines) + "\n"
+
+
+class Progress:
+    def __init__(self, cfg: RunConfig, total: int, desc: str):
+        show = cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stderr.isatty())
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _load_checkpoint(path: Path, cfg: RunConfig) -> dict:
+    ckpt = torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a cmtkd checkpoint; delete it or choose another --out")
+    diff = config_diff(ckpt["config"], asdict(cfg))
+    if diff:
+        raise UserError(f"{path.parent} holds a checkpoint of a different configuration (differs in: "
+                        f"{', '.join(diff[:6])}); use a new --out or delete the directory")
+    return ckpt
+
+
+def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
+    """Train ``cfg`` into ``out_dir`` (resuming if it holds a checkpoint); returns metrics.json."""
+    out = ensure_writable_dir(out_dir)
+    metrics_path = out / "metrics.json"
+    ckpt_path = out / CHECKPOINT
+    cfg_dict = asdict(cfg)
+    chash = config_hash(cfg)
+    device = setup_runtime(cfg)
+
+    ckpt = _load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else None
+    if ckpt is not None and metrics_path.exists() and ckpt["epoch"] >= cfg.epochs:
+        log(f"{out}: already complete (delete the directory to retrain)")
+        import json
+
+        return json.loads(metrics_path.read_text())
+
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
+    data = build_data(cfg.data, device)
+    steps = data.steps_per_epoch()
+    if steps < 1:
+        raise UserError(f"the training split has fewer images than one batch ({cfg.data.batch_size}); "
+                        f"lower data.batch_size")
+
+    seed_everything(cfg.seed)
+    method = get_method(cfg.method)(cfg, data.info).to(device)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(method, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+
+    start_epoch, history, best = 0, [], {"epoch": None, "val_top1": -1.0, "student_state": None}
+    train_seconds, train_images, peak_mem = 0.0, 0, 0.0
+    if ckpt is not None:
+        method.load_state_dict(ckpt["method"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
+        train_seconds, train_images, peak_mem = ckpt["train_seconds"], ckpt["train_images"], ckpt["peak_mem_mib"]
+        log(f"{out}: resuming after epoch {start_epoch}/{cfg.epochs}")
+    else:
+        log(f"{out}: training {cfg.method} {cfg.arch} W{cfg.w_bits}A{cfg.a_bits} on {cfg.data.name} "
+            f"({data.info.num_train} train / {data.info.num_val} val images, {steps} steps/epoch, {device})")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout & any method-side randomness
+        method.train()
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
+        bar = Progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}")
+        t0 = time.perf_counter()
+        for images, targets in data.train_batches(epoch, cfg.seed):
+            with autocast(cfg, device):
+                logits, losses = method.forward_train(prepare_images(images, cfg), targets)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            # accumulate on the device: no host synchronisation inside the step
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            sums["loss"] = sums.get("loss", 0) + loss.detach().float()
+            correct += logits.detach().argmax(1).eq(targets).sum()
+            seen += targets.shape[0]
+            bar.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.perf_counter() - t0
+        bar.close()
+        train_seconds += epoch_time
+        train_images += seen
+        n_steps = steps
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "time_s": epoch_time,
+               "images_per_s": seen / epoch_time, "train_top1": 100.0 * correct.item() / max(seen, 1)}
+        row["loss"] = (sums.pop("loss") / n_steps).item()
+        row.update({f"loss_{k}": (v / n_steps).item() for k, v in sums.items()})
+        nonfinite = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if nonfinite:
+            raise UserError(f"training diverged at epoch {epoch + 1} ({', '.join(nonfinite)} not finite); "
+                            f"lower optim.lr")
+        if data.info.num_val > 0:
+            for name, model in method.eval_models().items():
+                row[f"val_top1_{name}"] = evaluate_model(model, data.eval_batches("val"), cfg, device)["top1"]
+        row.update(method.log_scalars())
+        history.append(row)
+        val = row.get("val_top1_student", float("nan"))
+        if cfg.train.select == "last" or val > best["val_top1"]:
+            best = {"epoch": epoch + 1, "val_top1": val,
+                    "student_state": {k: v.detach().cpu().clone() for k, v in method.student.state_dict().items()}}
+        peak_mem = max(peak_mem, peak_memory_mib(device))
+        ckpt = {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg_dict, "config_hash": chash,
+                "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                "history": history, "best": best, "train_seconds": train_seconds,
+                "train_images": train_images, "peak_mem_mib": peak_mem}
+        atomic_torch_save(ckpt_path, ckpt)
+        atomic_write_text(out / "history.csv", _history_csv(history))
+        shown = "  ".join(f"{k[5:] if k.startswith('loss_') else k} {v:.4g}" for k, v in row.items()
+                          if k.startswith("loss") or k.startswith("val_top1"))
+        log(f"epoch {epoch + 1}/{cfg.epochs}  {shown}  {epoch_time:.1f}s  {row['images_per_s']:.0f} img/s")
+
+    # Keep only the selected student; evaluate it exactly as `cmtkd evaluate` will.
+    model_blob = {"arch_config": method.student_arch_config(), "state_dict": best["student_state"],
+                  "method": cfg.method, "selected_epoch": best["epoch"], "config_hash": chash}
+    atomic_torch_save(out / MODEL, model_blob)
+    test = evaluate_run(out, "test", write=False, data=data)
+    metrics = {
+        "method": cfg.method, "arch": cfg.arch, "dataset": cfg.data.name, "w_bits": cfg.w_bits,
+        "a_bits": cfg.a_bits, "seed": cfg.seed, "epochs": cfg.epochs,
+        "top1": test["top1"], "top5": test["top5"], "test_images": test["n"],
+        "best_val_epoch": best["epoch"], "best_val_top1": best["val_top1"], "selection": cfg.train.select,
+        "train_seconds": train_seconds, "images_per_s": train_images / max(train_seconds, 1e-9),
+        "peak_mem_mib": peak_mem, "env": fingerprint(device, chash), **method.metadata(),
+    }
+    atomic_write_json(metrics_path, metrics)
+    log(f"{out}: test top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+        f"(epoch {best['epoch']} selected by {cfg.train.select})")
+    return metrics

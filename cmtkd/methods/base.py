@@ -1,0 +1,98 @@
+"""The method contract (after mdistiller's Distiller): a method is an ``nn.Module`` that owns every
+network it trains, returns ``(logits, {loss_name: weighted_loss})`` from :meth:`forward_train` (the
+engine sums the dict and logs every term), and declares its optimizer parameter groups. The engine
+never needs to know which method it runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmtkd.config import from_dict
+from cmtkd.models import build_model
+
+if TYPE_CHECKING:
+    from cmtkd.config import RunConfig
+    from cmtkd.data import DataInfo
+
+
+def default_weight_decay(w_bits: int, a_bits: int) -> float:
+    """PAPER.md §6 (SECONDARY): 2.5e-5 for 1-2-bit models, 1e-4 otherwise. We call a network
+    "1-2-bit" when both its weights and its activations have at most 2 bits (ASSUMPTIONS.md)."""
+    return 2.5e-5 if max(w_bits, a_bits) <= 2 else 1e-4
+
+
+class Method(nn.Module):
+    name = "base"
+    default_bits = 2  # w_bits/a_bits when the user gives none
+
+    @dataclass
+    class Options:
+        pass
+
+    @classmethod
+    def check_config(cls, cfg: "RunConfig") -> None:
+        """Raise UserError for a config this method cannot run (called at config resolution)."""
+
+    def __init__(self, cfg: "RunConfig", info: "DataInfo"):
+        super().__init__()
+        self.cfg = cfg
+        self.info = info
+        self.options = from_dict(self.Options, cfg.method_args, prefix="method_args")
+
+    # -- building blocks -------------------------------------------------------------------
+    def arch_config(self, w_bits: int, a_bits: int) -> dict:
+        """Everything needed to rebuild one network of this run (stored in model.pt)."""
+        variant = self.cfg.model.variant if self.cfg.model.variant != "auto" else self.info.variant
+        return dict(
+            arch=self.cfg.arch, num_classes=self.info.num_classes, in_channels=self.info.in_channels,
+            variant=variant, width=self.cfg.model.width, w_bits=w_bits, a_bits=a_bits,
+            policy=self.cfg.model.policy, weight_quant=self.cfg.model.weight_quant,
+            act_quant=self.cfg.model.act_quant,
+        )
+
+    def build_network(self, w_bits: int, a_bits: int) -> nn.Module:
+        return build_model(**self.arch_config(w_bits, a_bits))
+
+    def network_group(self, name: str, module: nn.Module, w_bits: int, a_bits: int, lr_mult: float = 1.0) -> dict:
+        wd = self.cfg.optim.weight_decay
+        if wd is None:
+            wd = default_weight_decay(w_bits, a_bits)
+        params = [p for p in module.parameters() if p.requires_grad]
+        return {"name": name, "params": params, "weight_decay": wd, "lr_mult": lr_mult}
+
+    # -- the contract ------------------------------------------------------------------------
+    student: nn.Module
+
+    def forward_train(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student(images)
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups: dicts with name, params, weight_decay, lr_mult. Together they must cover
+        every trainable parameter exactly once (the engine checks)."""
+        raise NotImplementedError
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """Networks whose validation accuracy is logged each epoch; 'student' is the one selected."""
+        return {"student": self.student}
+
+    def student_arch_config(self) -> dict:
+        return self.arch_config(self.cfg.w_bits, self.cfg.a_bits)
+
+    def log_scalars(self) -> dict[str, float]:
+        """Extra per-epoch values for history.csv (e.g. importance weights)."""
+        return {}
+
+    def metadata(self) -> dict:
+        """Extra entries for metrics.json (e.g. teacher checkpoint hashes)."""
+        return {}
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets)
