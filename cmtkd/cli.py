@@ -98,7 +98,8 @@ def cmd_list(args) -> int:
 
     print("methods:")
     for name in method_names():
-        doc = (sys.modules[METHODS[name].__module__].__doc__ or "").strip().splitlines()
+        cls = METHODS[name]
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         print(f"  {name:14s} {doc[0] if doc else ''}")
     print("archs:             " + ", ".join(ARCHS))
     print("datasets:          " + ", ".join(DATASETS))

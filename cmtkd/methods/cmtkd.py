@@ -1,0 +1,330 @@
+"""``cmtkd``: Collaborative Multi-Teacher KD (Pham, Hoang, Do; WACV 2023) — jointly trained quantized teachers, importance-aware shared knowledge, mutual learning, attention transfer.
+
+Read next to PAPER.md (equation numbers are the paper's, via the SECONDARY source):
+
+* n teachers share the student's architecture, teacher i at ``b_i`` bits (weights and activations),
+  and all n + 1 networks train jointly from scratch in one stage (PAPER §1).
+* Eq. 1 — at each fusion point k the teachers' quantized features ``A_k^i`` are fused into the
+  shared knowledge ``F_k = sum_i softmax(theta_k)_i * A_k^i`` (:meth:`CMTKD.fuse`); F_k is the input of
+  EVERY teacher's next stage, and the student's feature at k is pulled towards it by attention
+  transfer (Eq. 4-5, :func:`cmtkd.losses.attention_loss`).
+* Eq. 6-9 — mutual learning: the KDCL-MinLogit ensemble of the teacher logit and the student logit
+  gives a constant target p; student and teachers each get ``T^2 KL(p || softmax(z/T))``.
+* Eq. 10 — ``L = alpha (CE_S + CE_T) + beta (KL_S + KL_T) + gamma L_feat``.
+
+Every choice the paper leaves open is an option below; ASSUMPTIONS.md says what we chose and why.
+The ablations (``cmtkd-avg``, ``-noml``, ``-nofeat``, ``-1t``, ``-frozen``) are this class with one
+switch changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cmtkd.errors import UserError
+from cmtkd.losses import attention_loss, kd_kl, min_logit_ensemble, soft_targets, AT_REDUCTIONS
+from cmtkd.methods.base import Method, cross_entropy
+from cmtkd.quant import FULL_PRECISION, check_bits
+from cmtkd.registry import register_method
+
+# Fusion-point presets per architecture. "stage-ends": ends of the residual stages before the last
+# one (PAPER §4 reads "the last convolutional layer of each convolution block" as layer1..layer3).
+FUSION_PRESETS = {
+    "resnet18": {"stage-ends": ["layer1", "layer2", "layer3"],
+                 "stage-ends+last": ["layer1", "layer2", "layer3", "layer4"]},
+    # AlexNet is OPEN in the paper; ours mirrors ResNet: every interior conv stage except the last.
+    "alexnet": {"stage-ends": ["conv2", "conv3", "conv4"],
+                "stage-ends+last": ["conv2", "conv3", "conv4", "conv5"]},
+}
+
+
+def network_units(model: nn.Module, split_blocks: bool) -> list[tuple[str, nn.Module]]:
+    """The model's stages in order; with ``split_blocks`` each residual stage is split into its blocks
+    (named ``layer1.0``, ``layer1.1``, ...) so every block end can be a fusion point."""
+    units = []
+    for name, stage in model.stages.items():
+        children = list(stage.children()) if isinstance(stage, nn.Sequential) else []
+        if split_blocks and children and all(hasattr(c, "downsample") for c in children):
+            units += [(f"{name}.{i}", c) for i, c in enumerate(children)]
+        else:
+            units.append((name, stage))
+    return units
+
+
+class _TeacherView:
+    """Teacher i as seen at evaluation: the fused forward of all teachers, head i's logits."""
+
+    def __init__(self, method: "CMTKD", index: int):
+        self.method, self.index = method, index
+
+    @property
+    def training(self) -> bool:
+        return self.method.training
+
+    def train(self, mode: bool = True):
+        self.method.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __call__(self, images):
+        return self.method.teachers_forward(images)[0][self.index]
+
+
+@register_method("cmtkd")
+class CMTKD(Method):
+    @dataclass
+    class Options:
+        teacher_bits: list[int] = field(default_factory=lambda: [8, 6, 4])  # W = A = b_i per teacher
+        fusion_points: list[str] = field(default_factory=lambda: ["stage-ends"])  # preset or unit names
+        alpha: float = 1.0       # CE weight (PAPER §5, SECONDARY)
+        beta: float = 0.5        # mutual-learning KL weight
+        gamma: float = 100.0     # attention-transfer weight
+        temperature: float = 4.0  # OPEN
+        theta_init: str = "uniform"   # uniform (theta = 0) | random (N(0, 0.01)); OPEN
+        theta_lr_mult: float = 0.1    # theta at lr/10 (SECONDARY)
+        learn_theta: bool = True      # False: the paper's "Average teacher" row
+        detach_shared: bool = True    # F_k is a constant target in the feature loss; OPEN
+        at_reduction: str = "mean"    # attention-loss reduction (rescales gamma); OPEN
+        teacher_logit: str = "mean"   # how n heads form z_T: mean of heads | all heads enter MinLogit
+        teacher_loss: str = "combined"  # CE_T/KL_T on z_T (combined) | mean over heads (per_teacher)
+        teacher_init: str = "scratch"   # scratch | checkpoints (then trained jointly)
+        teacher_checkpoints: list[str] = field(default_factory=list)  # 1 (broadcast) or n run dirs/model.pt
+        freeze_teachers: bool = False   # cmtkd-frozen: pre-trained teachers, no updates, fusion kept
+
+    @classmethod
+    def check_config(cls, cfg):
+        o = cfg.method_args
+        bits = o["teacher_bits"]
+        if not bits:
+            raise UserError("method_args.teacher_bits is empty; give at least one teacher bit-width, e.g. [8, 6, 4]")
+        student_bits = max(cfg.w_bits, cfg.a_bits)
+        for b in bits:
+            try:
+                check_bits(b)
+            except UserError as exc:
+                raise UserError(f"method_args.teacher_bits: {exc}") from None
+            if b != FULL_PRECISION and b <= student_bits:
+                raise UserError(f"method_args.teacher_bits={bits}: every teacher needs more bits than the "
+                                f"W{cfg.w_bits}A{cfg.a_bits} student (> {student_bits}); raise the teacher bits")
+        choices = {"theta_init": ("uniform", "random"), "at_reduction": AT_REDUCTIONS,
+                   "teacher_logit": ("mean", "all"), "teacher_loss": ("combined", "per_teacher"),
+                   "teacher_init": ("scratch", "checkpoints")}
+        for key, allowed in choices.items():
+            if o[key] not in allowed:
+                raise UserError(f"method_args.{key} must be one of {', '.join(allowed)}; got {o[key]!r}")
+        if cfg.arch not in FUSION_PRESETS:
+            raise UserError(f"cmtkd has no fusion-point presets for arch '{cfg.arch}'")
+        needs_ckpt = o["teacher_init"] == "checkpoints" or o["freeze_teachers"]
+        n_ckpt = len(o["teacher_checkpoints"])
+        if needs_ckpt and n_ckpt not in (1, len(bits)) or (n_ckpt and not needs_ckpt):
+            raise UserError(f"method_args.teacher_checkpoints has {n_ckpt} entries; with teacher_init=checkpoints "
+                            f"or frozen teachers give 1 or {len(bits)} (one per teacher), otherwise none")
+        if o["freeze_teachers"] and n_ckpt != len(bits):
+            raise UserError(f"frozen teachers need one checkpoint per teacher: method_args.teacher_checkpoints "
+                            f"has {n_ckpt}, teacher_bits has {len(bits)}")
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        o = self.options
+        self.teacher_bits = list(o.teacher_bits)
+        self.student = self.build_network(cfg.w_bits, cfg.a_bits)
+        self.teachers = nn.ModuleList(self.build_network(b, b) for b in self.teacher_bits)
+        self.teacher_hashes: list[str] = []
+        if o.teacher_init == "checkpoints" or o.freeze_teachers:
+            self._load_teachers(o.teacher_checkpoints)
+        if o.freeze_teachers:
+            for p in self.teachers.parameters():
+                p.requires_grad_(False)
+
+        split_blocks = o.fusion_points == ["blocks"]
+        self.unit_names = [name for name, _ in network_units(self.student, split_blocks)]
+        self.split_blocks = split_blocks
+        self.fusion_points = self._resolve_fusion_points(o.fusion_points)
+        n = len(self.teacher_bits)
+        init = torch.zeros(len(self.fusion_points), n)
+        if o.theta_init == "random":
+            init.normal_(0.0, 0.01)
+        # theta_k: one learnable logit per teacher per fusion point (Eq. 1); rows follow fusion_points.
+        self.importance_logits = nn.Parameter(init, requires_grad=o.learn_theta)
+
+    # -- construction helpers ----------------------------------------------------------------
+    def _resolve_fusion_points(self, spec: list[str]) -> list[str]:
+        presets = FUSION_PRESETS[self.cfg.arch]
+        if spec == ["blocks"]:
+            # every residual block end except those of the last stage (mirrors "stage-ends")
+            last = self.unit_names[-2].split(".")[0]
+            return [u for u in self.unit_names if "." in u and not u.startswith(last + ".")] or \
+                [u for u in self.unit_names[1:-2]]
+        points = presets[spec[0]] if len(spec) == 1 and spec[0] in presets else list(spec)
+        unknown = [p for p in points if p not in self.unit_names[:-1]]
+        if unknown or not points:
+            raise UserError(f"method_args.fusion_points {spec} names unknown points {unknown}; use a preset "
+                            f"({', '.join(list(presets) + ['blocks'])}) or names from {self.unit_names[:-1]}")
+        return sorted(points, key=self.unit_names.index)
+
+    def _load_teachers(self, paths: list[str]) -> None:
+        from cmtkd.teachers import load_teacher
+
+        if len(paths) == 1:
+            paths = paths * len(self.teacher_bits)
+        frozen = self.options.freeze_teachers
+        for teacher, bits, path in zip(self.teachers, self.teacher_bits, paths):
+            source, digest = load_teacher(path, arch=self.cfg.arch, num_classes=self.info.num_classes,
+                                          w_bits=bits if frozen else None, a_bits=bits if frozen else None)
+            missing, unexpected = teacher.load_state_dict(source.state_dict(), strict=False)
+            if unexpected or [m for m in missing if "quantizer" not in m]:
+                raise UserError(f"teacher checkpoint {path} does not fit a {self.cfg.arch} at {bits} bits "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            self.teacher_hashes.append(digest)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.options.freeze_teachers:
+            self.teachers.eval()  # frozen teachers keep their BN statistics
+        return self
+
+    # -- Eq. 1: importance-aware shared knowledge ---------------------------------------------
+    def importance(self) -> torch.Tensor:
+        """pi = softmax(theta) per fusion point, shape (fusion points, teachers)."""
+        return torch.softmax(self.importance_logits, dim=1)
+
+    @staticmethod
+    def fuse(features: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """F_k = sum_i pi_k^i A_k^i."""
+        shared = weights[0].to(features[0].dtype) * features[0]
+        for w, a in zip(weights[1:], features[1:]):
+            shared = shared + w.to(a.dtype) * a
+        return shared
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _units(self, model):
+        return network_units(model, self.split_blocks)  # cheap: walks a handful of stages
+
+    def teachers_forward(self, images, student_units=None):
+        """Run all teachers unit by unit with fusion; optionally the student alongside (its features at
+        the fusion points are returned for the feature loss). Returns (teacher logits list,
+        {point: F_k}, {point: student feature}, student logits or None)."""
+        teacher_units = [self._units(t) for t in self.teachers]
+        pi = self.importance()
+        xs = [images] * len(self.teachers)
+        x_student = images
+        shared, student_feats = {}, {}
+        for u, name in enumerate(self.unit_names):
+            xs = [units[u][1](x) for units, x in zip(teacher_units, xs)]
+            if student_units is not None:
+                x_student = student_units[u][1](x_student)
+            if name in self.fusion_points:
+                k = self.fusion_points.index(name)
+                fused = self.fuse(xs, pi[k])
+                xs = [fused] * len(xs)  # F_k is the input of every teacher's next stage
+                shared[name] = fused
+                student_feats[name] = x_student
+        return xs, shared, student_feats, (x_student if student_units is not None else None)
+
+    def teacher_logit(self, teacher_logits: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([z.float() for z in teacher_logits]).mean(dim=0)
+
+    def forward_train(self, images, targets):
+        o = self.options
+        teacher_logits, shared, student_feats, z_s = self.teachers_forward(images, self._units(self.student))
+        z_t = self.teacher_logit(teacher_logits)
+        losses = {}
+        # Cross-entropy (Eq. 10, alpha term)
+        ce_s = cross_entropy(z_s, targets)
+        if o.teacher_loss == "combined":
+            ce_t = cross_entropy(z_t, targets)
+        else:
+            ce_t = torch.stack([cross_entropy(z, targets) for z in teacher_logits]).mean()
+        losses["ce_student"] = o.alpha * ce_s
+        losses["ce_teachers"] = o.alpha * ce_t
+        # Mutual learning, KDCL-MinLogit (Eq. 6-9)
+        if o.beta > 0:
+            members = [z_t, z_s] if o.teacher_logit == "mean" else [*teacher_logits, z_s]
+            target = soft_targets(min_logit_ensemble(members, targets), o.temperature)
+            kl_s = kd_kl(z_s, target, o.temperature)
+            if o.teacher_loss == "combined":
+                kl_t = kd_kl(z_t, target, o.temperature)
+            else:
+                kl_t = torch.stack([kd_kl(z, target, o.temperature) for z in teacher_logits]).mean()
+            losses["kl_student"] = o.beta * kl_s
+            losses["kl_teachers"] = o.beta * kl_t
+        # Attention transfer towards the shared knowledge (Eq. 4-5)
+        if o.gamma > 0:
+            feat = sum(attention_loss(student_feats[p], shared[p].detach() if o.detach_shared else shared[p],
+                                      o.at_reduction) for p in self.fusion_points)
+            losses["feat"] = o.gamma * feat
+        return z_s, losses
+
+    # -- engine hooks --------------------------------------------------------------------------
+    def param_groups(self):
+        groups = [self.network_group("student", self.student, self.cfg.w_bits, self.cfg.a_bits)]
+        if not self.options.freeze_teachers:
+            groups += [self.network_group(f"teacher{i}_w{b}a{b}", t, b, b)
+                       for i, (t, b) in enumerate(zip(self.teachers, self.teacher_bits))]
+        if self.importance_logits.requires_grad:
+            # theta at lr/10 and no weight decay (decay would pull pi towards uniform)
+            groups.append({"name": "importance_logits", "params": [self.importance_logits], "weight_decay": 0.0,
+                           "lr_mult": self.options.theta_lr_mult})
+        return groups
+
+    def eval_models(self):
+        models = {"student": self.student}
+        models.update({f"teacher{i}_w{b}a{b}": _TeacherView(self, i) for i, b in enumerate(self.teacher_bits)})
+        return models
+
+    def log_scalars(self):
+        pi = self.importance().detach().cpu()
+        return {f"pi_{p}_{i}": float(pi[k, i]) for k, p in enumerate(self.fusion_points) for i in range(pi.shape[1])}
+
+    def metadata(self):
+        meta = {"teacher_bits": self.teacher_bits, "fusion_points": self.fusion_points}
+        if self.teacher_hashes:
+            meta["teacher_sha256"] = self.teacher_hashes
+        return meta
+
+
+# ----------------------------------------------------------------------------------- ablations
+def _ablation(name: str, doc: str, **fixed):
+    """Register a variant of CMT-KD that pins some options (the user cannot override them)."""
+
+    class Variant(CMTKD):
+        __doc__ = doc
+
+        @classmethod
+        def check_config(cls, cfg):
+            for key, value in fixed.items():
+                given = cfg.method_args.get(key)
+                default = getattr(CMTKD.Options(), key)
+                if given not in (value, default):
+                    raise UserError(f"method {name} fixes method_args.{key}={value!r}; drop the override or use cmtkd")
+                cfg.method_args[key] = value
+            super().check_config(cfg)
+
+    Variant.__name__ = Variant.__qualname__ = "CMTKD_" + name.split("-")[1]
+    Variant.__module__ = __name__
+    register_method(name)(Variant)
+    return Variant
+
+
+CMTKDAverage = _ablation("cmtkd-avg", "theta frozen at equal weights (the paper's 'Average teacher' row)",
+                         learn_theta=False, theta_init="uniform")
+CMTKDNoML = _ablation("cmtkd-noml", "without mutual learning (beta = 0)", beta=0.0)
+CMTKDNoFeat = _ablation("cmtkd-nofeat", "without the attention-transfer feature loss (gamma = 0)", gamma=0.0)
+CMTKDFrozen = _ablation("cmtkd-frozen", "independently pre-trained, frozen teachers; fusion still used",
+                        freeze_teachers=True)
+
+
+@register_method("cmtkd-1t")
+class CMTKDOneTeacher(CMTKD):
+    """one teacher: the first entry of teacher_bits (fusion with one teacher is the identity)"""
+
+    @classmethod
+    def check_config(cls, cfg):
+        cfg.method_args["teacher_bits"] = cfg.method_args["teacher_bits"][:1]
+        ckpts = cfg.method_args["teacher_checkpoints"]
+        cfg.method_args["teacher_checkpoints"] = ckpts[:1]
+        super().check_config(cfg)
