@@ -24,7 +24,7 @@ from cmtkd.config import RunConfig, config_diff, config_hash, load_run_config
 from cmtkd.data import build_data
 from cmtkd.engine.env import fingerprint, peak_memory_mib
 from cmtkd.engine.io import (atomic_torch_save, atomic_write_json, atomic_write_text, ensure_writable_dir,
-                             torch_load)
+                             remove_stale_temp_files, torch_load)
 from cmtkd.errors import UserError
 from cmtkd.models import build_model
 from cmtkd.registry import get_method
@@ -120,6 +120,18 @@ def lr_factor(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
     total = max(1, cfg.epochs * steps_per_epoch - warm * steps_per_epoch)
     t = min(1.0, (step - warm * steps_per_epoch) / total)
     return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def train_step(method, optimizer, scaler, images, targets, cfg: RunConfig, device: torch.device):
+    """One optimizer step of any method (also what the benchmarks time)."""
+    with autocast(cfg, device):
+        logits, losses = method.forward_train(prepare_images(images, cfg), targets)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, losses, loss
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -239,6 +251,7 @@ def _load_checkpoint(path: Path, cfg: RunConfig) -> dict:
 def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
     """Train ``cfg`` into ``out_dir`` (resuming if it holds a checkpoint); returns metrics.json."""
     out = ensure_writable_dir(out_dir)
+    remove_stale_temp_files(out)  # left by a run killed mid-write
     metrics_path = out / "metrics.json"
     ckpt_path = out / CHECKPOINT
     cfg_dict = asdict(cfg)
@@ -277,6 +290,8 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
         _set_rng_state(ckpt["rng"])
         start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
         train_seconds, train_images, peak_mem = ckpt["train_seconds"], ckpt["train_images"], ckpt["peak_mem_mib"]
+        # A kill between the checkpoint and the history write leaves history.csv one epoch behind.
+        atomic_write_text(out / "history.csv", _history_csv(history))
         log(f"{out}: resuming after epoch {start_epoch}/{cfg.epochs}")
     else:
         log(f"{out}: training {cfg.method} {cfg.arch} W{cfg.w_bits}A{cfg.a_bits} on {cfg.data.name} "
@@ -291,13 +306,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
         bar = Progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}")
         t0 = time.perf_counter()
         for images, targets in data.train_batches(epoch, cfg.seed):
-            with autocast(cfg, device):
-                logits, losses = method.forward_train(prepare_images(images, cfg), targets)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            logits, losses, loss = train_step(method, optimizer, scaler, images, targets, cfg, device)
             scheduler.step()
             # accumulate on the device: no host synchronisation inside the step
             for k, v in losses.items():

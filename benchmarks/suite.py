@@ -1,0 +1,209 @@
+"""Benchmark suite: images/s of one training step for every method, side by side, with ratio columns.
+
+Each case runs in a fresh child process (one after another, never two at once) so that its peak
+memory is its own; all cases of one invocation share the machine state, so the ratios compare like
+with like. Printed as one Markdown table; ``--csv`` also writes it.
+
+    python benchmarks/suite.py                                  # CPU, ResNet-18 + AlexNet (CIFAR variants)
+    python benchmarks/suite.py --archs resnet18 --width 0.5 --steps 3
+    python benchmarks/suite.py --device cuda --amp bf16 --channels-last   # on a GPU machine
+
+Columns: img/s and ms per step (median over --steps timed steps after --warmup), peak memory above the
+idle process (CPU: max RSS; CUDA: max allocated), ``vs FP`` (step time / FP step time),
+``vs members`` (CMT-KD and DML: step time / sum of the QAT step times of the student and each
+teacher at its bit-width), ``data %`` (time to produce one augmented CIFAR batch / (that + step)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TEACHER_BITS = [8, 6, 4]
+STUDENT_BITS = 2
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _make_teachers(arch: str, width: float, num_classes: int, folder: Path) -> dict[int, str]:
+    """Random-weight teacher checkpoints in the model.pt format (speed does not depend on weights)."""
+    import torch
+
+    from cmtkd.models import build_model
+
+    paths = {}
+    for bits in [32, *TEACHER_BITS]:
+        cfg = dict(arch=arch, num_classes=num_classes, in_channels=3, variant="cifar", width=width,
+                   w_bits=bits, a_bits=bits, policy="fp-first-last", weight_quant="auto", act_quant="hwgq")
+        path = folder / f"teacher-{arch}-{bits}.pt"
+        torch.save({"arch_config": cfg, "state_dict": build_model(**cfg).state_dict(), "method": "qat",
+                    "selected_epoch": 0, "config_hash": "bench"}, path)
+        paths[bits] = str(path)
+    return paths
+
+
+def cases(teachers: dict[int, str]) -> list[tuple[str, str, int, dict]]:
+    """(label, method, student bits, method_args)."""
+    return [
+        ("fp", "fp", 32, {}),
+        ("qat", "qat", STUDENT_BITS, {}),
+        *[(f"qat@{b}", "qat", b, {}) for b in TEACHER_BITS],
+        ("kd", "kd", STUDENT_BITS, {"teacher": teachers[32]}),
+        ("mtkd", "mtkd", STUDENT_BITS, {"teachers": [teachers[b] for b in TEACHER_BITS]}),
+        ("dml", "dml", STUDENT_BITS, {"teacher_bits": TEACHER_BITS}),
+        ("cmtkd", "cmtkd", STUDENT_BITS, {"teacher_bits": TEACHER_BITS}),
+    ]
+
+
+def run_case(args: dict) -> dict:
+    """Child process: build one method, time its training step."""
+    import torch
+
+    from cmtkd.config import build_config
+    from cmtkd.data import DataInfo
+    from cmtkd.engine.trainer import build_optimizer, setup_runtime, train_step
+    from cmtkd.registry import get_method
+
+    torch.set_num_threads(args["threads"])
+    overrides = {"method": args["method"], "arch": args["arch"], "w_bits": args["bits"], "a_bits": args["bits"],
+                 "model": {"width": args["width"]}, "method_args": args["method_args"],
+                 "train": {"device": args["device"], "amp": args["amp"], "channels_last": args["channels_last"],
+                           "deterministic": False}}
+    cfg = build_config([overrides])
+    device = setup_runtime(cfg)
+    info = DataInfo(name="bench", num_classes=100, in_channels=3, image_size=32, variant="cifar",
+                    num_train=50000, num_val=0, num_test=0)
+    rss0 = _rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    method = get_method(cfg.method)(cfg, info).to(device)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    if args["compile"]:
+        method.forward_train = torch.compile(method.forward_train)
+    method.train()
+    optimizer = build_optimizer(method, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args["batch"], 3, 32, 32, generator=g).to(device)
+    targets = torch.randint(0, 100, (args["batch"],), generator=g).to(device)
+
+    def step():
+        train_step(method, optimizer, scaler, images, targets, cfg, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(args["warmup"]):
+        step()
+    times = []
+    for _ in range(args["steps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    ms = 1000 * statistics.median(times)
+    if device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+    return {"ms": ms, "img_s": args["batch"] / (ms / 1000), "mem_mib": mem}
+
+
+def data_batch_ms(batch: int, device: str, threads: int) -> float:
+    """Time to produce one augmented, normalized CIFAR-sized batch with the in-memory pipeline."""
+    import torch
+
+    from cmtkd.data import DataConfig, DataInfo
+    from cmtkd.data.in_memory import Augmentation, TensorBundle, TensorSplit
+
+    torch.set_num_threads(threads)
+    n = 20 * batch
+    g = torch.Generator().manual_seed(0)
+    split = TensorSplit(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                        torch.randint(0, 100, (n,), generator=g))
+    info = DataInfo("bench", 100, 3, 32, "cifar", n, 0, 0)
+    cfg = DataConfig(name="cifar100", batch_size=batch, val_fraction=0.0)
+    bundle = TensorBundle(info, split, split, split, (0.5,) * 3, (0.25,) * 3, Augmentation(4, True), cfg, device)
+    for _ in bundle.train_batches(0, 0):  # warm-up
+        pass
+    t0 = time.perf_counter()
+    steps = 0
+    for images, _ in bundle.train_batches(1, 0):
+        steps += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0) / steps
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", nargs="+", default=["resnet18", "alexnet"])
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each method's forward_train")
+    p.add_argument("--only", nargs="+", help="run only these case labels (e.g. fp qat cmtkd)")
+    p.add_argument("--csv", help="also write the table as CSV here")
+    a = p.parse_args(argv)
+
+    import torch
+
+    ctx = mp.get_context("spawn")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with ctx.Pool(1) as pool:
+            data_ms = pool.apply(data_batch_ms, (a.batch, a.device, a.threads))
+        for arch in a.archs:
+            with ctx.Pool(1) as pool:
+                teachers = pool.apply(_make_teachers, (arch, a.width, 100, Path(tmp)))
+            results = {}
+            for label, method, bits, margs in cases(teachers):
+                if a.only and label not in a.only and not (label.startswith("qat@") and {"cmtkd", "dml"} & set(a.only)):
+                    continue
+                args = dict(method=method, arch=arch, bits=bits, method_args=margs, width=a.width, batch=a.batch,
+                            threads=a.threads, steps=a.steps, warmup=a.warmup, device=a.device, amp=a.amp,
+                            channels_last=a.channels_last, compile=a.compile)
+                with ctx.Pool(1, maxtasksperchild=1) as pool:  # fresh process: its own peak memory
+                    results[label] = pool.apply(run_case, (args,))
+                print(f"  {arch:9s} {label:8s} {results[label]['img_s']:9.1f} img/s", file=sys.stderr, flush=True)
+            members = sum(results[k]["ms"] for k in ["qat", *[f"qat@{b}" for b in TEACHER_BITS]] if k in results)
+            for label, r in results.items():
+                row = {"arch": arch, "case": label, "img/s": round(r["img_s"], 1), "ms/step": round(r["ms"], 1),
+                       "peak MiB": round(r["mem_mib"], 1)}
+                if "fp" in results:
+                    row["vs FP"] = round(r["ms"] / results["fp"]["ms"], 3)
+                if label in ("cmtkd", "dml") and len([k for k in results if k.startswith("qat")]) == 1 + len(TEACHER_BITS):
+                    row["vs members"] = round(r["ms"] / members, 3)
+                row["data %"] = round(100 * data_ms / (data_ms + r["ms"]), 2)
+                rows.append(row)
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    device = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {a.threads} threads"
+    print(f"\n# training-step benchmark: {device}, batch {a.batch}, width {a.width}, amp {a.amp}, "
+          f"channels_last {a.channels_last}, compile {a.compile}, torch {torch.__version__}")
+    print(f"# student W{STUDENT_BITS}A{STUDENT_BITS}, teachers {TEACHER_BITS}; data batch {data_ms:.2f} ms\n")
+    print(table.astype(object).fillna("").to_markdown(index=False))
+    if a.csv:
+        table.to_csv(a.csv, index=False)
+    print(json.dumps({"device": device, "data_batch_ms": data_ms}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
