@@ -1,0 +1,127 @@
+"""Pre-trained teachers: load a finished run's ``model.pt`` as a frozen teacher, checked.
+
+Used by the distillation baselines (``kd``, ``mtkd``, ``kd-at``) and by CMT-KD's frozen-teacher
+ablation. A teacher is identified by the SHA-256 of its ``model.pt``; every method that uses one
+records the hash in ``metrics.json`` so a result can be traced to the exact teacher weights.
+Every problem is a one-line :class:`~cmtkd.errors.UserError` naming the file, what was expected,
+what was found, and the fix.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmtkd.engine.io import sha256_file
+from cmtkd.errors import UserError
+from cmtkd.models import build_model
+
+MODEL_FILE = "model.pt"  # what `cmtkd train` writes into a run directory (cmtkd.engine.trainer.MODEL)
+SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def teacher_file(path: str | Path) -> Path:
+    """``path`` itself if it is a file, ``path/model.pt`` if it is a run directory."""
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def check_sha256_option(value: str, key: str) -> None:
+    """Config-time check of a user-given hash (lower-case hex, 64 digits)."""
+    if not SHA256_PATTERN.match(value):
+        raise UserError(f"{key}={value!r} is not a SHA-256 hex digest (64 hex digits); copy it "
+                        f"from `sha256sum RUN_DIR/model.pt` or drop it")
+
+
+def load_teacher(path: str | Path, *, arch: str, num_classes: int, w_bits: int | None = None,
+                 a_bits: int | None = None, expected_sha256: str | None = None,
+                 in_channels: int | None = None) -> tuple[nn.Module, str]:
+    """Load the network saved in ``path`` (a run directory or its ``model.pt``) as a frozen teacher.
+
+    Checks, in this order: the file exists; its SHA-256 equals ``expected_sha256`` (when given); it
+    is a cmtkd model file; its architecture, number of classes, input channels (when given) and
+    weight/activation bit-widths (when given) are the expected ones; the weights fit the rebuilt
+    network. Returns ``(model, sha256)`` with the model in eval mode and ``requires_grad=False``.
+    """
+    given = Path(path)
+    file = teacher_file(given)
+    if not file.is_file():
+        where = f"run directory {given} has no {MODEL_FILE}" if given.is_dir() else f"{file} does not exist"
+        raise UserError(f"teacher checkpoint: {where} (expected a finished `cmtkd train` run directory or its "
+                        f"{MODEL_FILE}); train the teacher first or fix the path")
+    digest = sha256_file(file)
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        raise UserError(f"teacher checkpoint {file}: SHA-256 expected {expected_sha256}, found {digest}; the file "
+                        f"was retrained or replaced - pass the original teacher or update the expected hash")
+    try:
+        blob = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - truncated / not a torch file / unpickling error
+        raise UserError(f"teacher checkpoint {file} is corrupt or unreadable ({type(exc).__name__}); "
+                        f"retrain the teacher (`cmtkd train ... --out DIR`) and pass DIR") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("arch_config"), dict) or "state_dict" not in blob:
+        raise UserError(f"teacher checkpoint {file} is not a cmtkd model file (expected a dict with arch_config "
+                        f"and state_dict, found {type(blob).__name__}); pass a run directory or its {MODEL_FILE}, "
+                        f"not checkpoint.pt")
+    config = blob["arch_config"]
+    expected = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels,
+                "w_bits": w_bits, "a_bits": a_bits}
+    fixes = {"arch": f"train the teacher with --arch {arch}",
+             "num_classes": "train the teacher on the student's dataset",
+             "in_channels": "train the teacher on the student's dataset",
+             "w_bits": f"pass a teacher trained with --w-bits {w_bits}",
+             "a_bits": f"pass a teacher trained with --a-bits {a_bits}"}
+    for key, want in expected.items():
+        if want is not None and config.get(key) != want:
+            raise UserError(f"teacher checkpoint {file}: {key} expected {want}, found {config.get(key)}; "
+                            f"{fixes[key]}")
+    try:
+        model = build_model(**config)
+    except TypeError as exc:
+        raise UserError(f"teacher checkpoint {file} has an arch_config this version cannot build ({exc}); "
+                        f"retrain the teacher with this version") from None
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"teacher checkpoint {file}: weights do not fit its own arch_config ({first}); "
+                        f"retrain the teacher") from None
+    model.eval()
+    model.requires_grad_(False)
+    return model, digest
+
+
+class FrozenTeacher(nn.Module):
+    """A pre-trained teacher that never trains: always in eval mode (``train(True)`` is ignored, so
+    its BatchNorm statistics stay those of the checkpoint), no gradients, forward under no_grad.
+
+    The SHA-256 of its file is kept in a buffer, so it travels in the method's ``state_dict`` with
+    the weights: a resumed run reports the hash of the weights it actually uses."""
+
+    def __init__(self, path: str | Path, **checks):
+        super().__init__()
+        self.model, digest = load_teacher(path, **checks)
+        self.path = str(teacher_file(path).resolve())
+        self.register_buffer("sha256_bytes", torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8))
+        self.train(False)
+
+    @property
+    def sha256(self) -> str:
+        return bytes(self.sha256_bytes.cpu().tolist()).hex()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    @torch.no_grad()
+    def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.forward_features(images)
+
+
+def teacher_metadata(teachers: list[FrozenTeacher]) -> dict:
+    """The metrics.json entries for pre-trained teachers (same key as CMT-KD's frozen ablation)."""
+    return {"teacher_checkpoints": [t.path for t in teachers], "teacher_sha256": [t.sha256 for t in teachers]}
