@@ -293,3 +293,56 @@ def test_cmtkd_exact_resume_after_sigkill(tmp_path):
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
     # the student alone was kept: no teacher weights in model.pt
     assert not any(k.startswith("teachers") for k in ma)
+
+
+# --------------------------------------------------------------------- pre-trained teachers
+def _teacher_file(folder, bits, arch="resnet18"):
+    from cmtkd.models import build_model
+
+    cfg = dict(arch=arch, num_classes=10, in_channels=1, variant="cifar", width=0.125, w_bits=bits, a_bits=bits,
+               policy="fp-first-last", weight_quant="auto", act_quant="hwgq")
+    path = folder / f"t{bits}.pt"
+    torch.save({"arch_config": cfg, "state_dict": build_model(**cfg).state_dict(), "method": "qat",
+                "selected_epoch": 1, "config_hash": "test"}, path)
+    return str(path)
+
+
+def test_frozen_teachers_stay_fixed_while_theta_learns(tmp_path):
+    paths = [_teacher_file(tmp_path, b) for b in (8, 6, 4)]
+    m = make("cmtkd-frozen", teacher_checkpoints=paths)
+    opt = build_optimizer(m, m.cfg)
+    assert {g["name"] for g in opt.param_groups} == {"student", "importance_logits"}
+    before = {k: v.clone() for k, v in m.teachers.state_dict().items()}
+    theta = m.importance_logits.detach().clone()
+    m.train()
+    assert not any(t.training for t in m.teachers)  # eval-mode BN: statistics stay as loaded
+    images, targets = batch()
+    _, losses = m.forward_train(images, targets)
+    opt.zero_grad()
+    sum(losses.values()).backward()
+    opt.step()
+    after = m.teachers.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(m.importance_logits.detach(), theta)
+    meta = m.metadata()
+    from cmtkd.engine.io import sha256_file
+
+    assert meta["teacher_sha256"] == [sha256_file(p) for p in paths]
+    # the hashes live in the state, so a resumed run reports the weights it really used
+    m2 = make("cmtkd")
+    assert m2.metadata().get("teacher_sha256") is None
+
+
+def test_frozen_teacher_with_wrong_bits_is_rejected(tmp_path):
+    paths = [_teacher_file(tmp_path, b) for b in (8, 8, 4)]
+    with pytest.raises(UserError, match="bits"):
+        make("cmtkd-frozen", teacher_checkpoints=paths)
+
+
+def test_teacher_init_from_one_checkpoint_is_broadcast_and_trained(tmp_path):
+    path = _teacher_file(tmp_path, 32)
+    m = make(teacher_init="checkpoints", teacher_checkpoints=[path])
+    src = torch.load(path, weights_only=False)["state_dict"]
+    for t in m.teachers:
+        assert torch.equal(t.stages["stem"][0].weight, src["stages.stem.0.weight"])
+    assert all(p.requires_grad for p in m.teachers.parameters())

@@ -133,7 +133,10 @@ class CMTKD(Method):
         self.teacher_bits = list(o.teacher_bits)
         self.student = self.build_network(cfg.w_bits, cfg.a_bits)
         self.teachers = nn.ModuleList(self.build_network(b, b) for b in self.teacher_bits)
-        self.teacher_hashes: list[str] = []
+        self.teacher_paths: list[str] = []
+        # SHA-256 of each teacher checkpoint, as a buffer so a resumed run reports the hash of the
+        # weights it really started from (even if the file was replaced since).
+        self.register_buffer("teacher_digests", torch.zeros(0, 32, dtype=torch.uint8))
         if o.teacher_init == "checkpoints" or o.freeze_teachers:
             self._load_teachers(o.teacher_checkpoints)
         if o.freeze_teachers:
@@ -172,6 +175,7 @@ class CMTKD(Method):
         if len(paths) == 1:
             paths = paths * len(self.teacher_bits)
         frozen = self.options.freeze_teachers
+        digests = []
         for teacher, bits, path in zip(self.teachers, self.teacher_bits, paths):
             source, digest = load_teacher(path, arch=self.cfg.arch, num_classes=self.info.num_classes,
                                           w_bits=bits if frozen else None, a_bits=bits if frozen else None)
@@ -179,7 +183,9 @@ class CMTKD(Method):
             if unexpected or [m for m in missing if "quantizer" not in m]:
                 raise UserError(f"teacher checkpoint {path} does not fit a {self.cfg.arch} at {bits} bits "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-            self.teacher_hashes.append(digest)
+            self.teacher_paths.append(str(path))
+            digests.append(torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8))
+        self.teacher_digests = torch.stack(digests)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -282,8 +288,9 @@ class CMTKD(Method):
 
     def metadata(self):
         meta = {"teacher_bits": self.teacher_bits, "fusion_points": self.fusion_points}
-        if self.teacher_hashes:
-            meta["teacher_sha256"] = self.teacher_hashes
+        if len(self.teacher_digests):
+            meta["teacher_checkpoints"] = self.teacher_paths
+            meta["teacher_sha256"] = [bytes(d.tolist()).hex() for d in self.teacher_digests]
         return meta
 
 
