@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -85,6 +86,10 @@ _CHOICES = {
 }
 
 
+# PyYAML (YAML 1.1) reads exponent floats without a dot (``1e-3``) as strings; accept them for floats.
+_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
@@ -120,6 +125,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -208,10 +215,14 @@ def build_config(overrides: list[dict]) -> RunConfig:
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
-    from cmtkd.quant import check_bits
+    from cmtkd.data.common import check_config as check_data_config
+    from cmtkd.models import ARCHS, get_policy
+    from cmtkd.quant import check_bits, make_act_quantizer, make_weight_quantizer
     from cmtkd.registry import get_method
 
     method_cls = get_method(cfg.method)  # raises UserError for unknown names
+    if cfg.arch not in ARCHS:
+        raise UserError(f"unknown arch '{cfg.arch}'; choose one of: {', '.join(ARCHS)}")
     if cfg.w_bits is None:
         cfg.w_bits = method_cls.default_bits
     if cfg.a_bits is None:
@@ -233,6 +244,13 @@ def resolve(cfg: RunConfig) -> RunConfig:
         raise UserError("train.select=best_val needs a validation split: set data.val_fraction > 0 or train.select=last")
     if cfg.model.width <= 0:
         raise UserError(f"model.width must be > 0, got {cfg.model.width}")
+    # Names and bit-widths the model builder and data loader would reject, checked here so that a
+    # typo fails before a run directory is created (and `--print-config` never shows an unusable config).
+    check_data_config(cfg.data)
+    policy = get_policy(cfg.model.policy)
+    for role in ("first", "body", "last"):
+        make_weight_quantizer(cfg.model.weight_quant, policy.weight_bits(role, cfg.w_bits))
+    make_act_quantizer(cfg.model.act_quant, cfg.a_bits)
     # Method options: validated (and defaults filled in) by the method's own dataclass.
     options = from_dict(method_cls.Options, cfg.method_args, prefix="method_args")
     cfg.method_args = asdict(options)

@@ -1,0 +1,192 @@
+"""The command line: every user mistake is one ``cmtkd: error:`` line and exit status 2 (never a
+traceback), help texts mention the key options, ``list`` and ``--print-config`` work."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from cmtkd.cli import main
+
+QAT = ["--method", "qat", "--arch", "resnet18", "--dataset", "digits", "--w-bits", "2", "--a-bits", "2",
+       "--threads", "1"]
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("cmtkd: error:")]
+
+
+def assert_user_error(capsys, argv: list[str], *needles: str) -> str:
+    """``main(argv)`` exits 2 with exactly one error line that contains every needle; returns it."""
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = error_lines(captured.err)
+    assert len(lines) == 1, captured.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("flags,needles", [
+    (["--method", "magic"], ["unknown method 'magic'", "qat"]),
+    (["--arch", "vgg16"], ["unknown arch 'vgg16'", "resnet18"]),
+    (["--dataset", "mnist"], ["unknown dataset 'mnist'", "digits"]),
+    (["--set", "model.weight_quant=ternary"], ["unknown weight quantizer 'ternary'"]),
+    (["--set", "model.act_quant=relu6"], ["unknown activation quantizer 'relu6'"]),
+    (["--set", "model.policy=half"], ["unknown quantization policy 'half'", "fp-first-last"]),
+    (["--set", "model.variant=tiny"], ["model.variant", "cifar"]),
+    (["--set", "optim.lrr=1"], ["unknown config key 'optim.lrr'", "lr"]),
+    (["--set", "epochs=abc"], ["'epochs'", "int", "abc"]),
+    (["--set", "optim.lr=fast"], ["'optim.lr'", "float"]),
+    (["--set", "model.width=0"], ["model.width"]),
+    (["--epochs", "0"], ["epochs"]),
+    (["--set", "nonsense"], ["key=value"]),
+    (["--set", "method_args.temperature=4"], ["unknown config key 'method_args.temperature'"]),
+    (["--w-bits", "1", "--set", "model.weight_quant=binary", "--set", "model.policy=8bit-first-last"],
+     ["binary", "8"]),
+])
+def test_bad_settings_fail_before_anything_is_written(capsys, tmp_path, flags, needles):
+    out = tmp_path / "run"
+    assert_user_error(capsys, ["train", *QAT, *flags, "--out", str(out)], *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--w-bits", "--a-bits"])
+@pytest.mark.parametrize("bits", ["0", "9", "33"])
+def test_bits_out_of_range(capsys, tmp_path, flag, bits):
+    out = tmp_path / "run"
+    line = assert_user_error(capsys, ["train", *QAT, flag, bits, "--out", str(out)], bits, "1..8 or 32")
+    assert flag[2:].replace("-", "_") in line  # names the offending option
+    assert not out.exists()
+
+
+def test_fp_with_low_bits(capsys, tmp_path):
+    assert_user_error(capsys, ["train", "--method", "fp", "--w-bits", "2", "--out", str(tmp_path / "r")],
+                      "method fp", "--w-bits")
+
+
+def test_missing_cifar100_names_the_path(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(capsys, ["train", *QAT[:4], "--dataset", "cifar100", "--data-root", str(empty),
+                               "--epochs", "1", "--out", str(tmp_path / "run")],
+                      str(empty), "CIFAR-100")
+
+
+def test_unwritable_output_dir(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert_user_error(capsys, ["train", *QAT, "--epochs", "1", "--out", str(blocker / "run")],
+                      str(blocker / "run"), "--out")
+
+
+def test_bad_yaml_file(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lr: [0.1\n")
+    assert_user_error(capsys, ["train", "--config", str(bad), "--print-config"], str(bad), "YAML")
+
+
+def test_yaml_file_with_unknown_key(capsys, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("optim:\n  learning_rate: 0.1\n")
+    assert_user_error(capsys, ["train", "--config", str(cfg), "--print-config"], "optim.learning_rate")
+
+
+def test_missing_yaml_file(capsys, tmp_path):
+    assert_user_error(capsys, ["train", "--config", str(tmp_path / "nope.yaml"), "--print-config"],
+                      "nope.yaml", "does not exist")
+
+
+def test_evaluate_a_directory_that_is_not_a_run(capsys, tmp_path):
+    assert_user_error(capsys, ["evaluate", str(tmp_path)], str(tmp_path), "config.yaml")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--method", "magic"], "unknown method 'magic'"),
+    (["train", "--w-bits", "33", "--print-config"], "w_bits"),
+])
+def test_console_errors_in_a_fresh_process(cli, argv, needle):
+    proc = cli(*argv, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert proc.stdout == ""
+
+
+# ----------------------------------------------------------------------------- help & list
+def run_help(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_top_level_help(capsys):
+    out = run_help(capsys, ["--help"])
+    for word in ("train", "evaluate", "list", "examples:"):
+        assert word in out
+
+
+def test_train_help(capsys):
+    out = run_help(capsys, ["train", "--help"])
+    for option in ("--method", "--arch", "--dataset", "--w-bits", "--a-bits", "--epochs", "--seed", "--out",
+                   "--config", "--set", "--print-config", "--threads", "resume"):
+        assert option in out, option
+
+
+def test_evaluate_help(capsys):
+    out = run_help(capsys, ["evaluate", "--help"])
+    for word in ("run_dir", "--split", "eval.json"):
+        assert word in out, word
+
+
+def test_no_subcommand_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "train" in capsys.readouterr().out
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    methods = out.split("methods:")[1].split("archs:")[0]
+    names = {line.split()[0] for line in methods.strip().splitlines()}
+    assert {"fp", "qat"} <= names
+    assert "resnet18" in out and "alexnet" in out and "digits" in out and "hwgq" in out
+
+
+# ---------------------------------------------------------------------------- print-config
+def test_print_config_is_resolved_yaml(capsys, tmp_path):
+    assert main(["train", *QAT, "--set", "model.width=0.125", "--set", "optim.lr=1e-3", "--print-config",
+                 "--out", str(tmp_path / "run")]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["method"], cfg["arch"], cfg["w_bits"], cfg["a_bits"]) == ("qat", "resnet18", 2, 2)
+    assert cfg["model"]["width"] == 0.125
+    assert cfg["optim"]["lr"] == pytest.approx(1e-3)  # YAML 1.1 reads "1e-3" as a string; accepted as float
+    assert cfg["train"]["threads"] == 1
+    assert cfg["method_args"] == {}
+    assert not (tmp_path / "run").exists()
+
+    # The printed config is a valid --config file that resolves to itself.
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(saved), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == cfg
+
+
+def test_print_config_resolves_method_defaults(capsys):
+    assert main(["train", "--method", "fp", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["w_bits"], cfg["a_bits"]) == (32, 32)
+    assert main(["train", "--method", "qat", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["w_bits"], cfg["a_bits"]) == (2, 2)
+
+
+def test_settings_apply_in_order(capsys, tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("epochs: 7\nseed: 3\noptim:\n  lr: 0.2\n")
+    assert main(["train", "--config", str(file), "--epochs", "5", "--set", "epochs=4", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["epochs"], cfg["seed"], cfg["optim"]["lr"]) == (4, 3, 0.2)

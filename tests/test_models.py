@@ -1,0 +1,161 @@
+"""Model families: shapes, parameter counts, stages, quantization policies, width, bad names."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from cmtkd.errors import UserError
+from cmtkd.models import ARCHS, POLICIES, StagedNet, build_model
+from cmtkd.quant import HWGQ, QConv2d, QLinear
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def first_and_last_layers(model: StagedNet) -> tuple[QConv2d, QLinear]:
+    layers = [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
+    return layers[0], layers[-1]
+
+
+def body_layers(model: StagedNet) -> list:
+    return [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))][1:-1]
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.eval()(x)
+
+
+# --------------------------------------------------------------------------------- counts
+def test_imagenet_resnet18_has_torchvision_parameter_count():
+    model = build_model("resnet18", 1000, 32, 32, variant="imagenet")
+    assert n_params(model) == n_params(torchvision.models.resnet18()) == 11_689_512
+
+
+def test_quantized_resnet18_has_no_extra_parameters_with_fixed_step_quantizers():
+    # HWGQ and the Gaussian weight quantizer have fixed steps: quantizing adds no parameters.
+    model = build_model("resnet18", 1000, 2, 2, variant="imagenet")
+    assert n_params(model) == 11_689_512
+
+
+def test_width_multiplier_reduces_parameters():
+    for arch in ARCHS:
+        counts = [n_params(build_model(arch, 10, 2, 2, width=w)) for w in (1.0, 0.5, 0.25)]
+        assert counts[0] > counts[1] > counts[2], arch
+        assert counts[1] < 0.3 * counts[0]  # conv/fc weights scale roughly with width^2
+
+
+# --------------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("in_channels,size", [(3, 32), (1, 28)])
+def test_cifar_variant_output_shape(arch, in_channels, size):
+    model = build_model(arch, 100, 2, 2, variant="cifar", width=0.25, in_channels=in_channels)
+    assert logits(model, torch.randn(3, in_channels, size, size)).shape == (3, 100)
+
+
+def test_imagenet_variants_output_shape():
+    x = torch.randn(2, 3, 224, 224)
+    for arch, width in (("alexnet", 1.0), ("resnet18", 0.25)):
+        model = build_model(arch, 1000, 2, 2, variant="imagenet", width=width)
+        out = logits(model, x)
+        assert out.shape == (2, 1000), arch
+        assert torch.isfinite(out).all()
+
+
+def test_imagenet_alexnet_matches_torchvision_layout():
+    model = build_model("alexnet", 1000, 32, 32, variant="imagenet")
+    convs = [m for m in model.modules() if isinstance(m, QConv2d)]
+    reference = [m for m in torchvision.models.alexnet().modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == \
+        [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in reference]
+    fcs = [m for m in model.modules() if isinstance(m, QLinear)]
+    assert [(f.in_features, f.out_features) for f in fcs] == [(9216, 4096), (4096, 4096), (4096, 1000)]
+
+
+def test_training_step_runs_in_train_mode():
+    model = build_model("resnet18", 10, 2, 2, variant="cifar", width=0.125, in_channels=1).train()
+    out = model(torch.randn(4, 1, 28, 28))
+    torch.nn.functional.cross_entropy(out, torch.arange(4)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------- stages
+@pytest.mark.parametrize("arch,names", [
+    ("resnet18", ["stem", "layer1", "layer2", "layer3", "layer4", "head"]),
+    ("alexnet", ["conv1", "conv2", "conv3", "conv4", "conv5", "head"]),
+])
+def test_stage_names_and_forward_features(arch, names):
+    model = build_model(arch, 10, 2, 2, variant="cifar", width=0.25).eval()
+    assert model.stage_names == names
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        out = model(x)
+    assert list(feats) == names
+    assert torch.equal(feats[names[-1]], out)
+    assert all(f.shape[0] == 2 for f in feats.values())
+    # Features are stage outputs in order: feeding a stage output into the next stage gives the next.
+    with torch.no_grad():
+        assert torch.equal(model.stages[names[1]](feats[names[0]]), feats[names[1]])
+
+
+def test_resnet_stage_resolutions_cifar():
+    model = build_model("resnet18", 10, 32, 32, variant="cifar", width=0.25).eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 3, 32, 32))
+    assert [tuple(f.shape[-2:]) for f in list(feats.values())[:-1]] == [(32, 32), (32, 32), (16, 16), (8, 8), (4, 4)]
+
+
+# ------------------------------------------------------------------------------- policies
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("policy,edge_bits", [("fp-first-last", 32), ("8bit-first-last", 8), ("all", 2)])
+def test_policy_sets_first_and_last_layer_bits(arch, policy, edge_bits):
+    model = build_model(arch, 10, 2, 2, width=0.25, policy=policy)
+    first, last = first_and_last_layers(model)
+    assert isinstance(first, QConv2d) and isinstance(last, QLinear)
+    assert first.w_bits == last.w_bits == edge_bits
+    assert (first.weight_quantizer.bits, last.weight_quantizer.bits) == (edge_bits, edge_bits)
+    body = body_layers(model)
+    assert body and all(m.w_bits == 2 for m in body)
+
+
+def test_policy_first_layer_quantized_output_differs():
+    # "all" really quantizes the stem: the same latent weights give a different stem output.
+    torch.manual_seed(0)
+    fp_edges = build_model("resnet18", 10, 2, 2, width=0.25, policy="fp-first-last").eval()
+    quant_edges = build_model("resnet18", 10, 2, 2, width=0.25, policy="all").eval()
+    quant_edges.load_state_dict(fp_edges.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(fp_edges.stages["stem"][0](x), quant_edges.stages["stem"][0](x))
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_full_precision_network_stays_full_precision_under_every_policy(policy):
+    model = build_model("resnet18", 10, 32, 32, width=0.25, policy=policy)
+    assert all(m.w_bits == 32 for m in model.modules() if isinstance(m, (QConv2d, QLinear)))
+
+
+def test_activation_bits_follow_a_bits():
+    model = build_model("resnet18", 10, 4, 3, width=0.25)
+    acts = [m for m in model.modules() if isinstance(m, HWGQ)]
+    assert len(acts) == 1 + 8 * 2  # stem + two per basic block: every ReLU is replaced
+    assert {m.bits for m in acts} == {3}
+    assert {m.w_bits for m in body_layers(model)} == {4}
+
+
+# ------------------------------------------------------------------------------ bad names
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(arch="vgg16"), "unknown arch 'vgg16'"),
+    (dict(variant="tiny"), "unknown model variant 'tiny'"),
+    (dict(policy="half"), "unknown quantization policy 'half'"),
+    (dict(weight_quant="ternary"), "unknown weight quantizer"),
+    (dict(act_quant="relu6"), "unknown activation quantizer"),
+    (dict(w_bits=9), "bit-width"),
+])
+def test_bad_names_are_user_errors(kwargs, match):
+    args = dict(arch="resnet18", num_classes=10, w_bits=2, a_bits=2, width=0.25) | kwargs
+    with pytest.raises(UserError, match=match):
+        build_model(**args)
