@@ -52,6 +52,7 @@ class TrainConfig:
     threads: int = 0              # torch intra-op threads; 0 = torch's default. Match Snakemake threads.
     amp: str = "none"             # none | bf16 | fp16 (fp16 on CUDA only); fp32 is the exact reference
     channels_last: bool = False
+    compile: bool = False         # torch.compile each method's training step (forward_train)
     deterministic: bool = True
     select: str = "best_val"      # best_val (model selection on the held-out val split) | last
     progress: str = "auto"        # auto (bar on a TTY) | bar | none
@@ -74,7 +75,7 @@ class RunConfig:
 
 
 # Keys that may differ between a checkpoint and the resuming command without changing results.
-NON_RESULT_KEYS = ("train.progress", "train.threads")
+NON_RESULT_KEYS = ("train.progress", "train.threads", "data.num_workers", "data.eval_batch_size", "data.download")
 
 _CHOICES = {
     "model.variant": ("auto", "cifar", "imagenet"),

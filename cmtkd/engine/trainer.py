@@ -250,6 +250,7 @@ def _load_checkpoint(path: Path, cfg: RunConfig) -> dict:
 
 def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
     """Train ``cfg`` into ``out_dir`` (resuming if it holds a checkpoint); returns metrics.json."""
+    created = not Path(out_dir).exists()
     out = ensure_writable_dir(out_dir)
     remove_stale_temp_files(out)  # left by a run killed mid-write
     metrics_path = out / "metrics.json"
@@ -265,8 +266,13 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
 
         return json.loads(metrics_path.read_text())
 
+    try:
+        data = build_data(cfg.data, device)
+    except UserError:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # leave nothing behind for a run that could not start
+        raise
     atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
-    data = build_data(cfg.data, device)
     steps = data.steps_per_epoch()
     if steps < 1:
         raise UserError(f"the training split has fewer images than one batch ({cfg.data.batch_size}); "
@@ -276,6 +282,9 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
     method = get_method(cfg.method)(cfg, data.info).to(device)
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        # The quantizers are tensor identities, so the whole training forward compiles into fused kernels.
+        method.forward_train = torch.compile(method.forward_train)
     optimizer = build_optimizer(method, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
@@ -303,6 +312,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
+        epoch_lr = optimizer.param_groups[0]["lr"]  # the rate the epoch starts with
         bar = Progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}")
         t0 = time.perf_counter()
         for images, targets in data.train_batches(epoch, cfg.seed):
@@ -322,7 +332,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
         train_seconds += epoch_time
         train_images += seen
         n_steps = steps
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "time_s": epoch_time,
+        row = {"epoch": epoch + 1, "lr": epoch_lr, "time_s": epoch_time,
                "images_per_s": seen / epoch_time, "train_top1": 100.0 * correct.item() / max(seen, 1)}
         row["loss"] = (sums.pop("loss") / n_steps).item()
         row.update({f"loss_{k}": (v / n_steps).item() for k, v in sums.items()})
