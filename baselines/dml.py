@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from baselines.kd import check_loss_weights
+from cmtkd.methods.base import check_loss_weights
 from cmtkd import losses
 from cmtkd.errors import UserError
 from cmtkd.methods.base import Method, cross_entropy
-from cmtkd.quant import check_bits
+from cmtkd.teachers import check_teacher_bits
 from cmtkd.registry import register_method
 
 TEACHER_REDUCTIONS = ("sum", "mean")
@@ -49,18 +49,7 @@ class DML(Method):
     @classmethod
     def check_config(cls, cfg):
         args = cfg.method_args
-        bits = args["teacher_bits"]
-        if not bits:
-            raise UserError("method_args.teacher_bits is empty; give at least one teacher bit-width, e.g. [8, 6, 4]")
-        student_bits = max(cfg.w_bits, cfg.a_bits)
-        for b in bits:
-            try:
-                check_bits(b)
-            except UserError as exc:
-                raise UserError(f"method_args.teacher_bits: {exc}") from None
-            if b <= student_bits:
-                raise UserError(f"method_args.teacher_bits={bits}: every teacher needs more bits than the "
-                                f"W{cfg.w_bits}A{cfg.a_bits} student (> {student_bits}); raise the teacher bits")
+        check_teacher_bits(args["teacher_bits"], cfg)
         if args["teacher_reduction"] not in TEACHER_REDUCTIONS:
             raise UserError(f"method_args.teacher_reduction must be one of {', '.join(TEACHER_REDUCTIONS)}; "
                             f"got {args['teacher_reduction']!r}")

@@ -21,18 +21,9 @@ import torch
 
 from cmtkd import losses
 from cmtkd.errors import UserError
-from cmtkd.methods.base import Method, cross_entropy
+from cmtkd.methods.base import Method, check_loss_weights, cross_entropy
 from cmtkd.registry import register_method
 from cmtkd.teachers import FrozenTeacher, check_sha256_option, teacher_metadata
-
-
-def check_loss_weights(args: dict, nonnegative: tuple[str, ...] = ("alpha", "beta")) -> None:
-    """Shared config checks of the distillation baselines: weights >= 0, temperature > 0."""
-    for key in nonnegative:
-        if args[key] < 0:
-            raise UserError(f"method_args.{key} must be >= 0, got {args[key]}")
-    if args["temperature"] <= 0:
-        raise UserError(f"method_args.temperature must be > 0, got {args['temperature']}")
 
 
 @register_method("kd")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.kd import check_loss_weights
+from cmtkd.methods.base import check_loss_weights
 from cmtkd import losses
 from cmtkd.errors import UserError
 from cmtkd.methods.base import Method, cross_entropy

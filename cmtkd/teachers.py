@@ -125,3 +125,21 @@ class FrozenTeacher(nn.Module):
 def teacher_metadata(teachers: list[FrozenTeacher]) -> dict:
     """The metrics.json entries for pre-trained teachers (same key as CMT-KD's frozen ablation)."""
     return {"teacher_checkpoints": [t.path for t in teachers], "teacher_sha256": [t.sha256 for t in teachers]}
+
+
+def check_teacher_bits(bits: list[int], cfg) -> None:
+    """Teacher bit-widths for jointly trained teachers (CMT-KD, DML): non-empty, valid, and every one
+    higher than the student's max(W, A) (ASSUMPTIONS.md A2); 32 means a full-precision teacher."""
+    from cmtkd.quant import check_bits
+
+    if not bits:
+        raise UserError("method_args.teacher_bits is empty; give at least one teacher bit-width, e.g. [8, 6, 4]")
+    student_bits = max(cfg.w_bits, cfg.a_bits)
+    for b in bits:
+        try:
+            check_bits(b)
+        except UserError as exc:
+            raise UserError(f"method_args.teacher_bits: {exc}") from None
+        if b <= student_bits:
+            raise UserError(f"method_args.teacher_bits={bits}: every teacher needs more bits than the "
+                            f"W{cfg.w_bits}A{cfg.a_bits} student (> {student_bits}); raise the teacher bits")

@@ -18,7 +18,6 @@ from torch import nn
 from cmtkd.cli import main
 from cmtkd.config import build_config
 from cmtkd.engine.trainer import CHECKPOINT, MODEL, check_param_groups, lr_factor
-from cmtkd.errors import UserError
 
 TIMING_COLUMNS = ("time_s", "images_per_s")
 

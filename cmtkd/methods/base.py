@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmtkd.config import from_dict
+from cmtkd.errors import UserError
 from cmtkd.models import build_model
 
 if TYPE_CHECKING:
@@ -23,6 +24,15 @@ def default_weight_decay(w_bits: int, a_bits: int) -> float:
     """PAPER.md §6 (SECONDARY): 2.5e-5 for 1-2-bit models, 1e-4 otherwise. We call a network
     "1-2-bit" when both its weights and its activations have at most 2 bits (ASSUMPTIONS.md)."""
     return 2.5e-5 if max(w_bits, a_bits) <= 2 else 1e-4
+
+
+def check_loss_weights(args: dict, nonnegative: tuple[str, ...] = ("alpha", "beta")) -> None:
+    """Shared config checks of the distillation methods: loss weights >= 0, temperature > 0."""
+    for key in nonnegative:
+        if args[key] < 0:
+            raise UserError(f"method_args.{key} must be >= 0, got {args[key]}")
+    if args["temperature"] <= 0:
+        raise UserError(f"method_args.temperature must be > 0, got {args['temperature']}")
 
 
 class Method(nn.Module):

@@ -25,9 +25,9 @@ from torch import nn
 
 from cmtkd.errors import UserError
 from cmtkd.losses import attention_loss, kd_kl, min_logit_ensemble, soft_targets, AT_REDUCTIONS
-from cmtkd.methods.base import Method, cross_entropy
-from cmtkd.quant import FULL_PRECISION, check_bits
+from cmtkd.methods.base import Method, check_loss_weights, cross_entropy
 from cmtkd.registry import register_method
+from cmtkd.teachers import check_teacher_bits
 
 # Fusion-point presets per architecture. "stage-ends": ends of the residual stages before the last
 # one (PAPER §4 reads "the last convolutional layer of each convolution block" as layer1..layer3).
@@ -99,17 +99,10 @@ class CMTKD(Method):
     def check_config(cls, cfg):
         o = cfg.method_args
         bits = o["teacher_bits"]
-        if not bits:
-            raise UserError("method_args.teacher_bits is empty; give at least one teacher bit-width, e.g. [8, 6, 4]")
-        student_bits = max(cfg.w_bits, cfg.a_bits)
-        for b in bits:
-            try:
-                check_bits(b)
-            except UserError as exc:
-                raise UserError(f"method_args.teacher_bits: {exc}") from None
-            if b != FULL_PRECISION and b <= student_bits:
-                raise UserError(f"method_args.teacher_bits={bits}: every teacher needs more bits than the "
-                                f"W{cfg.w_bits}A{cfg.a_bits} student (> {student_bits}); raise the teacher bits")
+        check_teacher_bits(bits, cfg)
+        check_loss_weights(o, ("alpha", "beta", "gamma"))
+        if o["theta_lr_mult"] < 0:
+            raise UserError(f"method_args.theta_lr_mult must be >= 0, got {o['theta_lr_mult']}")
         choices = {"theta_init": ("uniform", "random"), "at_reduction": AT_REDUCTIONS,
                    "teacher_logit": ("mean", "all"), "teacher_loss": ("combined", "per_teacher"),
                    "teacher_init": ("scratch", "checkpoints")}
