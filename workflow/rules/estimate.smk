@@ -1,0 +1,21 @@
+# Cost of a grid before launching it: GPU-hours from measured throughput x epochs x training images x
+# networks per step. Same as `python workflow/scripts/estimate_cost.py --config config/<suite>.yaml`.
+
+
+localrules:
+    estimate,
+
+
+rule estimate:
+    """Print the estimated GPU-hours of the grid (trains nothing)."""
+    input:
+        grid=GRID_CSV,
+    params:
+        flags=estimate_flags,
+    log:
+        f"{LOGS}/estimate.log",
+    conda:
+        "../envs/cmtkd.yaml"
+    shell:
+        'python "$CMTKD_SCRIPTS/estimate_cost.py" --grid {input.grid:q} {params.flags}'
+        " > {log:q} 2>&1; status=$?; cat {log:q}; exit $status"

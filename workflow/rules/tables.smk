@@ -1,0 +1,86 @@
+# results/runs.csv (one row per evaluated run) -> results/tables/ (CSV, Markdown, LaTeX), next to the
+# paper's numbers (results/paper/reported.csv) and imported results (results/external/*.csv).
+
+
+localrules:
+    grid_table,
+    collect_runs,
+    make_tables,
+    tables,
+
+
+rule grid_table:
+    """The runs the config asks for (and the teachers they need), one row each."""
+    output:
+        GRID_CSV,
+    log:
+        f"{LOGS}/grid_table.log",
+    params:
+        rows=RUN_TABLE.to_dict("records"),
+    run:
+        pd.DataFrame(params.rows).to_csv(output[0], index=False)
+
+
+rule collect_runs:
+    """Every run's eval.json and metrics.json -> results/runs.csv; history.csv files -> histories.csv."""
+    input:
+        grid=GRID_CSV,
+        evals=[f"{d}/eval.json" for d in RUN_DIRS],
+        histories=[f"{d}/history.csv" for d in RUN_DIRS],
+    output:
+        runs=report(RUNS_CSV, caption="../report/runs.rst", category="Runs"),
+        histories=HISTORIES_CSV,
+    log:
+        f"{LOGS}/collect_runs.log",
+    conda:
+        "../envs/cmtkd.yaml"
+    script:
+        "../scripts/collect_runs.py"
+
+
+rule make_tables:
+    """Main comparison, ablation (the paper's Table 1) and difference-to-paper tables."""
+    input:
+        runs=RUNS_CSV,
+        grid=GRID_CSV,
+        paper=PAPER_CSV,
+        external=EXTERNAL_CSVS,
+        schema=SCHEMAS / "runs.schema.yaml",
+    output:
+        **{
+            f"{name}_{ext}": (
+                report(f"results/tables/{name}.csv", caption=f"../report/{name}.rst", category="Tables")
+                if ext == "csv"
+                else f"results/tables/{name}.{ext}"
+            )
+            for name in TABLE_NAMES
+            for ext in ("csv", "md", "tex")
+        },
+    log:
+        f"{LOGS}/make_tables.log",
+    conda:
+        "../envs/cmtkd.yaml"
+    script:
+        "../scripts/make_tables.py"
+
+
+rule tables:
+    """Rebuild runs.csv, tables and plots from the runs that have finished; never trains."""
+    input:
+        grid=GRID_CSV,
+        paper=PAPER_CSV,
+        external=EXTERNAL_CSVS,
+    params:
+        runs=RUNS_CSV,
+        histories=HISTORIES_CSV,
+    log:
+        f"{LOGS}/tables.log",
+    conda:
+        "../envs/cmtkd.yaml"
+    shell:
+        '(python "$CMTKD_SCRIPTS/collect_runs.py" --grid {input.grid:q} --finished-only --out {params.runs:q}'
+        " --histories {params.histories:q}"
+        ' && python "$CMTKD_SCRIPTS/make_tables.py" --runs {params.runs:q} --grid {input.grid:q}'
+        " --paper {input.paper:q} --external {input.external:q} --out-dir results/tables"
+        ' && python "$CMTKD_SCRIPTS/plots.py" --runs {params.runs:q} --histories {params.histories:q}'
+        " --out-dir results/plots) > {log:q} 2>&1; status=$?; cat {log:q}; exit $status"

@@ -1,0 +1,12 @@
+# Frozen teachers. kd, kd-at, mtkd and cmtkd-frozen distil from teachers trained beforehand: a `qat`
+# run at W=A=b for each teacher bit-width b (`fp` for b=32), with the student's dataset,
+# architecture, recipe and seed. They are ordinary runs of the grid (role "teacher" unless an
+# experiment asks for them anyway), so each (dataset, arch, bits, seed) is trained exactly once and
+# shared by every student that loads it (`train` takes them as input: teacher_models in common.smk).
+# dml and the cmtkd* methods train their teachers jointly with the student: no pre-training.
+
+
+rule teachers:
+    """Pre-train (and evaluate) only the frozen teachers the grid needs."""
+    input:
+        [f"{d}/eval.json" for d in TEACHER_DIRS],

@@ -1,0 +1,30 @@
+# One `cmtkd train` run per grid cell, into results/runs/method~../dataset~../.../seed~../.
+#
+# Only metrics.json, model.pt and history.csv are declared outputs: Snakemake deletes declared
+# outputs before (re)running a job and leaves checkpoint.pt alone, so a run interrupted mid-way
+# (Ctrl-C, a killed cluster job; rerun with --rerun-incomplete) resumes from its last finished
+# epoch. train_run.py discards a checkpoint only when the run's configuration has changed.
+
+
+rule train:
+    """Train one run (any method) of the grid."""
+    input:
+        teachers=teacher_models,
+    output:
+        metrics=f"{RUN}/metrics.json",
+        model=f"{RUN}/model.pt",
+        history=f"{RUN}/history.csv",
+    log:
+        f"{RUN}/train.log",
+    params:
+        run_dir=lambda wildcards, output: os.path.dirname(output.metrics),
+        args=train_args,
+        launcher=LAUNCHER,
+    threads: 1
+    resources:
+        gpu=1 if GPU else 0,
+    conda:
+        "../envs/cmtkd.yaml"
+    shell:
+        '{params.launcher} python "$CMTKD_SCRIPTS/train_run.py" train --out {params.run_dir:q} {params.args}'
+        " --threads {threads} > {log:q} 2>&1"

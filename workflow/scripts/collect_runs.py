@@ -1,0 +1,118 @@
+"""Collect evaluated runs into ``results/runs.csv`` (one row per run) and ``results/histories.csv``.
+
+    collect_runs.py --grid results/grid.csv --out results/runs.csv --histories results/histories.csv
+                    [--finished-only]
+
+For every run of the grid: accuracy from its standalone ``eval.json`` (not the training log),
+timing, memory and environment from ``metrics.json`` (including the hashes of the teachers it used),
+and its ``history.csv`` (one row per epoch) into the long histories table. With ``--finished-only``
+runs without ``eval.json`` are skipped (tables from a partly finished grid); otherwise a missing
+run is an error.
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+KEY = ["method", "dataset", "arch", "w_bits", "a_bits", "teacher_bits", "seed"]
+COLUMNS = [*KEY, "role", "top1", "top5", "best_val_epoch", "epochs", "train_seconds", "images_per_s",
+           "peak_mem_mib", "torch", "device", "device_name", "git_commit", "config_hash", "teacher_hashes",
+           "source", "run_dir"]
+_HASH = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+def teacher_hashes(metrics: dict) -> str:
+    """Hashes recorded for the teachers a run used, ';'-joined. Methods record them under keys with
+    'teacher' in the name (a string, a list, or a mapping of teacher -> hash/metadata)."""
+    found: list[str] = []
+
+    def walk(value):
+        if isinstance(value, str) and _HASH.match(value):
+            found.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    for key, value in metrics.items():
+        if "teacher" in key.lower():
+            walk(value)
+    return ";".join(found)
+
+
+def read_run(row: dict) -> tuple[dict, pd.DataFrame | None]:
+    run = Path(row["run_dir"])
+    evaluation = json.loads((run / "eval.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    env = metrics.get("env", {})
+    if abs(evaluation["top1"] - metrics.get("top1", evaluation["top1"])) > 1e-6:
+        print(f"warning: {run}: standalone top-1 {evaluation['top1']} differs from the training log's "
+              f"{metrics['top1']}; the table uses the standalone number", file=sys.stderr)
+    record = {k: row[k] for k in KEY}
+    record.update(
+        role=row.get("role", "grid"), top1=evaluation["top1"], top5=evaluation.get("top5"),
+        best_val_epoch=metrics.get("best_val_epoch"), epochs=metrics.get("epochs"),
+        train_seconds=metrics.get("train_seconds"), images_per_s=metrics.get("images_per_s"),
+        peak_mem_mib=metrics.get("peak_mem_mib"), torch=env.get("torch"), device=env.get("device"),
+        device_name=env.get("device_name"), git_commit=env.get("git_commit"),
+        config_hash=env.get("config_hash"), teacher_hashes=teacher_hashes(metrics), source="ours",
+        run_dir=str(run),
+    )
+    history = None
+    if (run / "history.csv").exists():
+        history = pd.read_csv(run / "history.csv")
+        for k in reversed(KEY):
+            history.insert(0, k, row[k])
+    return record, history
+
+
+def collect(grid: pd.DataFrame, finished_only: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    records, histories, missing = [], [], []
+    for row in grid.to_dict("records"):
+        if not (Path(row["run_dir"]) / "eval.json").exists():
+            missing.append(row["run_dir"])
+            continue
+        record, history = read_run(row)
+        records.append(record)
+        if history is not None:
+            histories.append(history)
+    if missing and not finished_only:
+        raise SystemExit(f"{len(missing)} run(s) are not evaluated yet, e.g. {missing[0]}; run the workflow "
+                         f"(snakemake) or collect only finished runs (--finished-only / `snakemake tables`)")
+    if missing:
+        print(f"{len(missing)} of {len(grid)} runs not finished yet; collected {len(records)}", file=sys.stderr)
+    runs = pd.DataFrame(records, columns=COLUMNS)
+    history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(columns=[*KEY, "epoch"])
+    return runs, history
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
+    parser.add_argument("--grid", required=True, help="results/grid.csv (runs with run_dir and role)")
+    parser.add_argument("--out", required=True, help="runs.csv to write")
+    parser.add_argument("--histories", required=True, help="histories.csv to write")
+    parser.add_argument("--finished-only", action="store_true", help="skip runs without eval.json")
+    args = parser.parse_args(argv)
+    grid = pd.read_csv(args.grid, dtype={"teacher_bits": str}, keep_default_na=False)
+    runs, histories = collect(grid, args.finished_only)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(args.out, index=False)
+    histories.to_csv(args.histories, index=False)
+    print(f"{args.out}: {len(runs)} runs; {args.histories}: {len(histories)} epoch rows")
+    return 0
+
+
+if __name__ == "__main__":
+    if "snakemake" in globals():  # rule collect_runs (script: directive)
+        from script_io import run_rule
+
+        sm = snakemake  # noqa: F821
+        sys.exit(run_rule(main, ["--grid", sm.input.grid, "--out", sm.output.runs,
+                                 "--histories", sm.output.histories], sm.log[0]))
+    sys.exit(main())

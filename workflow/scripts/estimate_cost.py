@@ -1,0 +1,131 @@
+"""GPU-hours of a grid before launching it.
+
+    python workflow/scripts/estimate_cost.py --config config/cifar100.yaml [--runs results/runs.csv]
+                                             [--images-per-s resnet18=9000 --images-per-s alexnet=20000]
+    snakemake estimate --configfile config/cifar100.yaml      (the same, from the workflow)
+
+For every run of the grid (teachers included):
+
+    hours = epochs x training images x networks per step / images per second / 3600
+
+``images per second`` is the training throughput of one single-network QAT run of that
+architecture and dataset on the target GPU, taken from (first match wins) ``--images-per-s ARCH=N``,
+the config's ``throughput`` key, or the median ``images_per_s`` of finished qat/fp runs of the same
+dataset and architecture in ``--runs`` (a runs.csv: run one short QAT job on the target machine,
+e.g. ``cmtkd train --method qat --epochs 1 ...``, and pass its results). A method's own measured
+throughput in ``--runs`` is used directly when there is one. ``networks per step``: 1 for fp/qat,
+1 + n/3 for n frozen teachers (forward only), 1 + n for n jointly trained teachers (CMT-KD, DML).
+Per-epoch validation adds a few percent and is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grid as G  # noqa: E402
+
+TRAIN_SET_SIZE = {"digits": 4000, "cifar100": 50000, "imagenet": 1281167}  # before the val hold-out
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+
+
+def load_grid(config_path: str | None, grid_csv: str | None) -> tuple[pd.DataFrame, dict]:
+    if grid_csv:
+        return pd.read_csv(grid_csv, dtype={"teacher_bits": str}, keep_default_na=False), {}
+    from snakemake.utils import validate
+
+    config = G.load_config(config_path)
+    try:
+        validate(config, str(SCHEMA))
+    except Exception as exc:
+        cause = exc.args[1] if len(exc.args) > 1 else exc
+        raise SystemExit(f"{config_path}: invalid suite config: {getattr(cause, 'message', cause)}")
+    try:
+        return G.expand(config), config.get("throughput", {})
+    except G.GridError as exc:
+        raise SystemExit(f"{config_path}: {exc}")
+
+
+def measured(runs_csv: str | None) -> pd.DataFrame:
+    if not runs_csv or not Path(runs_csv).exists():
+        return pd.DataFrame(columns=["method", "dataset", "arch", "images_per_s"])
+    runs = pd.read_csv(runs_csv, dtype={"teacher_bits": str}, keep_default_na=False, na_values=[""])
+    return runs[runs["images_per_s"].notna() & (runs["images_per_s"] > 0)]
+
+
+def estimate(runs: pd.DataFrame, throughput: dict[str, float], measured_runs: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for r in runs.to_dict("records"):
+        n_teachers = len(G.teacher_list(r["teacher_bits"]))
+        factor = G.METHODS[r["method"]].cost(n_teachers)
+        same = measured_runs[(measured_runs["dataset"] == r["dataset"]) & (measured_runs["arch"] == r["arch"])]
+        own = same[same["method"] == r["method"]]["images_per_s"]
+        single = same[same["method"].isin(["qat", "fp"])]["images_per_s"]
+        if not own.empty and r["method"] not in ("qat", "fp"):
+            ips, basis, factor_used = float(own.median()), "measured (this method)", 1.0
+        elif r["arch"] in throughput:
+            ips, basis, factor_used = float(throughput[r["arch"]]), "given", factor
+        elif not single.empty:
+            ips, basis, factor_used = float(single.median()), "measured (qat/fp)", factor
+        else:
+            ips, basis, factor_used = float("nan"), "unknown", factor
+        images = TRAIN_SET_SIZE[r["dataset"]] * (1 - float(r["val_fraction"]))
+        hours = r["epochs"] * images * factor_used / ips / 3600
+        rows.append({**r, "networks_per_step": factor, "images_per_s": ips, "basis": basis, "gpu_hours": hours})
+    return pd.DataFrame(rows)
+
+
+def report(costs: pd.DataFrame) -> str:
+    by_method = costs.groupby(["dataset", "arch", "method"], sort=False).agg(
+        runs=("seed", "size"), epochs=("epochs", "max"), networks_per_step=("networks_per_step", "max"),
+        images_per_s=("images_per_s", "median"), basis=("basis", "first"), gpu_hours=("gpu_hours", "sum"),
+    ).reset_index()
+    lines = ["# Estimated cost of the grid", "", by_method.to_markdown(index=False, floatfmt=".1f"), ""]
+    total = costs["gpu_hours"].sum(min_count=1)
+    unknown = costs[costs["basis"] == "unknown"]
+    lines.append(f"Runs: {len(costs)} ({(costs['role'] == 'teacher').sum()} teacher-only).")
+    if not unknown.empty:
+        archs = ", ".join(sorted(set(unknown["arch"])))
+        lines.append(f"No throughput known for {archs} on {', '.join(sorted(set(unknown['dataset'])))}: pass "
+                     f"--images-per-s ARCH=N (images/s of one QAT training run on the target GPU), set the "
+                     f"config's `throughput`, or --runs a runs.csv with a measured qat run.")
+        known = costs["gpu_hours"].sum()
+        lines.append(f"Total over the runs with a throughput: {known:.1f} GPU-hours (incomplete).")
+    else:
+        lines.append(f"Total: {total:.1f} GPU-hours = {total / 24:.1f} GPU-days "
+                     f"(wall time ≈ total / number of GPUs when every GPU runs one job at a time).")
+    return "\n".join(lines) + "\n"
+
+
+def parse_throughput(values: list[str]) -> dict[str, float]:
+    out = {}
+    for value in values:
+        arch, _, number = value.partition("=")
+        try:
+            out[arch] = float(number)
+        except ValueError:
+            raise SystemExit(f"--images-per-s expects ARCH=NUMBER (e.g. resnet18=9000), got {value!r}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="suite config (config/cifar100.yaml, ...)")
+    source.add_argument("--grid", help="results/grid.csv written by the workflow")
+    parser.add_argument("--runs", help="a runs.csv with measured images_per_s")
+    parser.add_argument("--images-per-s", action="append", default=[], metavar="ARCH=N",
+                        help="training images/s of one QAT run of ARCH on the target GPU (may repeat)")
+    args = parser.parse_args(argv)
+    runs, config_throughput = load_grid(args.config, args.grid)
+    throughput = {**config_throughput, **parse_throughput(args.images_per_s)}
+    print(report(estimate(runs, throughput, measured(args.runs))), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

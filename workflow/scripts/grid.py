@@ -1,0 +1,248 @@
+"""The benchmark grid as data: a suite config (config/*.yaml) -> one row per training run.
+
+Used by the Snakefile (the rows become a Snakemake ``Paramspace``) and by ``estimate_cost.py``.
+Pure Python (pandas + PyYAML): importing it must not import torch, so that parsing the workflow
+stays fast.
+
+A row is one ``cmtkd train`` run: method x dataset x arch x W/A x teacher set x seed. Teachers that
+the distillation methods need are ordinary ``qat`` runs (``fp`` for a 32-bit teacher) at W=A=b,
+added to the grid with role ``teacher`` unless the grid already has them; every (dataset, arch,
+bits, seed) is trained once and shared by every method that uses it.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+FULL_PRECISION = 32
+NO_TEACHERS = "none"
+DEFAULT_VAL_FRACTION = 0.1  # cmtkd's data.val_fraction default (held-out part of the training set)
+COLUMNS = ("method", "dataset", "arch", "w_bits", "a_bits", "teacher_bits", "seed")
+DATASET_ROOT_FILES = {  # what must exist under data.root (the loaders' layouts)
+    "cifar100": ("cifar-100-python/train", "cifar-100-python/test"),
+    "imagenet": ("train", "val"),
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How the workflow wires a method's teachers into its ``method_args``.
+
+    teachers: ``none``; ``pretrained`` (frozen teacher runs of the grid, passed as run directories in
+    the option ``path_arg``); ``joint`` (trained inside the run: only their bit-widths are passed).
+    use: ``all`` teachers of the set, or ``one`` (the highest bit-width of the set).
+    bits_arg: whether the method takes ``teacher_bits`` (the bit-width of each teacher).
+    """
+
+    teachers: str = NO_TEACHERS
+    use: str = "all"
+    path_arg: str | None = None
+    bits_arg: bool = False
+
+    def cost(self, n_teachers: int) -> float:
+        """Networks per training step, in single-network QAT steps (forward + backward = 1, a frozen
+        teacher's forward ~ 1/3). For cost estimates only."""
+        if self.teachers == NO_TEACHERS:
+            return 1.0
+        if self.teachers == "pretrained":
+            return 1.0 + n_teachers / 3.0
+        return 1.0 + n_teachers
+
+
+# Every method the workflow can run (`cmtkd list`). A new method: register it in cmtkd and add one
+# line here saying how its teachers are wired.
+METHODS: dict[str, MethodSpec] = {
+    "fp": MethodSpec(),
+    "qat": MethodSpec(),
+    "kd": MethodSpec("pretrained", "one", path_arg="teacher"),
+    "kd-at": MethodSpec("pretrained", "one", path_arg="teacher"),
+    "mtkd": MethodSpec("pretrained", "all", path_arg="teachers"),
+    "dml": MethodSpec("joint", "all", bits_arg=True),
+    "cmtkd": MethodSpec("joint", "all", bits_arg=True),
+    "cmtkd-noml": MethodSpec("joint", "all", bits_arg=True),
+    "cmtkd-avg": MethodSpec("joint", "all", bits_arg=True),
+    "cmtkd-nofeat": MethodSpec("joint", "all", bits_arg=True),
+    "cmtkd-1t": MethodSpec("joint", "one", bits_arg=True),
+    "cmtkd-frozen": MethodSpec("pretrained", "all", path_arg="teacher_checkpoints", bits_arg=True),
+}
+# method_args keys the workflow sets from the teacher set; a config must not set them itself.
+WIRED_ARGS = ("teacher", "teachers", "teacher_bits", "teacher_checkpoints")
+# RunConfig keys the grid sets per run; a recipe must not set them.
+GRID_KEYS = ("method", "arch", "w_bits", "a_bits", "seed", "data.name", "method_args",
+             "train.threads", "train.device")
+
+
+class GridError(ValueError):
+    """A config the workflow cannot run; the message names the key and the fix."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+def parse_bits(text: str) -> tuple[int, int]:
+    """``'W2A2'`` -> ``(2, 2)``."""
+    w, a = text.upper().lstrip("W").split("A")
+    return int(w), int(a)
+
+
+def bits_label(w_bits: int, a_bits: int) -> str:
+    return f"W{w_bits}A{a_bits}"
+
+
+def teacher_label(bits) -> str:
+    return "-".join(str(b) for b in bits) if bits else NO_TEACHERS
+
+
+def teacher_list(label: str) -> list[int]:
+    return [] if label in ("", NO_TEACHERS) or pd.isna(label) else [int(b) for b in str(label).split("-")]
+
+
+def teacher_method(bits: int) -> str:
+    return "fp" if bits == FULL_PRECISION else "qat"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested mapping -> dotted keys (``{'optim': {'lr': 0.1}}`` -> ``{'optim.lr': 0.1}``)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def set_value(value) -> str:
+    """A value for ``cmtkd train --set key=VALUE`` (parsed there as YAML; JSON is YAML)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+# ---------------------------------------------------------------------------------- the grid
+def check_config(config: dict) -> None:
+    """Semantic checks the JSON schema cannot express. Raises GridError naming key and fix."""
+    known = ", ".join(METHODS)
+    for key in flatten(config.get("recipe", {})):
+        if key in GRID_KEYS or key.startswith("method_args"):
+            raise GridError(f"config key 'recipe.{key}' is set per run by the grid; remove it "
+                            f"(methods, archs, bits, seeds go under 'experiments', dataset under 'dataset', "
+                            f"method options under 'method_args.<method>')")
+    for arch, recipe in config.get("arch_recipe", {}).items():
+        for key in flatten(recipe):
+            if key in GRID_KEYS or key.startswith("method_args"):
+                raise GridError(f"config key 'arch_recipe.{arch}.{key}' is set per run by the grid; remove it")
+    sections = [("method_args", config.get("method_args", {}))] + [
+        (f"arch_method_args.{arch}", options) for arch, options in config.get("arch_method_args", {}).items()]
+    for where, section in sections:
+        for method, args in section.items():
+            if method not in METHODS:
+                raise GridError(f"config key '{where}.{method}': unknown method '{method}'; known methods: {known}")
+            for key in args:
+                if key in WIRED_ARGS:
+                    raise GridError(f"config key '{where}.{method}.{key}' is set by the workflow from the "
+                                    f"experiment's teacher_sets; remove it and list the bit-widths under "
+                                    f"'experiments.<name>.teacher_sets'")
+    for name, exp in config["experiments"].items():
+        where = f"experiments.{name}"
+        for i, method in enumerate(exp["methods"]):
+            if method not in METHODS:
+                raise GridError(f"config key '{where}.methods[{i}]': unknown method '{method}'; known methods: "
+                                f"{known} (a new method is registered in cmtkd and wired in "
+                                f"workflow/scripts/grid.py METHODS)")
+        needs_teachers = [m for m in exp["methods"] if METHODS[m].teachers != NO_TEACHERS]
+        teacher_sets = exp.get("teacher_sets") or []
+        if needs_teachers and not teacher_sets:
+            raise GridError(f"config key '{where}.teacher_sets' is missing, but {', '.join(needs_teachers)} "
+                            f"need teachers; add e.g. 'teacher_sets: [[8, 6, 4]]'")
+        for i, bits in enumerate(exp["bits"]):
+            w_bits, a_bits = parse_bits(bits)
+            if not needs_teachers:
+                continue
+            for j, tset in enumerate(teacher_sets):
+                low = [b for b in tset if b <= max(w_bits, a_bits)]
+                if low:
+                    raise GridError(
+                        f"config key '{where}.teacher_sets[{j}]' = {tset}: teacher bit-width(s) {low} are not "
+                        f"higher than the student {bits} ('{where}.bits[{i}]'); every teacher must have more "
+                        f"bits than the student's weights and activations: use higher teacher bit-widths, or "
+                        f"move {bits} into its own experiment with a teacher set above it")
+
+
+def expand(config: dict) -> pd.DataFrame:
+    """All runs of a (schema-valid) suite config, one row each, with a ``role`` column:
+    ``grid`` (asked for by an experiment) or ``teacher`` (a pre-trained teacher only)."""
+    check_config(config)
+    dataset = config["dataset"]["name"]
+    rows: dict[tuple, str] = {}
+    for exp in config["experiments"].values():
+        for method in exp["methods"]:
+            spec = METHODS[method]
+            bit_settings = ([(FULL_PRECISION, FULL_PRECISION)] if method == "fp"
+                            else [parse_bits(b) for b in exp["bits"]])
+            teacher_sets = [NO_TEACHERS] if spec.teachers == NO_TEACHERS else [
+                teacher_label([max(t)] if spec.use == "one" else t) for t in exp.get("teacher_sets", [])]
+            for arch in exp["archs"]:
+                for w_bits, a_bits in bit_settings:
+                    for tset in teacher_sets:
+                        for seed in exp["seeds"]:
+                            rows[(method, dataset, arch, w_bits, a_bits, tset, seed)] = "grid"
+    # The frozen teachers the pretrained-teacher methods load: shared, once per (arch, bits, seed).
+    for (method, dataset_, arch, _w, _a, tset, seed) in list(rows):
+        if METHODS[method].teachers == "pretrained":
+            for b in teacher_list(tset):
+                rows.setdefault((teacher_method(b), dataset_, arch, b, b, NO_TEACHERS, seed), "teacher")
+    frame = pd.DataFrame([(*key, role) for key, role in rows.items()], columns=[*COLUMNS, "role"])
+    frame = frame.astype({"w_bits": int, "a_bits": int, "seed": int, "teacher_bits": str})
+    frame = frame.sort_values(list(COLUMNS), kind="stable").reset_index(drop=True)
+    frame["epochs"] = [int(recipe_for(config, arch)["epochs"]) for arch in frame["arch"]]
+    frame["val_fraction"] = float(config["dataset"].get("val_fraction", DEFAULT_VAL_FRACTION))
+    return frame
+
+
+def recipe_for(config: dict, arch: str) -> dict:
+    """The dotted RunConfig keys shared by every run of ``arch``: recipe, then arch_recipe on top."""
+    values = flatten(config.get("recipe", {}))
+    values.update(flatten(config.get("arch_recipe", {}).get(arch, {})))
+    return values
+
+
+def teacher_runs(method: str, dataset: str, arch: str, teacher_bits: str, seed) -> list[dict]:
+    """Keys of the frozen teacher runs a pretrained-teacher run loads (empty for the others)."""
+    if METHODS[method].teachers != "pretrained":
+        return []
+    return [dict(method=teacher_method(b), dataset=dataset, arch=arch, w_bits=b, a_bits=b,
+                 teacher_bits=NO_TEACHERS, seed=int(seed)) for b in teacher_list(teacher_bits)]
+
+
+def run_path(pattern: str, **key) -> str:
+    return pattern.format(**key)
+
+
+def train_sets(config: dict, method: str, arch: str, teacher_bits: str, teacher_dirs: list[str]) -> list[str]:
+    """The ``--set key=value`` overrides of one run: data settings, recipe, per-arch recipe,
+    method options and the teacher wiring."""
+    spec = METHODS[method]
+    values = {f"data.{k}": v for k, v in config["dataset"].items() if k != "name"}
+    values.update(recipe_for(config, arch))
+    options = {**config.get("method_args", {}).get(method, {}),
+               **config.get("arch_method_args", {}).get(arch, {}).get(method, {})}
+    values.update({f"method_args.{k}": v for k, v in options.items()})
+    if spec.bits_arg:
+        values["method_args.teacher_bits"] = teacher_list(teacher_bits)
+    if spec.path_arg:
+        values[f"method_args.{spec.path_arg}"] = teacher_dirs[0] if spec.use == "one" else list(teacher_dirs)
+    return [f"{k}={set_value(v)}" for k, v in values.items()]
+
+
+def shell_join(args: list[str]) -> str:
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def load_config(path: str | Path) -> dict:
+    with open(path) as handle:
+        return yaml.safe_load(handle) or {}

@@ -1,0 +1,387 @@
+"""Tables from ``results/runs.csv``, next to the paper's numbers and imported results.
+
+    make_tables.py --runs results/runs.csv --grid results/grid.csv --paper results/paper/reported.csv
+                   [--external results/external/*.csv] --out-dir results/tables
+
+Writes three tables, each as ``.md`` and ``.tex`` (pandas ``Styler.to_latex``, booktabs rules) for
+reading and as a tidy ``.csv`` (one row per cell, numbers unformatted) for machines:
+
+- ``main``: rows = methods (ours, imported, reported), columns = student W/A, cells = top-1
+  mean ± std over seeds with n;
+- ``ablation``: the CMT-KD variants in the order of the paper's Table 1, ours next to the paper's;
+- ``paper_delta``: every reported number with ours (and imported) for the same method and setting,
+  and the difference.
+
+Numbers that are not ours carry a footnote with their provenance; the general notes point at
+ASSUMPTIONS.md for everything the paper leaves open.
+"""
+
+import argparse
+import math
+import string
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grid import METHODS, NO_TEACHERS, bits_label  # noqa: E402
+
+KEY = ["method", "dataset", "arch", "w_bits", "a_bits", "teacher_bits"]
+METHOD_ORDER = list(METHODS)
+ABLATION_VARIANTS = {  # the paper's Table 1 rows first, then the natural further switches (PAPER.md §7)
+    "cmtkd": "Full CMT-KD",
+    "cmtkd-noml": "w/o mutual learning",
+    "cmtkd-avg": "Average teacher (equal weights)",
+    "cmtkd-nofeat": "w/o feature loss",
+    "cmtkd-1t": "One teacher",
+    "cmtkd-frozen": "Frozen pre-trained teachers",
+}
+GENERAL_NOTES = [
+    "Top-1 accuracy (%) on the test split from each run's standalone evaluation (eval.json), mean ± sample "
+    "standard deviation over seeds; n = seeds finished (n=k/m: k of the m configured seeds have finished).",
+    "Where the paper is silent (schedule, teacher bit-widths, fusion points, initialisation, ...) our runs follow "
+    "ASSUMPTIONS.md; reported and imported numbers were not produced by this code and are shown for context.",
+]
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "runs.schema.yaml"
+
+
+# ------------------------------------------------------------------------------------- inputs
+def read_runs(path: str) -> pd.DataFrame:
+    runs = pd.read_csv(path, dtype={"teacher_bits": str}, keep_default_na=False, na_values=[""])
+    runs["teacher_bits"] = runs["teacher_bits"].fillna(NO_TEACHERS)
+    return runs
+
+
+def validate_rows(frame: pd.DataFrame, schema_path: str | Path, name: str) -> None:
+    """Each row against the runs.csv JSON schema; the first problem names file, row and column."""
+    import jsonschema
+    import yaml
+
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(Path(schema_path).read_text()))
+    for i, record in enumerate(frame.to_dict("records")):
+        record = {k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))}
+        error = jsonschema.exceptions.best_match(validator.iter_errors(record))
+        if error is not None:
+            column = ".".join(str(p) for p in error.absolute_path) or "(row)"
+            raise SystemExit(f"{name}: data row {i + 1}, column {column}: {error.message} "
+                             f"(imported results use the columns of results/runs.csv: {schema_path})")
+
+
+def read_external(paths: list[str], schema_path: str | Path = SCHEMA) -> pd.DataFrame:
+    """Imported results in the runs.csv columns, validated; `source` defaults to the file name."""
+    frames = []
+    for path in paths:
+        frame = pd.read_csv(path, dtype={"teacher_bits": str})
+        validate_rows(frame, schema_path, path)
+        for column, default in (("source", Path(path).name), ("teacher_bits", NO_TEACHERS)):
+            frame[column] = (frame[column] if column in frame else pd.Series(index=frame.index, dtype=object))
+            frame[column] = frame[column].fillna(default).astype(str)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*KEY, "top1", "source"])
+
+
+def read_paper(path: str) -> pd.DataFrame:
+    paper = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    paper["teacher_bits"] = NO_TEACHERS
+    return paper
+
+
+# ---------------------------------------------------------------------------------- summaries
+def summarize(runs: pd.DataFrame, grid: pd.DataFrame, external: pd.DataFrame) -> pd.DataFrame:
+    """One row per (source, method, setting): top-1/top-5 mean, std, n; n_expected from the grid."""
+    ours = runs[runs["role"] == "grid"].assign(source="ours", origin="ours")
+    expected = grid[grid["role"] == "grid"].groupby(KEY).size().rename("n_expected")
+    rows = pd.concat([ours, external.assign(origin="external")], ignore_index=True)
+    group = [*KEY, "source", "origin"]
+    stats = rows.groupby(group, dropna=False).agg(
+        top1_mean=("top1", "mean"), top1_std=("top1", "std"), top5_mean=("top5", "mean"),
+        top5_std=("top5", "std"), n=("top1", "size"),
+        seeds=("seed", lambda s: ",".join(str(int(x)) for x in sorted(s.dropna()))),
+    ).reset_index()
+    # Grid cells with no finished run yet still get a row (n = 0).
+    missing = expected.reset_index()
+    missing = missing[~missing.set_index(KEY).index.isin(stats[stats["origin"] == "ours"].set_index(KEY).index)]
+    stats = pd.concat([stats, missing.assign(source="ours", origin="ours", n=0, seeds="")], ignore_index=True)
+    stats = stats.drop(columns="n_expected", errors="ignore").merge(expected.reset_index(), on=KEY, how="left")
+    stats.loc[stats["origin"] != "ours", "n_expected"] = stats["n"]
+    stats["n_expected"] = stats["n_expected"].fillna(stats["n"]).astype(int)
+    stats["n"] = stats["n"].astype(int)
+    return sort_rows(stats)
+
+
+def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    origin = {"ours": 0, "external": 1, "reported": 2}
+    frame = frame.assign(
+        _origin=frame["origin"].map(origin),
+        _method=frame["method"].map(lambda m: order.get(m, len(order))),
+    )
+    frame = frame.sort_values(["dataset", "arch", "_origin", "_method", "method", "source", "teacher_bits",
+                               "w_bits", "a_bits"], kind="stable")
+    return frame.drop(columns=["_origin", "_method"]).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------- formatting
+class Notes:
+    """Footnote markers a, b, c, ... for the sources of numbers that are not ours."""
+
+    def __init__(self):
+        self.texts: dict[str, str] = {}
+
+    def mark(self, text: str) -> str:
+        if text not in self.texts:
+            self.texts[text] = string.ascii_lowercase[len(self.texts) % 26]
+        return self.texts[text]
+
+    def lines(self) -> list[tuple[str, str]]:
+        return [(marker, text) for text, marker in self.texts.items()]
+
+
+def tex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}"),
+                 ("§", r"\S{}"), ("±", r"$\pm$")):
+        text = text.replace(a, b)
+    return text
+
+
+class Fmt:
+    """Cell formatting for one output format ('md' or 'tex')."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def text(self, value: str) -> str:
+        return tex_escape(value) if self.kind == "tex" else value
+
+    def marker(self, marker: str) -> str:
+        return rf"\textsuperscript{{{marker}}}" if self.kind == "tex" else f" [{marker}]"
+
+    def ours(self, mean, std, n, n_expected) -> str:
+        pm = r"$\pm$" if self.kind == "tex" else "±"
+        n, n_expected = int(n), int(n_expected)
+        count = f"n={n}" if n >= n_expected else f"n={n}/{n_expected}"
+        if n == 0 or mean is None or (isinstance(mean, float) and math.isnan(mean)):
+            return f"— ({count})"
+        if n > 1 and std == std:
+            return f"{mean:.2f} {pm} {std:.2f} ({count})"
+        return f"{mean:.2f} ({count})"
+
+    def reported(self, value, marker: str) -> str:
+        body = "unknown" if value is None or value != value else f"{value:g}"
+        return body + self.marker(marker)
+
+    def delta(self, value) -> str:
+        if value is None or value != value:
+            return "—"
+        return f"{value:+.2f}"
+
+
+def source_label(row, notes: Notes, fmt: Fmt) -> str:
+    if row["origin"] == "ours":
+        return "ours"
+    if row["origin"] == "external":
+        return "imported" + fmt.marker(notes.mark(f"Imported (results/external/): {row['source']}."))
+    return "paper" if row["method"].startswith("cmtkd") else "reported"  # the cell carries the footnote
+
+
+def paper_note(row, notes: Notes) -> str:
+    note = f" {row['note']}." if isinstance(row.get("note"), str) and row["note"] else ""
+    return notes.mark(f"{row['provenance']}: {row['source']}.{note}")
+
+
+def setting(row) -> str:
+    return f"{row['dataset']} {row['arch']} {bits_label(int(row['w_bits']), int(row['a_bits']))}"
+
+
+def bits_columns(frame: pd.DataFrame) -> list[str]:
+    pairs = sorted({(int(w), int(a)) for w, a in zip(frame["w_bits"], frame["a_bits"])})
+    return [bits_label(w, a) for w, a in pairs]
+
+
+# ------------------------------------------------------------------------------------ tables
+def main_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[pd.DataFrame, list, pd.DataFrame]:
+    notes = Notes()
+    present = set(zip(summary["dataset"], summary["arch"]))
+    reported = paper.loc[[(d, a) in present for d, a in zip(paper["dataset"], paper["arch"])]]
+    reported = reported[reported["top1"].notna()].assign(origin="reported")
+    cells = pd.concat([summary, reported], ignore_index=True)
+    cells = sort_rows(cells) if len(cells) else cells
+    columns = bits_columns(cells) if len(cells) else []
+    table_rows: dict[tuple, dict] = {}
+    for row in cells.to_dict("records"):
+        label = source_label(row, notes, fmt)
+        key = (row["dataset"], row["arch"], row["method"], row["teacher_bits"], label)
+        line = table_rows.setdefault(key, {
+            "Dataset": row["dataset"], "Arch": row["arch"], "Method": fmt.text(row["method"]),
+            "Teachers": "—" if row["teacher_bits"] == NO_TEACHERS else row["teacher_bits"], "Source": label,
+            **{c: "" for c in columns}})
+        column = bits_label(int(row["w_bits"]), int(row["a_bits"]))
+        if row["origin"] == "reported":
+            line[column] = fmt.reported(row["top1"], paper_note(row, notes))
+        else:
+            line[column] = fmt.ours(row["top1_mean"], row["top1_std"], row["n"], row["n_expected"])
+    display = pd.DataFrame(list(table_rows.values()), columns=["Dataset", "Arch", "Method", "Teachers", "Source",
+                                                               *columns])
+    tidy = cells.rename(columns={"top1": "reported_top1", "top5": "reported_top5"})
+    tidy = tidy.reindex(columns=[*KEY, "origin", "source", "top1_mean", "top1_std", "top5_mean", "top5_std", "n",
+                                 "n_expected", "seeds", "reported_top1", "reported_top5", "provenance"])
+    return display, notes.lines(), tidy
+
+
+def ablation_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[pd.DataFrame, list, pd.DataFrame]:
+    notes = Notes()
+    ours = summary[(summary["origin"] == "ours") & summary["method"].isin(ABLATION_VARIANTS)]
+    reported_variants = paper[paper["method"].isin(ABLATION_VARIANTS)]
+    settings = sorted({setting(r) for r in ours.to_dict("records")})
+    paper_settings = sorted({setting(r) for r in reported_variants.to_dict("records")})
+    every = settings + [s for s in paper_settings if s not in settings]  # ours first, then the paper's
+    columns = [(s, "ours") for s in every if s in settings] + [(s, "reported") for s in every if s in paper_settings]
+    columns.sort(key=lambda c: (every.index(c[0]), c[1] != "ours"))
+    names = [f"{s}: {kind}" for s, kind in columns]
+    # Others at the same settings (imported results, reported numbers of other methods): next to CMT-KD.
+    at_settings = lambda frame: frame.loc[frame.apply(lambda r: setting(r) in every, axis=1).astype(bool)] \
+        if len(frame) else frame  # noqa: E731
+    others = at_settings(summary[summary["origin"] != "ours"])
+    other_reported = at_settings(paper[~paper["method"].isin(ABLATION_VARIANTS)]).assign(origin="reported")
+    rows, tidy = [], []
+    teacher_sets = {m: sorted(set(ours[ours["method"] == m]["teacher_bits"])) or [NO_TEACHERS]
+                    for m in ABLATION_VARIANTS}
+    for method, variant in ABLATION_VARIANTS.items():
+        for tset in teacher_sets[method]:
+            line = {"Variant": variant, "Method": method, "Teachers": "—" if tset == NO_TEACHERS else tset,
+                    "Source": "ours", **{n: "—" for n in names}}
+            for r in ours[(ours["method"] == method) & (ours["teacher_bits"] == tset)].to_dict("records"):
+                line[f"{setting(r)}: ours"] = fmt.ours(r["top1_mean"], r["top1_std"], r["n"], r["n_expected"])
+                tidy.append({**{k: r[k] for k in KEY}, "variant": variant, "origin": "ours", "source": "ours",
+                             "top1_mean": r["top1_mean"], "top1_std": r["top1_std"], "n": r["n"],
+                             "n_expected": r["n_expected"]})
+            for r in reported_variants[reported_variants["method"] == method].to_dict("records"):
+                line[f"{setting(r)}: reported"] = fmt.reported(r["top1"], paper_note(r, notes))
+                tidy.append({**{k: r[k] for k in KEY if k != "teacher_bits"}, "teacher_bits": NO_TEACHERS,
+                             "variant": variant, "origin": "reported", "source": r["source"],
+                             "reported_top1": r["top1"], "provenance": r["provenance"]})
+            rows.append(line)
+    for r in sort_rows(others).to_dict("records") + other_reported.to_dict("records"):
+        label = source_label(r, notes, fmt)
+        line = {"Variant": "(comparison)", "Method": fmt.text(r["method"]),
+                "Teachers": "—" if r["teacher_bits"] == NO_TEACHERS else r["teacher_bits"], "Source": label,
+                **{n: "" for n in names}}
+        if r["origin"] == "reported":
+            if f"{setting(r)}: reported" in line:
+                line[f"{setting(r)}: reported"] = fmt.reported(r["top1"], paper_note(r, notes))
+        elif f"{setting(r)}: ours" in line:
+            line[f"{setting(r)}: ours"] = fmt.ours(r["top1_mean"], r["top1_std"], r["n"], r["n_expected"])
+        rows.append(line)
+        tidy.append({**{k: r[k] for k in KEY}, "variant": "(comparison)", "origin": r["origin"],
+                     "source": r["source"], "top1_mean": r.get("top1_mean"), "top1_std": r.get("top1_std"),
+                     "n": r.get("n"), "n_expected": r.get("n_expected"), "reported_top1": r.get("top1"),
+                     "provenance": r.get("provenance")})
+    display = pd.DataFrame(rows, columns=["Variant", "Method", "Teachers", "Source", *names])
+    tidy = pd.DataFrame(tidy).reindex(columns=["variant", *KEY, "origin", "source", "top1_mean", "top1_std", "n",
+                                               "n_expected", "reported_top1", "provenance"])
+    return display, notes.lines(), tidy
+
+
+def delta_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[pd.DataFrame, list, pd.DataFrame]:
+    notes = Notes()
+    rows, tidy = [], []
+    setting_key = ["method", "dataset", "arch", "w_bits", "a_bits"]
+    for p in paper.to_dict("records"):
+        marker = paper_note(p, notes)
+        match = summary[(summary[setting_key] == pd.Series({k: p[k] for k in setting_key})).all(axis=1)
+                        & (summary["n"] > 0)]
+        candidates = match.to_dict("records") or [None]
+        for m in candidates:
+            d1 = None if m is None else m["top1_mean"] - p["top1"]
+            d5 = None if m is None or p.get("top5") != p.get("top5") else m["top5_mean"] - p["top5"]
+            rows.append({
+                "Method": fmt.text(p["method"]), "Dataset": p["dataset"], "Arch": p["arch"],
+                "W/A": bits_label(int(p["w_bits"]), int(p["a_bits"])),
+                "Reported top-1": fmt.reported(p["top1"], marker),
+                "Ours / imported": "not run" if m is None else source_label(m, notes, fmt),
+                "Teachers": "—" if m is None or m["teacher_bits"] == NO_TEACHERS else m["teacher_bits"],
+                "Top-1": "—" if m is None else fmt.ours(m["top1_mean"], m["top1_std"], m["n"], m["n_expected"]),
+                "Δ top-1": fmt.delta(d1), "Δ top-5": fmt.delta(d5),
+            })
+            tidy.append({**{k: p[k] for k in setting_key}, "reported_top1": p["top1"], "reported_top5": p.get("top5"),
+                         "provenance": p["provenance"], "source": None if m is None else m["source"],
+                         "teacher_bits": None if m is None else m["teacher_bits"],
+                         "top1_mean": None if m is None else m["top1_mean"],
+                         "top1_std": None if m is None else m["top1_std"],
+                         "top5_mean": None if m is None else m["top5_mean"], "n": None if m is None else m["n"],
+                         "delta_top1": d1, "delta_top5": d5})
+    display = pd.DataFrame(rows, columns=["Method", "Dataset", "Arch", "W/A", "Reported top-1", "Ours / imported",
+                                          "Teachers", "Top-1", "Δ top-1", "Δ top-5"])
+    return display, notes.lines(), pd.DataFrame(tidy)
+
+
+TITLES = {
+    "main": "Main comparison: top-1 accuracy (%) by student bit-width",
+    "ablation": "Ablation of CMT-KD (rows as in the paper's Table 1, then further switches): top-1 accuracy (%)",
+    "paper_delta": "Difference to reported numbers (ours − reported, top-1/top-5 points)",
+}
+
+
+def write_markdown(path: Path, title: str, display: pd.DataFrame, notes: list) -> None:
+    lines = [f"# {title}", "", display.to_markdown(index=False) if len(display) else "(no rows)", ""]
+    lines += [f"- {text}" for text in GENERAL_NOTES]
+    lines += [f"- [{marker}] {text}" for marker, text in notes]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_latex(path: Path, name: str, title: str, display: pd.DataFrame, notes: list) -> None:
+    shown = display.rename(columns={c: tex_escape(c) for c in display.columns})
+    styler = shown.style.hide(axis="index")
+    body = styler.to_latex(hrules=True, caption=tex_escape(title), label=f"tab:{name}", position="htbp",
+                           position_float="centering", column_format="l" * len(shown.columns))
+    notes_tex = [tex_escape(text) for text in GENERAL_NOTES]
+    notes_tex += [rf"\textsuperscript{{{marker}}}\,{tex_escape(text)}" for marker, text in notes]
+    footer = "\\par\\smallskip\n{\\footnotesize\n" + "\\\\\n".join(notes_tex) + "\n}\n"
+    body = body.replace("\\end{table}", footer + "\\end{table}")
+    header = "% Generated by workflow/scripts/make_tables.py; needs \\usepackage{booktabs}.\n"
+    path.write_text(header + body.replace("Δ", r"$\Delta$").replace("−", "--").replace("—", "--"))
+
+
+def build(runs_csv, grid_csv, paper_csv, external_csvs, out_dir, schema=SCHEMA) -> None:
+    runs = read_runs(runs_csv)
+    grid = pd.read_csv(grid_csv, dtype={"teacher_bits": str}, keep_default_na=False)
+    summary = summarize(runs, grid, read_external(external_csvs, schema))
+    paper = read_paper(paper_csv)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, make in (("main", main_table), ("ablation", ablation_table), ("paper_delta", delta_table)):
+        display, notes, tidy = make(summary, paper, Fmt("md"))
+        for column in ("n", "n_expected"):
+            if column in tidy:
+                tidy[column] = tidy[column].astype("Int64")
+        tidy.to_csv(out / f"{name}.csv", index=False, float_format="%.4f")
+        write_markdown(out / f"{name}.md", TITLES[name], display, notes)
+        display, notes, _ = make(summary, paper, Fmt("tex"))
+        write_latex(out / f"{name}.tex", name, TITLES[name], display, notes)
+        print(f"{out / name}.{{csv,md,tex}}: {len(display)} rows")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
+    parser.add_argument("--runs", required=True, help="results/runs.csv")
+    parser.add_argument("--grid", required=True, help="results/grid.csv (expected seeds per cell)")
+    parser.add_argument("--paper", required=True, help="results/paper/reported.csv")
+    parser.add_argument("--external", nargs="*", default=[], help="imported results in the runs.csv columns")
+    parser.add_argument("--schema", default=str(SCHEMA), help="JSON schema of a runs.csv row")
+    parser.add_argument("--out-dir", required=True)
+    args = parser.parse_args(argv)
+    build(args.runs, args.grid, args.paper, args.external, args.out_dir, args.schema)
+    return 0
+
+
+if __name__ == "__main__":
+    if "snakemake" in globals():  # rule make_tables (script: directive)
+        from script_io import run_rule
+
+        sm = snakemake  # noqa: F821
+        sys.exit(run_rule(main, ["--runs", sm.input.runs, "--grid", sm.input.grid, "--paper", sm.input.paper,
+                                 "--schema", str(sm.input.schema), "--external", *sm.input.external,
+                                 "--out-dir", str(Path(sm.output.main_csv).parent)], sm.log[0]))
+    sys.exit(main())

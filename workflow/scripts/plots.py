@@ -1,0 +1,192 @@
+"""Plots from ``results/runs.csv`` and ``results/histories.csv`` into ``results/plots/``.
+
+    plots.py --runs results/runs.csv --histories results/histories.csv --out-dir results/plots
+
+- ``accuracy_vs_bits.png``: top-1 vs student bit-width, one line per method (mean, error bar = std
+  over seeds), one panel per dataset x architecture; full precision as a dashed line;
+- ``training_curves.png``: validation top-1 of the student per epoch (mean over seeds), one panel
+  per dataset x architecture x W/A;
+- ``importance_weights.png``: CMT-KD's importance weights pi (history.csv columns
+  ``pi_<fusion point>_<teacher index>``) per epoch, one panel per fusion point, one line per teacher.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grid import FULL_PRECISION, METHODS, NO_TEACHERS, bits_label, teacher_list  # noqa: E402
+
+KEY = ["method", "dataset", "arch", "w_bits", "a_bits", "teacher_bits"]
+VAL_COLUMN = "val_top1_student"
+
+
+def method_label(method: str, teacher_bits: str) -> str:
+    return method if teacher_bits in (NO_TEACHERS, "") else f"{method} [{teacher_bits}]"
+
+
+def method_rank(method: str) -> int:
+    return list(METHODS).index(method) if method in METHODS else len(METHODS)
+
+
+def panel_grid(n: int, width: float = 4.2, height: float = 3.2):
+    cols = min(n, 3) or 1
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def empty_figure(path: Path, message: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def accuracy_vs_bits(runs: pd.DataFrame, path: Path) -> None:
+    runs = runs[runs["role"] == "grid"]
+    if runs.empty:
+        return empty_figure(path, "no finished runs yet")
+    stats = runs.groupby(KEY).top1.agg(["mean", "std", "size"]).reset_index()
+    panels = sorted(set(zip(stats["dataset"], stats["arch"])))
+    fig, axes = panel_grid(len(panels), 5.0, 3.6)
+    for ax, (dataset, arch) in zip(axes, panels):
+        part = stats[(stats["dataset"] == dataset) & (stats["arch"] == arch)]
+        quantized = part[part["w_bits"] != FULL_PRECISION]
+        order = sorted({(w, a) for w, a in zip(quantized["w_bits"], quantized["a_bits"])})
+        x_of = {wa: i for i, wa in enumerate(order)}
+        lines = sorted({(m, t) for m, t in zip(part["method"], part["teacher_bits"])},
+                       key=lambda mt: (method_rank(mt[0]), mt))
+        for method, tset in lines:
+            rows = part[(part["method"] == method) & (part["teacher_bits"] == tset)]
+            if (rows["w_bits"] == FULL_PRECISION).all():
+                mean = rows["mean"].mean()
+                ax.axhline(mean, linestyle="--", color="black", linewidth=1, label=f"{method_label(method, tset)}")
+                continue
+            rows = rows[rows["w_bits"] != FULL_PRECISION].sort_values(["w_bits", "a_bits"])
+            xs = [x_of[(w, a)] for w, a in zip(rows["w_bits"], rows["a_bits"])]
+            ax.errorbar(xs, rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3,
+                        label=method_label(method, tset))
+        ax.set_xticks(range(len(order)), [bits_label(w, a) for w, a in order])
+        ax.set_xlim(-0.5, max(len(order) - 0.5, 0.5))
+        ax.set_title(f"{dataset} / {arch}")
+        ax.set_xlabel("student bit-width")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def training_curves(histories: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None:
+    grid_runs = runs[runs["role"] == "grid"][KEY].drop_duplicates()
+    if histories.empty or VAL_COLUMN not in histories:
+        return empty_figure(path, "no training histories yet")
+    hist = histories.merge(grid_runs, on=KEY)
+    panels = sorted(set(zip(hist["dataset"], hist["arch"], hist["w_bits"], hist["a_bits"])))
+    if not panels:
+        return empty_figure(path, "no training histories yet")
+    fig, axes = panel_grid(len(panels))
+    for ax, (dataset, arch, w, a) in zip(axes, panels):
+        part = hist[(hist["dataset"] == dataset) & (hist["arch"] == arch) & (hist["w_bits"] == w) & (hist["a_bits"] == a)]
+        for (method, tset), rows in sorted(part.groupby(["method", "teacher_bits"]),
+                                           key=lambda item: (method_rank(item[0][0]), item[0])):
+            curve = rows.groupby("epoch")[VAL_COLUMN].mean()
+            ax.plot(curve.index, curve.values, marker=".", label=method_label(method, tset))
+        ax.set_title(f"{dataset} / {arch} / {bits_label(w, a)}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def importance_columns(histories: pd.DataFrame) -> dict[str, list[tuple[int, str]]]:
+    """``pi_<fusion point>_<teacher index>`` columns grouped by fusion point (in first-seen order)."""
+    points: dict[str, list[tuple[int, str]]] = {}
+    for column in histories.columns:
+        if not column.startswith("pi_"):
+            continue
+        point, _, index = column[3:].rpartition("_")
+        if point and index.isdigit():
+            points.setdefault(point, []).append((int(index), column))
+    return {p: sorted(cols) for p, cols in points.items()}
+
+
+def importance_weights(histories: pd.DataFrame, path: Path) -> None:
+    points = importance_columns(histories)
+    if not points:
+        return empty_figure(path, "no importance weights logged (history.csv has no pi_* columns: no CMT-KD run yet)")
+    columns = [c for cols in points.values() for _, c in cols]
+    hist = histories[histories["method"] == "cmtkd"]
+    hist = hist if not hist.empty else histories  # plot the ablations' weights if full CMT-KD did not run
+    hist = hist.dropna(subset=columns, how="all")
+    if hist.empty:
+        return empty_figure(path, "no importance weights logged yet")
+    runs = sorted(set(zip(hist["method"], hist["dataset"], hist["arch"], hist["w_bits"], hist["a_bits"],
+                          hist["teacher_bits"])))
+    fig, axes = plt.subplots(len(runs), len(points), figsize=(3.6 * len(points), 2.8 * len(runs)), squeeze=False)
+    for r, (method, dataset, arch, w, a, tset) in enumerate(runs):
+        part = hist[(hist["method"] == method) & (hist["dataset"] == dataset) & (hist["arch"] == arch)
+                    & (hist["w_bits"] == w) & (hist["a_bits"] == a) & (hist["teacher_bits"] == tset)]
+        bits = teacher_list(tset)
+        for c, (point, cols) in enumerate(points.items()):
+            ax = axes[r][c]
+            for index, column in cols:
+                by_epoch = part.groupby("epoch")[column]
+                mean, low, high = by_epoch.mean(), by_epoch.min(), by_epoch.max()
+                teacher = f"teacher {index}" + (f" ({bits[index]}-bit)" if index < len(bits) else "")
+                ax.plot(mean.index, mean.values, marker=".", label=teacher)
+                ax.fill_between(mean.index, low.values, high.values, alpha=0.2)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{point}\n{method} {dataset}/{arch} {bits_label(w, a)}", fontsize=8)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("importance weight π")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
+    parser.add_argument("--runs", required=True)
+    parser.add_argument("--histories", required=True)
+    parser.add_argument("--out-dir", required=True)
+    args = parser.parse_args(argv)
+    runs = pd.read_csv(args.runs, dtype={"teacher_bits": str}, keep_default_na=False, na_values=[""])
+    histories = pd.read_csv(args.histories, dtype={"teacher_bits": str}, keep_default_na=False, na_values=[""])
+    for frame in (runs, histories):
+        if "teacher_bits" in frame:
+            frame["teacher_bits"] = frame["teacher_bits"].fillna(NO_TEACHERS)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accuracy_vs_bits(runs, out / "accuracy_vs_bits.png")
+    training_curves(histories, runs, out / "training_curves.png")
+    importance_weights(histories, out / "importance_weights.png")
+    print(f"{out}: accuracy_vs_bits.png, training_curves.png, importance_weights.png")
+    return 0
+
+
+if __name__ == "__main__":
+    if "snakemake" in globals():  # rule plots (script: directive)
+        from script_io import run_rule
+
+        sm = snakemake  # noqa: F821
+        sys.exit(run_rule(main, ["--runs", sm.input.runs, "--histories", sm.input.histories,
+                                 "--out-dir", str(Path(sm.output.accuracy_vs_bits).parent)], sm.log[0]))
+    sys.exit(main())
