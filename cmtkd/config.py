@@ -53,6 +53,7 @@ class TrainConfig:
     amp: str = "none"             # none | bf16 | fp16 (fp16 on CUDA only); fp32 is the exact reference
     channels_last: bool = False
     compile: bool = False         # torch.compile each method's training step (forward_train)
+    sync_bn: bool = False         # torchrun multi-GPU runs: BatchNorm statistics over the global batch (CUDA)
     deterministic: bool = True
     select: str = "best_val"      # best_val (model selection on the held-out val split) | last
     progress: str = "auto"        # auto (bar on a TTY) | bar | none

@@ -56,8 +56,15 @@ class DataBundle(ABC):
         """Number of batches ``train_batches`` yields per epoch."""
 
     @abstractmethod
-    def train_batches(self, epoch: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Shuffled (and, if configured, augmented) training batches; a pure function of (seed, epoch)."""
+    def train_batches(
+        self, epoch: int, seed: int, *, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Shuffled (and, if configured, augmented) training batches; a pure function of (seed, epoch).
+
+        With ``world_size`` > 1 (data-parallel training) each batch is only ``rank``'s contiguous slice
+        of the global batch (:func:`rank_slice`): concatenated over the ranks, the slices are exactly
+        the single-process batches, and each rank loads and augments only its own images.
+        """
 
     @abstractmethod
     def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:
@@ -89,6 +96,36 @@ def check_config(cfg: DataConfig) -> None:
 
 def steps_for(num_examples: int, batch_size: int, drop_last: bool) -> int:
     return num_examples // batch_size if drop_last else -(-num_examples // batch_size)
+
+
+def rank_slice(start: int, stop: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The part of the global batch ``[start, stop)`` that ``rank`` of ``world_size`` trains on: contiguous
+    slices in rank order, equal when the batch divides evenly (a short last batch splits within one)."""
+    size = stop - start
+    return start + size * rank // world_size, start + size * (rank + 1) // world_size
+
+
+def check_data_parallel(cfg: DataConfig, world_size: int, num_train: int | None = None) -> None:
+    """Reject a global batch that ``world_size`` processes cannot share evenly (each with a one-line fix)."""
+    if world_size == 1:
+        return
+    if cfg.batch_size % world_size:
+        suggestion = -(-cfg.batch_size // world_size) * world_size
+        raise UserError(
+            f"data.batch_size={cfg.batch_size} is the global batch and must split evenly over the "
+            f"{world_size} processes; use a multiple of {world_size} (e.g. data.batch_size={suggestion})"
+        )
+    if num_train is not None and not cfg.drop_last and 0 < num_train % cfg.batch_size < world_size:
+        raise UserError(
+            f"the last training batch would hold {num_train % cfg.batch_size} images, fewer than the "
+            f"{world_size} processes; set data.drop_last=true or change data.batch_size"
+        )
+
+
+def check_rank(cfg: DataConfig, rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+    check_data_parallel(cfg, world_size)
 
 
 def check_train_size(num_train: int, cfg: DataConfig) -> None:

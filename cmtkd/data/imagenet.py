@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from cmtkd.data.common import (
     STREAM_TRAIN_AUGMENT,
@@ -30,8 +30,10 @@ from cmtkd.data.common import (
     DataConfig,
     DataInfo,
     check_eval_split,
+    check_rank,
     check_train_size,
     derive_seed,
+    rank_slice,
     seeded_generator,
     steps_for,
     stratified_split,
@@ -110,6 +112,22 @@ class SeededTrainSubset(TransformedSubset):
             return self.transform(image), target
 
 
+class RankSlices(Sampler[list[int]]):
+    """The batches of ``batches`` cut down to ``rank``'s contiguous slice of each (data-parallel training):
+    a rank's workers load and augment only the images that rank trains on."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world_size: int) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            start, stop = rank_slice(0, len(batch), self.rank, self.world_size)
+            yield batch[start:stop]
+
+
 def seed_worker(worker_id: int, seed: int, epoch: int) -> None:
     """Seed every RNG a worker might touch from (seed, epoch, worker_id)."""
     worker_seed = derive_seed(seed, epoch, STREAM_WORKER, worker_id)
@@ -148,10 +166,9 @@ class ImageFolderBundle(DataBundle):
         self.pixel_mean = torch.tensor([255.0 * m for m in MEAN], device=self.device).view(1, -1, 1, 1)
         self.pixel_inv_std = torch.tensor([1.0 / (255.0 * s) for s in STD], device=self.device).view(1, -1, 1, 1)
 
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
+    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=batch_size,
             num_workers=self.cfg.num_workers,
             pin_memory=self.device.type == "cuda",
             **kwargs,
@@ -165,15 +182,21 @@ class ImageFolderBundle(DataBundle):
     def steps_per_epoch(self) -> int:
         return steps_for(self.info.num_train, self.cfg.batch_size, self.cfg.drop_last)
 
-    def train_batches(self, epoch: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def train_batches(
+        self, epoch: int, seed: int, *, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        check_rank(self.cfg, rank, world_size)
         transform = train_transform() if self.cfg.augment else eval_transform()
         dataset = SeededTrainSubset(self.train_folder, self.train_indices, transform, seed, epoch)
+        # What DataLoader(shuffle=True, batch_size=, drop_last=, generator=) builds, with each global batch
+        # cut to this rank's slice. The loader gets the same generator: it draws its base seed from it
+        # before the sampler's permutation, so one process sees exactly the batches it always saw.
+        generator = seeded_generator(seed, epoch, STREAM_TRAIN_ORDER)
+        batches = BatchSampler(RandomSampler(dataset, generator=generator), self.cfg.batch_size, self.cfg.drop_last)
         loader = self._loader(
             dataset,
-            self.cfg.batch_size,
-            shuffle=True,
-            drop_last=self.cfg.drop_last,
-            generator=seeded_generator(seed, epoch, STREAM_TRAIN_ORDER),
+            batch_sampler=RankSlices(batches, rank, world_size),
+            generator=generator,
             worker_init_fn=partial(seed_worker, seed=seed, epoch=epoch),
         )
         for images, targets in loader:
@@ -185,7 +208,7 @@ class ImageFolderBundle(DataBundle):
             dataset = TransformedSubset(self.train_folder, self.val_indices, eval_transform())
         else:
             dataset = TransformedSubset(self.test_folder, torch.arange(len(self.test_folder)), eval_transform())
-        for images, targets in self._loader(dataset, self.cfg.eval_batch_size, shuffle=False):
+        for images, targets in self._loader(dataset, batch_size=self.cfg.eval_batch_size, shuffle=False):
             yield self._to_device(images, targets)
 
 

@@ -22,7 +22,9 @@ from cmtkd.data.common import (
     DataConfig,
     DataInfo,
     check_eval_split,
+    check_rank,
     check_train_size,
+    rank_slice,
     seeded_generator,
     steps_for,
 )
@@ -102,7 +104,10 @@ class TensorBundle(DataBundle):
     def steps_per_epoch(self) -> int:
         return steps_for(len(self.splits["train"]), self.cfg.batch_size, self.cfg.drop_last)
 
-    def train_batches(self, epoch: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def train_batches(
+        self, epoch: int, seed: int, *, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        check_rank(self.cfg, rank, world_size)
         train = self.splits["train"]
         count = len(train)
         # All randomness of the epoch is drawn up front on CPU, from generators derived from (seed, epoch).
@@ -117,6 +122,8 @@ class TensorBundle(DataBundle):
         batch_size = self.cfg.batch_size
         for step in range(self.steps_per_epoch()):
             start, stop = step * batch_size, min((step + 1) * batch_size, count)
+            # the epoch's randomness covers the global batch; this rank gathers only its own slice
+            start, stop = rank_slice(start, stop, rank, world_size)
             index = order_on_storage[start:stop]
             images = train.images[index]
             if augment:

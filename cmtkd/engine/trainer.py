@@ -4,6 +4,9 @@ Exactness: all randomness of epoch ``e`` (batch order, augmentation, dropout) is
 ``(seed, e)``, and a full-state checkpoint is written atomically after every epoch. A run directory
 that already holds a checkpoint is resumed from it, so a killed run rerun with the same command
 finishes with bit-identical weights and metrics (CPU).
+
+Data-parallel training on several GPUs: ``torchrun --nproc_per_node=N -m cmtkd.cli train ...``; see
+:mod:`cmtkd.engine.distributed` for what differs from one process with the same global batch.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ import torch
 import yaml
 from torch import nn
 
-from cmtkd.config import RunConfig, config_diff, config_hash, load_run_config
+from cmtkd.config import RunConfig, config_diff, config_hash, from_dict, load_run_config
 from cmtkd.data import build_data
+from cmtkd.data.common import check_data_parallel
+from cmtkd.engine import distributed
 from cmtkd.engine.env import fingerprint, peak_memory_mib
 from cmtkd.engine.io import (atomic_torch_save, atomic_write_json, atomic_write_text, ensure_writable_dir,
                              remove_stale_temp_files, torch_load)
@@ -122,10 +127,12 @@ def lr_factor(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def train_step(method, optimizer, scaler, images, targets, cfg: RunConfig, device: torch.device):
-    """One optimizer step of any method (also what the benchmarks time)."""
+def train_step(method, optimizer, scaler, images, targets, cfg: RunConfig, device: torch.device, forward=None):
+    """One optimizer step of any method (also what the benchmarks time). ``forward`` stands in for
+    ``method.forward_train``: the DistributedDataParallel wrapper in a multi-process run."""
+    forward = forward if forward is not None else method.forward_train
     with autocast(cfg, device):
-        logits, losses = method.forward_train(prepare_images(images, cfg), targets)
+        logits, losses = forward(prepare_images(images, cfg), targets)
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -200,11 +207,11 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, cuda: bool = True) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if cuda and "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -220,8 +227,8 @@ def _history_csv(rows: list[dict]) -> str:
 
 
 class Progress:
-    def __init__(self, cfg: RunConfig, total: int, desc: str):
-        show = cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stderr.isatty())
+    def __init__(self, cfg: RunConfig, total: int, desc: str, enabled: bool = True):
+        show = enabled and (cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stderr.isatty()))
         self.bar = None
         if show:
             from tqdm import tqdm
@@ -241,24 +248,54 @@ def _load_checkpoint(path: Path, cfg: RunConfig) -> dict:
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a cmtkd checkpoint; delete it or choose another --out")
-    diff = config_diff(ckpt["config"], asdict(cfg))
+    saved = ckpt["config"]
+    try:  # keys added to the config since the checkpoint was written take their defaults
+        saved = asdict(from_dict(RunConfig, saved))
+    except UserError:
+        pass  # a key that no longer exists: the diff below names it
+    diff = config_diff(saved, asdict(cfg))
     if diff:
         raise UserError(f"{path.parent} holds a checkpoint of a different configuration (differs in: "
                         f"{', '.join(diff[:6])}); use a new --out or delete the directory")
     return ckpt
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
-    """Train ``cfg`` into ``out_dir`` (resuming if it holds a checkpoint); returns metrics.json."""
-    created = not Path(out_dir).exists()
-    out = ensure_writable_dir(out_dir)
+    """Train ``cfg`` into ``out_dir`` (resuming if it holds a checkpoint); returns metrics.json.
+
+    Started by torchrun with several processes, every process calls this: each trains on its slice of
+    every global batch, and rank 0 alone logs and writes ``out_dir``."""
+    device = setup_runtime(cfg)
+    # Checked before any process group or file exists, so a bad setting costs no rendezvous.
+    check_data_parallel(cfg.data, distributed.launched_world_size())
+    if cfg.train.sync_bn:
+        distributed.check_sync_bn(device)
+    device = distributed.local_device(device)
+    with distributed.process_group(device):
+        return _train(cfg, Path(out_dir), device, log if distributed.is_main() else _silent)
+
+
+def _prepare_run_dir(out: Path) -> bool:
+    """Create (or check) the run directory; returns whether it was created."""
+    created = not out.exists()
+    ensure_writable_dir(out)
     remove_stale_temp_files(out)  # left by a run killed mid-write
+    return created
+
+
+def _train(cfg: RunConfig, out: Path, device: torch.device, log) -> dict:
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    created = distributed.on_main(lambda: _prepare_run_dir(out))
     metrics_path = out / "metrics.json"
     ckpt_path = out / CHECKPOINT
     cfg_dict = asdict(cfg)
     chash = config_hash(cfg)
-    device = setup_runtime(cfg)
 
+    # Every rank reads the checkpoint itself: files are written atomically, so none sees half of one.
     ckpt = _load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else None
     if ckpt is not None and metrics_path.exists() and ckpt["epoch"] >= cfg.epochs:
         log(f"{out}: already complete (delete the directory to retrain)")
@@ -269,17 +306,21 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
     try:
         data = build_data(cfg.data, device)
     except UserError:
-        if created and not any(out.iterdir()):
+        if main and created and not any(out.iterdir()):
             out.rmdir()  # leave nothing behind for a run that could not start
         raise
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
+    check_data_parallel(cfg.data, world, data.info.num_train)
+    if main:
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
     steps = data.steps_per_epoch()
     if steps < 1:
         raise UserError(f"the training split has fewer images than one batch ({cfg.data.batch_size}); "
                         f"lower data.batch_size")
 
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same on every rank: identical initial replicas
     method = get_method(cfg.method)(cfg, data.info).to(device)
+    if cfg.train.sync_bn:
+        method = distributed.convert_sync_batchnorm(method)
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if cfg.train.compile:
@@ -296,15 +337,25 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
+        # Every epoch reseeds, so the ranks need no CUDA generator states (restoring them would touch
+        # every GPU of the node from every rank).
+        _set_rng_state(ckpt["rng"], cuda=world == 1)
         start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
         train_seconds, train_images, peak_mem = ckpt["train_seconds"], ckpt["train_images"], ckpt["peak_mem_mib"]
-        # A kill between the checkpoint and the history write leaves history.csv one epoch behind.
-        atomic_write_text(out / "history.csv", _history_csv(history))
+        if main:
+            # A kill between the checkpoint and the history write leaves history.csv one epoch behind.
+            atomic_write_text(out / "history.csv", _history_csv(history))
         log(f"{out}: resuming after epoch {start_epoch}/{cfg.epochs}")
+        if ckpt.get("world_size", 1) != world:
+            log(f"{out}: the checkpoint was written by {ckpt.get('world_size', 1)} process(es), this run has "
+                f"{world}: the result will differ slightly from an uninterrupted run")
     else:
+        processes = f" x {world} processes" if world > 1 else ""
         log(f"{out}: training {cfg.method} {cfg.arch} W{cfg.w_bits}A{cfg.a_bits} on {cfg.data.name} "
-            f"({data.info.num_train} train / {data.info.num_val} val images, {steps} steps/epoch, {device})")
+            f"({data.info.num_train} train / {data.info.num_val} val images, {steps} steps/epoch, {device}"
+            f"{processes})")
+    ddp = distributed.wrap_for_training(method, device)  # None in a single process
+    replica_tensors = 0
 
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout & any method-side randomness
@@ -313,10 +364,10 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         epoch_lr = optimizer.param_groups[0]["lr"]  # the rate the epoch starts with
-        bar = Progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = Progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}", enabled=main)
         t0 = time.perf_counter()
-        for images, targets in data.train_batches(epoch, cfg.seed):
-            logits, losses, loss = train_step(method, optimizer, scaler, images, targets, cfg, device)
+        for images, targets in data.train_batches(epoch, cfg.seed, rank=rank, world_size=world):
+            logits, losses, loss = train_step(method, optimizer, scaler, images, targets, cfg, device, forward=ddp)
             scheduler.step()
             # accumulate on the device: no host synchronisation inside the step
             for k, v in losses.items():
@@ -327,19 +378,29 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
             bar.update()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        epoch_time = time.perf_counter() - t0
+        epoch_time = distributed.max_over_ranks(time.perf_counter() - t0)
         bar.close()
+        # Over all ranks: losses are means of the per-rank means (the global mean with equal slices),
+        # counts are sums, so images_per_s counts global images.
+        names = list(sums)
+        means = distributed.all_reduce_mean(torch.stack([sums[k] for k in names]) / steps)
+        correct, seen = distributed.all_reduce_sum(torch.stack([correct, torch.tensor(seen, device=device)])).tolist()
         train_seconds += epoch_time
         train_images += seen
-        n_steps = steps
         row = {"epoch": epoch + 1, "lr": epoch_lr, "time_s": epoch_time,
-               "images_per_s": seen / epoch_time, "train_top1": 100.0 * correct.item() / max(seen, 1)}
-        row["loss"] = (sums.pop("loss") / n_steps).item()
-        row.update({f"loss_{k}": (v / n_steps).item() for k, v in sums.items()})
+               "images_per_s": seen / epoch_time, "train_top1": 100.0 * correct / max(seen, 1)}
+        mean_of = dict(zip(names, means.tolist()))
+        row["loss"] = mean_of.pop("loss")
+        row.update({f"loss_{k}": v for k, v in mean_of.items()})
         nonfinite = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
         if nonfinite:
             raise UserError(f"training diverged at epoch {epoch + 1} ({', '.join(nonfinite)} not finite); "
                             f"lower optim.lr")
+        if world > 1:
+            # Rank 0's BatchNorm running statistics everywhere, then a checksum that nothing else drifted:
+            # validation below, and the state rank 0 saves, are then those of every rank.
+            distributed.broadcast_buffers(method)
+            replica_tensors = distributed.check_replicas_identical(method)
         if data.info.num_val > 0:
             for name, model in method.eval_models().items():
                 row[f"val_top1_{name}"] = evaluate_model(model, data.eval_batches("val"), cfg, device)["top1"]
@@ -349,32 +410,39 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
         if cfg.train.select == "last" or val > best["val_top1"]:
             best = {"epoch": epoch + 1, "val_top1": val,
                     "student_state": {k: v.detach().cpu().clone() for k, v in method.student.state_dict().items()}}
-        peak_mem = max(peak_mem, peak_memory_mib(device))
-        ckpt = {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg_dict, "config_hash": chash,
-                "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                "history": history, "best": best, "train_seconds": train_seconds,
-                "train_images": train_images, "peak_mem_mib": peak_mem}
-        atomic_torch_save(ckpt_path, ckpt)
-        atomic_write_text(out / "history.csv", _history_csv(history))
+        peak_mem = max(peak_mem, distributed.max_over_ranks(peak_memory_mib(device)))
+        if main:
+            ckpt = {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg_dict, "config_hash": chash,
+                    "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                    "history": history, "best": best, "train_seconds": train_seconds,
+                    "train_images": train_images, "peak_mem_mib": peak_mem, "world_size": world}
+            atomic_torch_save(ckpt_path, ckpt)
+            atomic_write_text(out / "history.csv", _history_csv(history))
         shown = "  ".join(f"{k[5:] if k.startswith('loss_') else k} {v:.4g}" for k, v in row.items()
                           if k.startswith("loss") or k.startswith("val_top1"))
         log(f"epoch {epoch + 1}/{cfg.epochs}  {shown}  {epoch_time:.1f}s  {row['images_per_s']:.0f} img/s")
 
-    # Keep only the selected student; evaluate it exactly as `cmtkd evaluate` will.
-    model_blob = {"arch_config": method.student_arch_config(), "state_dict": best["student_state"],
-                  "method": cfg.method, "selected_epoch": best["epoch"], "config_hash": chash}
-    atomic_torch_save(out / MODEL, model_blob)
-    test = evaluate_run(out, "test", write=False, data=data)
-    metrics = {
-        "method": cfg.method, "arch": cfg.arch, "dataset": cfg.data.name, "w_bits": cfg.w_bits,
-        "a_bits": cfg.a_bits, "seed": cfg.seed, "epochs": cfg.epochs,
-        "top1": test["top1"], "top5": test["top5"], "test_images": test["n"],
-        "best_val_epoch": best["epoch"], "best_val_top1": best["val_top1"], "selection": cfg.train.select,
-        "train_seconds": train_seconds, "images_per_s": train_images / max(train_seconds, 1e-9),
-        "peak_mem_mib": peak_mem, "env": fingerprint(device, chash), **method.metadata(),
-    }
-    atomic_write_json(metrics_path, metrics)
+    def finish() -> dict:
+        # Keep only the selected student; evaluate it exactly as `cmtkd evaluate` will.
+        model_blob = {"arch_config": method.student_arch_config(), "state_dict": best["student_state"],
+                      "method": cfg.method, "selected_epoch": best["epoch"], "config_hash": chash}
+        atomic_torch_save(out / MODEL, model_blob)
+        test = evaluate_run(out, "test", write=False, data=data)
+        metrics = {
+            "method": cfg.method, "arch": cfg.arch, "dataset": cfg.data.name, "w_bits": cfg.w_bits,
+            "a_bits": cfg.a_bits, "seed": cfg.seed, "epochs": cfg.epochs,
+            "top1": test["top1"], "top5": test["top5"], "test_images": test["n"],
+            "best_val_epoch": best["epoch"], "best_val_top1": best["val_top1"], "selection": cfg.train.select,
+            "train_seconds": train_seconds, "images_per_s": train_images / max(train_seconds, 1e-9),
+            "peak_mem_mib": peak_mem, "world_size": world, "env": fingerprint(device, chash), **method.metadata(),
+        }
+        atomic_write_json(metrics_path, metrics)
+        return metrics
+
+    metrics = distributed.on_main(finish)  # the other ranks wait for rank 0's files and get its metrics
+    if replica_tensors:
+        log(f"{world} processes: all {replica_tensors} parameter and buffer tensors identical on every rank")
     log(f"{out}: test top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
         f"(epoch {best['epoch']} selected by {cfg.train.select})")
     return metrics
