@@ -282,8 +282,17 @@ def config_hash(cfg: RunConfig | dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _with_defaults(d: dict) -> dict:
+    """Keys added to RunConfig since ``d`` was written take their defaults (old runs stay resumable)."""
+    try:
+        return asdict(from_dict(RunConfig, d))
+    except UserError:
+        return d  # a key that no longer exists: the diff names it
+
+
 def config_diff(a: dict, b: dict) -> list[str]:
-    fa, fb = flatten(a), flatten(b)
+    """Result-relevant keys whose values differ between two config dicts."""
+    fa, fb = flatten(_with_defaults(a)), flatten(_with_defaults(b))
     return sorted(k for k in set(fa) | set(fb) if k not in NON_RESULT_KEYS and fa.get(k) != fb.get(k))
 
 

@@ -320,3 +320,17 @@ def test_warmup_ramps_linearly_then_hands_over(schedule):
         assert f[-1] == pytest.approx(0.0, abs=1e-12)
     if schedule == "step":
         assert f[3 * STEPS] == pytest.approx(0.1)
+
+
+def test_config_diff_fills_defaults_for_keys_added_later():
+    from dataclasses import asdict
+
+    from cmtkd.config import RunConfig, config_diff
+
+    old = asdict(RunConfig())
+    del old["train"]["compile"]  # a checkpoint written before the key existed
+    assert config_diff(old, asdict(RunConfig())) == []
+    changed = asdict(RunConfig())
+    changed["optim"]["lr"] = 0.5
+    changed["train"]["threads"] = 7  # never blocks a resume
+    assert config_diff(changed, asdict(RunConfig())) == ["optim.lr"]

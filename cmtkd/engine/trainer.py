@@ -23,7 +23,7 @@ import torch
 import yaml
 from torch import nn
 
-from cmtkd.config import RunConfig, config_diff, config_hash, from_dict, load_run_config
+from cmtkd.config import RunConfig, config_diff, config_hash, load_run_config
 from cmtkd.data import build_data
 from cmtkd.data.common import check_data_parallel
 from cmtkd.engine import distributed
@@ -248,12 +248,7 @@ def _load_checkpoint(path: Path, cfg: RunConfig) -> dict:
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a cmtkd checkpoint; delete it or choose another --out")
-    saved = ckpt["config"]
-    try:  # keys added to the config since the checkpoint was written take their defaults
-        saved = asdict(from_dict(RunConfig, saved))
-    except UserError:
-        pass  # a key that no longer exists: the diff below names it
-    diff = config_diff(saved, asdict(cfg))
+    diff = config_diff(ckpt["config"], asdict(cfg))
     if diff:
         raise UserError(f"{path.parent} holds a checkpoint of a different configuration (differs in: "
                         f"{', '.join(diff[:6])}); use a new --out or delete the directory")
