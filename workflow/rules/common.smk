@@ -97,6 +97,7 @@ EXTERNAL_CSVS = sorted(str(p) for p in Path("results/external").glob("*.csv"))
 GPU = bool(config["gpu"])
 # On a local multi-GPU machine every job claims a GPU of its own (CUDA_VISIBLE_DEVICES) from a pool.
 LAUNCHER = 'python "$CMTKD_SCRIPTS/gpu_slot.py" --' if GPU else ""
+GPU_RESOURCES = {"gpu": 1} if GPU else {}  # `--resources gpu=N` then runs N jobs at once
 TABLE_NAMES = ("main", "ablation", "paper_delta")
 TABLES = [f"results/tables/{name}.{ext}" for name in TABLE_NAMES for ext in ("csv", "md", "tex")]
 PLOT_NAMES = ("accuracy_vs_bits", "training_curves", "importance_weights")

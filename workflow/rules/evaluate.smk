@@ -16,7 +16,7 @@ rule evaluate:
         launcher=LAUNCHER,
     threads: 1
     resources:
-        gpu=1 if GPU else 0,
+        **GPU_RESOURCES,
     conda:
         "../envs/cmtkd.yaml"
     shell:

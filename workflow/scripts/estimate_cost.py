@@ -81,9 +81,13 @@ def estimate(runs: pd.DataFrame, throughput: dict[str, float], measured_runs: pd
 def report(costs: pd.DataFrame) -> str:
     by_method = costs.groupby(["dataset", "arch", "method"], sort=False).agg(
         runs=("seed", "size"), epochs=("epochs", "max"), networks_per_step=("networks_per_step", "max"),
-        images_per_s=("images_per_s", "median"), basis=("basis", "first"), gpu_hours=("gpu_hours", "sum"),
+        images_per_s=("images_per_s", "median"), basis=("basis", "first"),
+        gpu_hours=("gpu_hours", lambda hours: hours.sum(min_count=1)),
     ).reset_index()
-    lines = ["# Estimated cost of the grid", "", by_method.to_markdown(index=False, floatfmt=".1f"), ""]
+    order = {m: i for i, m in enumerate(G.METHODS)}
+    by_method = by_method.sort_values(["dataset", "arch"], kind="stable").sort_values(
+        ["dataset", "arch", "method"], key=lambda c: c.map(order) if c.name == "method" else c, kind="stable")
+    lines = ["# Estimated cost of the grid", "", by_method.to_markdown(index=False, floatfmt=".2f"), ""]
     total = costs["gpu_hours"].sum(min_count=1)
     unknown = costs[costs["basis"] == "unknown"]
     lines.append(f"Runs: {len(costs)} ({(costs['role'] == 'teacher').sum()} teacher-only).")

@@ -219,10 +219,6 @@ def teacher_runs(method: str, dataset: str, arch: str, teacher_bits: str, seed) 
                  teacher_bits=NO_TEACHERS, seed=int(seed)) for b in teacher_list(teacher_bits)]
 
 
-def run_path(pattern: str, **key) -> str:
-    return pattern.format(**key)
-
-
 def train_sets(config: dict, method: str, arch: str, teacher_bits: str, teacher_dirs: list[str]) -> list[str]:
     """The ``--set key=value`` overrides of one run: data settings, recipe, per-arch recipe,
     method options and the teacher wiring."""

@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,6 +68,9 @@ def accuracy_vs_bits(runs: pd.DataFrame, path: Path) -> None:
         x_of = {wa: i for i, wa in enumerate(order)}
         lines = sorted({(m, t) for m, t in zip(part["method"], part["teacher_bits"])},
                        key=lambda mt: (method_rank(mt[0]), mt))
+        quantized_lines = [line for line in lines
+                           if not (part[(part["method"] == line[0]) & (part["teacher_bits"] == line[1])]["w_bits"]
+                                   == FULL_PRECISION).all()]
         for method, tset in lines:
             rows = part[(part["method"] == method) & (part["teacher_bits"] == tset)]
             if (rows["w_bits"] == FULL_PRECISION).all():
@@ -74,7 +78,9 @@ def accuracy_vs_bits(runs: pd.DataFrame, path: Path) -> None:
                 ax.axhline(mean, linestyle="--", color="black", linewidth=1, label=f"{method_label(method, tset)}")
                 continue
             rows = rows[rows["w_bits"] != FULL_PRECISION].sort_values(["w_bits", "a_bits"])
-            xs = [x_of[(w, a)] for w, a in zip(rows["w_bits"], rows["a_bits"])]
+            # Dodge the lines sideways a little so that error bars at one bit-width stay readable.
+            offset = 0.3 * (quantized_lines.index((method, tset)) / max(len(quantized_lines) - 1, 1) - 0.5)
+            xs = [x_of[(w, a)] + offset for w, a in zip(rows["w_bits"], rows["a_bits"])]
             ax.errorbar(xs, rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3,
                         label=method_label(method, tset))
         ax.set_xticks(range(len(order)), [bits_label(w, a) for w, a in order])
@@ -106,6 +112,7 @@ def training_curves(histories: pd.DataFrame, runs: pd.DataFrame, path: Path) -> 
             ax.plot(curve.index, curve.values, marker=".", label=method_label(method, tset))
         ax.set_title(f"{dataset} / {arch} / {bits_label(w, a)}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("val top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
@@ -151,9 +158,16 @@ def importance_weights(histories: pd.DataFrame, path: Path) -> None:
                 teacher = f"teacher {index}" + (f" ({bits[index]}-bit)" if index < len(bits) else "")
                 ax.plot(mean.index, mean.values, marker=".", label=teacher)
                 ax.fill_between(mean.index, low.values, high.values, alpha=0.2)
-            ax.set_ylim(0, 1)
+            # Zoom on the weights (they move slowly: theta learns at lr/10), around the uniform 1/n.
+            uniform = 1.0 / len(cols)
+            ax.axhline(uniform, color="grey", linestyle=":", linewidth=1, label=f"uniform 1/{len(cols)}")
+            values = part[[c for _, c in cols]].to_numpy().ravel()
+            low, high = min(values.min(), uniform), max(values.max(), uniform)
+            pad = max(0.01, 0.15 * (high - low))
+            ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
             ax.set_title(f"{point}\n{method} {dataset}/{arch} {bits_label(w, a)}", fontsize=8)
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("importance weight π")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
