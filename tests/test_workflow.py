@@ -309,6 +309,12 @@ def test_tables_mark_missing_seeds_and_provenance(fixture_workdir):
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "$\\pm$" in tex
 
 
+def test_a_cell_with_no_finished_run_is_shown_as_such(fixture_workdir):
+    shutil.rmtree(fixture_workdir / "results" / "runs" / "method~qat" / "dataset~cifar100" / "arch~alexnet" / "w_bits~2")
+    main = (build_fixture_tables(fixture_workdir) / "tables" / "main.md").read_text()
+    assert "| qat          | —          | ours         | — (n=0/2)" in main
+
+
 def test_plots_from_fixture_runs(fixture_workdir):
     results = build_fixture_tables(fixture_workdir)
     run_script("plots.py", "--runs", "results/runs.csv", "--histories", "results/runs/histories.csv",

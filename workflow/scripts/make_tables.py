@@ -91,22 +91,21 @@ def read_paper(path: str) -> pd.DataFrame:
 def summarize(runs: pd.DataFrame, grid: pd.DataFrame, external: pd.DataFrame) -> pd.DataFrame:
     """One row per (source, method, setting): top-1/top-5 mean, std, n; n_expected from the grid."""
     ours = runs[runs["role"] == "grid"].assign(source="ours", origin="ours")
-    expected = grid[grid["role"] == "grid"].groupby(KEY).size().rename("n_expected")
+    expected = grid[grid["role"] == "grid"].groupby(KEY).size().rename("n_expected").reset_index()
     rows = pd.concat([ours, external.assign(origin="external")], ignore_index=True)
-    group = [*KEY, "source", "origin"]
-    stats = rows.groupby(group, dropna=False).agg(
+    stats = rows.groupby([*KEY, "source", "origin"], dropna=False).agg(
         top1_mean=("top1", "mean"), top1_std=("top1", "std"), top5_mean=("top5", "mean"),
         top5_std=("top5", "std"), n=("top1", "size"),
         seeds=("seed", lambda s: ",".join(str(int(x)) for x in sorted(s.dropna()))),
     ).reset_index()
     # Grid cells with no finished run yet still get a row (n = 0).
-    missing = expected.reset_index()
-    missing = missing[~missing.set_index(KEY).index.isin(stats[stats["origin"] == "ours"].set_index(KEY).index)]
-    stats = pd.concat([stats, missing.assign(source="ours", origin="ours", n=0, seeds="")], ignore_index=True)
-    stats = stats.drop(columns="n_expected", errors="ignore").merge(expected.reset_index(), on=KEY, how="left")
-    stats.loc[stats["origin"] != "ours", "n_expected"] = stats["n"]
-    stats["n_expected"] = stats["n_expected"].fillna(stats["n"]).astype(int)
-    stats["n"] = stats["n"].astype(int)
+    started = stats[stats["origin"] == "ours"].set_index(KEY).index
+    not_started = expected[~expected.set_index(KEY).index.isin(started)][KEY]
+    stats = pd.concat([stats, not_started.assign(source="ours", origin="ours", n=0, seeds="")], ignore_index=True)
+    stats = stats.merge(expected, on=KEY, how="left")
+    # Imported rows count their own seeds; ours count against the seeds the grid asks for.
+    stats["n_expected"] = stats["n_expected"].where(stats["origin"] == "ours", stats["n"]).fillna(stats["n"])
+    stats = stats.astype({"n": int, "n_expected": int})
     return sort_rows(stats)
 
 
