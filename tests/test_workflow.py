@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from itertools import product
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def snakemake(workdir: Path, *args: str, config: Path | None = None, timeout: in
         cmd += ["--configfile", str(config)]
     full_env = {k: v for k, v in os.environ.items() if k != "CMTKD_SKIP_DATA_CHECK"}
     full_env.update(env or {})
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, check=False)
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -113,7 +112,7 @@ def tiny_config(**experiment) -> dict:
 # ------------------------------------------------------------------------------------- lint & DAG
 def test_lint_is_clean(tmp_path):
     done = subprocess.run([*SNAKEMAKE, "--snakefile", str(SNAKEFILE), "--lint"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Lints for" not in done.stdout + done.stderr
 
@@ -260,7 +259,7 @@ def fixture_workdir(tmp_path) -> Path:
 
 def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, str(SCRIPTS / name), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
-KEY = ["method", "dataset", "arch", "w_bits", "a_bits", "teacher_bits", "seed"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grid import COLUMNS as GRID_COLUMNS
+
+KEY = list(GRID_COLUMNS)
 COLUMNS = [*KEY, "role", "top1", "top5", "best_val_epoch", "epochs", "train_seconds", "images_per_s",
            "peak_mem_mib", "torch", "device", "device_name", "git_commit", "config_hash", "teacher_hashes",
            "source", "run_dir"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import grid as G  # noqa: E402
+import grid as G
 
 TRAIN_SET_SIZE = {"digits": 4000, "cifar100": 50000, "imagenet": 1281167}  # before the val hold-out
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
@@ -35,14 +35,16 @@ SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 def load_grid(config_path: str | None, grid_csv: str | None) -> tuple[pd.DataFrame, dict]:
     if grid_csv:
         return pd.read_csv(grid_csv, dtype={"teacher_bits": str}, keep_default_na=False), {}
-    from snakemake.utils import validate
+    import jsonschema
+    import yaml
 
     config = G.load_config(config_path)
-    try:
-        validate(config, str(SCHEMA))
-    except Exception as exc:
-        cause = exc.args[1] if len(exc.args) > 1 else exc
-        raise SystemExit(f"{config_path}: invalid suite config: {getattr(cause, 'message', cause)}")
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(SCHEMA.read_text()))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise SystemExit(f"{config_path}: invalid suite config: key '{where}': {error.message} "
+                         f"(see workflow/schemas/config.schema.yaml)")
     try:
         return G.expand(config), config.get("throughput", {})
     except G.GridError as exc:

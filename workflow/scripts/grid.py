@@ -22,7 +22,8 @@ import yaml
 FULL_PRECISION = 32
 NO_TEACHERS = "none"
 DEFAULT_VAL_FRACTION = 0.1  # cmtkd's data.val_fraction default (held-out part of the training set)
-COLUMNS = ("method", "dataset", "arch", "w_bits", "a_bits", "teacher_bits", "seed")
+COLUMNS = ("method", "dataset", "arch", "w_bits", "a_bits", "teacher_bits", "seed")  # one run
+CELL = [c for c in COLUMNS if c != "seed"]  # one cell of a table: a run's setting across seeds
 DATASET_ROOT_FILES = {  # what must exist under data.root (the loaders' layouts)
     "cifar100": ("cifar-100-python/train", "cifar-100-python/test"),
     "imagenet": ("train", "val"),
@@ -215,8 +216,8 @@ def teacher_runs(method: str, dataset: str, arch: str, teacher_bits: str, seed) 
     """Keys of the frozen teacher runs a pretrained-teacher run loads (empty for the others)."""
     if METHODS[method].teachers != "pretrained":
         return []
-    return [dict(method=teacher_method(b), dataset=dataset, arch=arch, w_bits=b, a_bits=b,
-                 teacher_bits=NO_TEACHERS, seed=int(seed)) for b in teacher_list(teacher_bits)]
+    return [{"method": teacher_method(b), "dataset": dataset, "arch": arch, "w_bits": b, "a_bits": b,
+             "teacher_bits": NO_TEACHERS, "seed": int(seed)} for b in teacher_list(teacher_bits)]
 
 
 def train_sets(config: dict, method: str, arch: str, teacher_bits: str, teacher_dirs: list[str]) -> list[str]:

@@ -25,9 +25,9 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import METHODS, NO_TEACHERS, bits_label  # noqa: E402
+from grid import CELL as KEY
+from grid import METHODS, NO_TEACHERS, bits_label
 
-KEY = ["method", "dataset", "arch", "w_bits", "a_bits", "teacher_bits"]
 METHOD_ORDER = list(METHODS)
 ABLATION_VARIANTS = {  # the paper's Table 1 rows first, then the natural further switches (PAPER.md §7)
     "cmtkd": "Full CMT-KD",
@@ -38,10 +38,10 @@ ABLATION_VARIANTS = {  # the paper's Table 1 rows first, then the natural furthe
     "cmtkd-frozen": "Frozen pre-trained teachers",
 }
 GENERAL_NOTES = [
-    "Top-1 accuracy (%) on the test split from each run's standalone evaluation (eval.json), mean ± sample "
-    "standard deviation over seeds; n = seeds finished (n=k/m: k of the m configured seeds have finished).",
-    "Where the paper is silent (schedule, teacher bit-widths, fusion points, initialisation, ...) our runs follow "
-    "ASSUMPTIONS.md; reported and imported numbers were not produced by this code and are shown for context.",
+    ("Top-1 accuracy (%) on the test split from each run's standalone evaluation (eval.json), mean ± sample "
+     "standard deviation over seeds; n = seeds finished (n=k/m: k of the m configured seeds have finished)."),
+    ("Where the paper is silent (schedule, teacher bit-widths, fusion points, initialisation, ...) our runs follow "
+     "ASSUMPTIONS.md; reported and imported numbers were not produced by this code and are shown for context."),
 ]
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "runs.schema.yaml"
 
@@ -163,16 +163,16 @@ class Fmt:
         count = f"n={n}" if n >= n_expected else f"n={n}/{n_expected}"
         if n == 0 or mean is None or (isinstance(mean, float) and math.isnan(mean)):
             return f"— ({count})"
-        if n > 1 and std == std:
+        if n > 1 and not pd.isna(std):
             return f"{mean:.2f} {pm} {std:.2f} ({count})"
         return f"{mean:.2f} ({count})"
 
     def reported(self, value, marker: str) -> str:
-        body = "unknown" if value is None or value != value else f"{value:g}"
+        body = "unknown" if pd.isna(value) else f"{value:g}"
         return body + self.marker(marker)
 
     def delta(self, value) -> str:
-        if value is None or value != value:
+        if value is None or pd.isna(value):
             return "—"
         return f"{value:+.2f}"
 
@@ -241,7 +241,7 @@ def ablation_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tupl
     names = [f"{s}: {kind}" for s, kind in columns]
     # Others at the same settings (imported results, reported numbers of other methods): next to CMT-KD.
     at_settings = lambda frame: frame.loc[frame.apply(lambda r: setting(r) in every, axis=1).astype(bool)] \
-        if len(frame) else frame  # noqa: E731
+        if len(frame) else frame
     others = at_settings(summary[summary["origin"] != "ours"])
     other_reported = at_settings(paper[~paper["method"].isin(ABLATION_VARIANTS)]).assign(origin="reported")
     rows, tidy = [], []

@@ -18,14 +18,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import FULL_PRECISION, METHODS, NO_TEACHERS, bits_label, teacher_list  # noqa: E402
+from grid import CELL as KEY
+from grid import FULL_PRECISION, METHODS, NO_TEACHERS, bits_label, teacher_list
 
-KEY = ["method", "dataset", "arch", "w_bits", "a_bits", "teacher_bits"]
 VAL_COLUMN = "val_top1_student"
 
 

@@ -19,6 +19,6 @@ def run_rule(main: Callable[[list[str]], int], argv: list[str], log: str) -> int
                 print(exc.code)
                 return 1
             return exc.code or 0
-        except Exception:  # the traceback belongs in the rule's log too
+        except Exception:  # noqa: BLE001  (the traceback belongs in the rule's log too)
             traceback.print_exc()
             return 1
