@@ -358,6 +358,102 @@ def test_gpu_slots_are_exclusive(tmp_path):
     assert any("waiting" in err for _, err in outputs)
 
 
+def test_gpu_slots_claim_several_gpus_all_or_nothing(tmp_path):
+    """--count 2 from a pool of four: jobs that overlap in time get disjoint pairs; the third waits."""
+    env = {**os.environ, "CMTKD_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    probe = ("import os, time; start = time.time(); time.sleep(1.5); "
+             "print(os.environ['CUDA_VISIBLE_DEVICES'], start, time.time())")
+    wrapper = [sys.executable, str(SCRIPTS / "gpu_slot.py"), "--count", "2", "--pool", "7,1,4,2", "--",
+               sys.executable, "-c", probe]
+    jobs = [subprocess.Popen(wrapper, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(3)]
+    outputs = [job.communicate(timeout=60) for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), outputs
+    slots = [(set(gpus.split(",")), float(start), float(end)) for gpus, start, end in (out.split() for out, _ in outputs)]
+    assert all(len(gpus) == 2 and gpus <= {"1", "2", "4", "7"} for gpus, _, _ in slots), slots
+    overlapping = 0
+    for i, (gpus_a, start_a, end_a) in enumerate(slots):
+        for gpus_b, start_b, end_b in slots[i + 1:]:
+            if start_a < end_b and start_b < end_a:  # ran at the same time
+                assert not gpus_a & gpus_b, slots
+                overlapping += 1
+    assert overlapping >= 1  # two pairs fit at once ...
+    first_end = min(end for _, _, end in slots)
+    assert sum(start >= first_end for _, start, _ in slots) == 1, slots  # ... the third waited for one
+    assert sum("waiting" in err for _, err in outputs) == 1, outputs
+    # More GPUs than the pool has: an error, not a wait forever.
+    done = subprocess.run([*wrapper[:2], "--count", "5", "--pool", "0,1,2,3", "--", "true"], capture_output=True,
+                          text=True, timeout=30, env=env, check=False)
+    assert done.returncode != 0 and "only 4" in done.stderr, done.stderr
+
+
+def shell_commands(output: str, rule: str) -> list[str]:
+    """The shell commands of the planned jobs of ``rule`` in a dry run with --printshellcmds."""
+    commands, current = [], None
+    for line in output.splitlines():
+        match = re.match(r"^(?:local)?rule (\S+):$", line.strip())
+        if match:
+            current = match.group(1)
+        elif current == rule and "gpu_slot.py" in line:
+            commands.append(line.strip())
+    return commands
+
+
+def test_imagenet_training_jobs_use_eight_gpus_through_torchrun(tmp_path):
+    done = snakemake(tmp_path, "-n", "--printshellcmds", config=ROOT / "config" / "imagenet.yaml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = expected_runs(yaml.safe_load((ROOT / "config" / "imagenet.yaml").read_text()))
+    train, evaluate = shell_commands(done.stdout, "train"), shell_commands(done.stdout, "evaluate")
+    assert len(train) == len(evaluate) == len(runs)
+    for command in train:
+        assert "gpu_slot.py\" --count 8 --" in command and "--nproc_per_node 8" in command, command
+        assert "--device cuda" in command and "train.amp=bf16" in command and "train.channels_last=true" in command
+    for command in evaluate:
+        assert "--count" not in command and "--nproc_per_node" not in command, command
+    # Resources as the scheduler sees them: gpu=8 per training job, gpu=1 per evaluation.
+    resources = {}
+    current = None
+    for line in done.stdout.splitlines():
+        match = re.match(r"^(?:local)?rule (\S+):$", line.strip())
+        if match:
+            current = match.group(1)
+        elif line.strip().startswith("resources:") and current in ("train", "evaluate"):
+            gpu = re.search(r"\bgpu=(\d+)", line)
+            resources.setdefault(current, set()).add(gpu.group(1) if gpu else None)
+    assert resources == {"train": {"8"}, "evaluate": {"1"}}, resources
+
+
+def test_one_gpu_per_job_keeps_the_single_process_command(tmp_path):
+    config = {**tiny_config(methods=["qat"], seeds=[0]), "gpu": True}
+    done = snakemake(tmp_path, "-n", "--printshellcmds", config=write_config(tmp_path / "gpu.yaml", config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    (train,) = shell_commands(done.stdout, "train")
+    assert "gpu_slot.py\" -- python" in train and "--count" not in train and "--nproc_per_node" not in train
+
+
+def test_gpus_per_job_zero_is_rejected(tmp_path):
+    config = {**tiny_config(), "gpu": True, "gpus_per_job": 0}
+    done = snakemake(tmp_path, "-n", config=write_config(tmp_path / "bad.yaml", config))
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "config key 'gpus_per_job'" in output and "less than the minimum of 1" in output, output
+    assert "GPUs per training job" in output, output
+
+
+def test_train_run_under_torchrun_on_cpu(tmp_path):
+    """train_run.py --nproc_per_node 2: the training runs as two gloo processes (CPU) and finishes."""
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "train_run.py"), "train", "--out", str(out), "--method",
+                           "qat", "--arch", "alexnet", "--dataset", "digits", "--w-bits", "2", "--a-bits", "2",
+                           "--seed", "0", "--device", "cpu", "--set", "train.progress=none", "--set", "epochs=1",
+                           "--set", "model.width=0.0625", "--nproc_per_node", "2", "--threads", "2"],
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in done.stderr, done.stderr
+    assert "2 processes" in done.stdout + done.stderr
+    assert (out / "metrics.json").exists() and (out / "model.pt").exists()
+
+
 def test_estimate_cost(tmp_path):
     config = {"dataset": {"name": "cifar100"}, "recipe": {"epochs": 200},
               "experiments": {"one": {"methods": ["qat", "cmtkd"], "archs": ["resnet18"], "bits": ["W2A2"],

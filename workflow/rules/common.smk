@@ -95,9 +95,13 @@ LOGS = "results/runs/logs"
 PAPER_CSV = str(ROOT / "results" / "paper" / "reported.csv")
 EXTERNAL_CSVS = sorted(str(p) for p in Path("results/external").glob("*.csv"))
 GPU = bool(config["gpu"])
-# On a local multi-GPU machine every job claims a GPU of its own (CUDA_VISIBLE_DEVICES) from a pool.
+# On a local multi-GPU machine every job claims GPUs of its own (CUDA_VISIBLE_DEVICES) from a pool:
+# evaluation one, training `gpus_per_job` (then run under torchrun, one process per GPU).
+GPUS_PER_JOB = int(config.get("gpus_per_job", 1)) if GPU else 1
 LAUNCHER = 'python "$CMTKD_SCRIPTS/gpu_slot.py" --' if GPU else ""
 GPU_RESOURCES = {"gpu": 1} if GPU else {}  # `--resources gpu=N` then runs N jobs at once
+TRAIN_LAUNCHER = f'python "$CMTKD_SCRIPTS/gpu_slot.py" --count {GPUS_PER_JOB} --' if GPUS_PER_JOB > 1 else LAUNCHER
+TRAIN_GPU_RESOURCES = {"gpu": GPUS_PER_JOB} if GPU else {}
 TABLE_NAMES = ("main", "ablation", "paper_delta")
 TABLES = [f"results/tables/{name}.{ext}" for name in TABLE_NAMES for ext in ("csv", "md", "tex")]
 PLOT_NAMES = ("accuracy_vs_bits", "training_curves", "importance_weights")
@@ -144,7 +148,7 @@ TEACHER_DIRS = sorted({
 # --------------------------------------------------------------------------------------- train
 def train_args(wildcards) -> str:
     """`cmtkd train` flags of one run: its grid cell, the suite's recipe and data settings, the
-    method's options and its teachers."""
+    method's options and its teachers (and train_run.py's `--nproc_per_node N` for multi-GPU jobs)."""
     key = wildcard_key(wildcards)
     teacher_dirs = [run_dir(k) for k in teacher_keys(wildcards)]
     args = ["--method", key["method"], "--arch", key["arch"], "--dataset", key["dataset"],
@@ -152,6 +156,8 @@ def train_args(wildcards) -> str:
             "--device", "cuda" if GPU else "cpu", "--set", "train.progress=none"]
     for value in grid.train_sets(config, key["method"], key["arch"], key["teacher_bits"], teacher_dirs):
         args += ["--set", value]
+    if GPUS_PER_JOB > 1:  # train_run.py takes this off and runs `cmtkd train` under torchrun
+        args += ["--nproc_per_node", str(GPUS_PER_JOB)]
     return grid.shell_join(args)
 
 

@@ -4,6 +4,11 @@
 # outputs before (re)running a job and leaves checkpoint.pt alone, so a run interrupted mid-way
 # (Ctrl-C, a killed cluster job; rerun with --rerun-incomplete) resumes from its last finished
 # epoch. train_run.py discards a checkpoint only when the run's configuration has changed.
+#
+# With `gpu: true` a job claims `gpus_per_job` GPUs (resources gpu=N, gpu_slot.py --count N); with
+# N > 1 its args end in `--nproc_per_node N` and train_run.py starts the training through torchrun,
+# one process per GPU. (With N = 1 the command and params are those of before, so finished runs stay
+# up to date.)
 
 
 rule train:
@@ -19,10 +24,10 @@ rule train:
     params:
         run_dir=lambda wildcards, output: os.path.dirname(output.metrics),
         args=train_args,
-        launcher=LAUNCHER,
+        launcher=TRAIN_LAUNCHER,
     threads: 1
     resources:
-        **GPU_RESOURCES,
+        **TRAIN_GPU_RESOURCES,
     conda:
         "../envs/cmtkd.yaml"
     shell:

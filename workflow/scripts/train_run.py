@@ -1,14 +1,22 @@
-"""Run ``cmtkd train`` for one run of the workflow: ``train_run.py train --out DIR [cmtkd train flags]``.
+"""Run ``cmtkd train`` for one run of the workflow:
+``train_run.py train --out DIR [cmtkd train flags] [--nproc_per_node N]``.
 
 The run directory may hold a checkpoint from before. A checkpoint of the *same* configuration is
 kept, so an interrupted run resumes from its last finished epoch. A checkpoint of a *different*
 configuration (the suite config changed, so Snakemake reruns the job) is removed first: cmtkd would
 otherwise refuse to resume it.
+
+With ``--nproc_per_node N`` (N > 1; config ``gpus_per_job``) the check above runs once, in this
+process, and the training itself is then started through torchrun (``python -m torch.distributed.run
+--standalone --nproc_per_node N -m cmtkd.cli train ...``): one process per GPU, ``data.batch_size``
+stays the global batch (cmtkd/engine/distributed.py). ``--threads T`` (the job's threads) is split
+between the N processes.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +24,8 @@ import yaml
 
 from cmtkd.cli import main as cmtkd_main
 from cmtkd.config import config_diff
+
+USAGE = "usage: train_run.py train --out RUN_DIR [cmtkd train flags] [--nproc_per_node N]"
 
 
 def discard_stale_checkpoint(argv: list[str]) -> int:
@@ -35,11 +45,44 @@ def discard_stale_checkpoint(argv: list[str]) -> int:
     return 0
 
 
+def torchrun_command(argv: list[str], nproc: int) -> list[str]:
+    """The torchrun command line of a multi-process run of ``cmtkd train`` (argv starts with 'train')."""
+    argv = list(argv)
+    if "--threads" in argv:  # the job's threads, shared by its processes
+        i = argv.index("--threads") + 1
+        argv[i] = str(max(1, int(argv[i]) // nproc))
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "cmtkd.cli", *argv]
+
+
+def split_nproc(argv: list[str]) -> tuple[int, list[str]]:
+    """Take ``--nproc_per_node N`` (anywhere in argv) off the ``cmtkd train`` flags."""
+    if "--nproc_per_node" not in argv:
+        return 1, argv
+    i = argv.index("--nproc_per_node")
+    value = argv[i + 1] if i + 1 < len(argv) else ""
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--nproc_per_node takes a positive integer, not {value!r}")
+    return int(value), argv[:i] + argv[i + 2:]
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] != "train" or "--out" not in argv:
-        print("usage: train_run.py train --out RUN_DIR [cmtkd train flags]", file=sys.stderr)
+    try:
+        nproc, argv = split_nproc(argv)
+    except ValueError as exc:
+        print(f"{USAGE}\n{exc}", file=sys.stderr)
         return 2
-    return discard_stale_checkpoint(argv) or cmtkd_main(argv)
+    if not argv or argv[0] != "train" or "--out" not in argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    rc = discard_stale_checkpoint(argv)
+    if rc or nproc == 1:
+        return rc or cmtkd_main(argv)
+    command = torchrun_command(argv, nproc)
+    print("train_run: " + " ".join(command), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execv(command[0], command)  # keeps gpu_slot.py's GPU locks (inherited fds) until training ends
+    return 127  # not reached
 
 
 if __name__ == "__main__":
