@@ -475,3 +475,16 @@ def test_quantized_block_compiles_without_graph_breaks():
     out.sum().backward()
     assert torch.equal(out, eager)
     assert all(p.grad is not None for p in block.parameters())
+
+
+@pytest.mark.parametrize("name", ["hwgq", "pact", "lsq", "dorefa"])
+def test_activation_quantizers_keep_an_exact_fp32_grid_under_bf16_autocast(name):
+    torch.manual_seed(0)
+    quantizer = make_act_quantizer(name, 2)
+    x = torch.randn(64, 8) * 2
+    reference = quantizer(x)  # fp32 (also initialises LSQ's step)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = quantizer(x.to(torch.bfloat16))
+    assert y.dtype == torch.float32
+    levels = torch.unique(reference)
+    assert torch.isin(torch.unique(y), levels).all(), "bf16 input must land on the exact fp32 levels"
