@@ -1,4 +1,4 @@
-"""Command line: ``cmtkd train``, ``cmtkd evaluate``, ``cmtkd list``."""
+"""Command line: ``cmtkd train``, ``cmtkd evaluate``, ``cmtkd export``, ``cmtkd list``."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="override one config key, e.g. optim.lr=0.05, model.width=0.25, "
                         "method_args.teacher_bits=[8,6,4] (may repeat)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (train.compile=true)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -60,7 +61,8 @@ def _config_from_args(args):
              "epochs": args.epochs, "seed": args.seed}
     overrides.append({k: v for k, v in flags.items() if v is not None})
     for key, value in (("data.name", args.dataset), ("data.root", args.data_root),
-                       ("train.threads", args.threads), ("train.device", args.device)):
+                       ("train.threads", args.threads), ("train.device", args.device),
+                       ("train.compile", True if args.compile else None)):
         if value is not None:
             overrides.append(nest(key, value))
     overrides += [nest(*parse_set(expr)) for expr in args.sets]
@@ -90,6 +92,42 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+# Input size of an exported student, by dataset (the model itself is size-agnostic up to its stem).
+EXPORT_IMAGE_SIZE = {"digits": 28, "cifar100": 32, "imagenet": 224}
+
+
+def cmd_export(args) -> int:
+    """Write the run's selected student as a self-contained torch.export program (.pt2): a plain
+    quantized model that loads with ``torch.export.load(path).module()``, without cmtkd."""
+    from pathlib import Path
+
+    import torch
+
+    from cmtkd.config import load_run_config
+    from cmtkd.engine.io import sha256_file
+    from cmtkd.engine.trainer import load_student
+
+    run_dir = Path(args.run_dir)
+    cfg = load_run_config(run_dir)
+    model, blob = load_student(run_dir, torch.device("cpu"))
+    model.eval()
+    size = args.image_size or EXPORT_IMAGE_SIZE.get(cfg.data.name, 32)
+    example = torch.zeros(2, blob["arch_config"]["in_channels"], size, size)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    out = Path(args.out or run_dir / "student.pt2")
+    tmp = out.with_name(f".{out.stem}.tmp.pt2")  # torch.export wants the .pt2 suffix
+    torch.export.save(program, tmp)
+    reloaded = torch.export.load(tmp).module()
+    if not torch.equal(reloaded(example), model(example)):
+        tmp.unlink()
+        raise UserError(f"the exported program of {run_dir} does not reproduce the model; please report this")
+    tmp.replace(out)
+    print(json.dumps({"exported": str(out), "sha256": sha256_file(out), "input": list(example.shape[1:]),
+                      "arch": blob["arch_config"]["arch"], "w_bits": blob["arch_config"]["w_bits"],
+                      "a_bits": blob["arch_config"]["a_bits"]}))
+    return 0
+
+
 def cmd_list(args) -> int:
     from cmtkd.data import DATASETS
     from cmtkd.models import ARCHS, POLICIES
@@ -115,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.dedent("""\
             cmtkd: Collaborative Multi-Teacher Knowledge Distillation (CMT-KD, WACV 2023) for low
             bit-width networks, with the baselines it is compared against, on one engine.
-            Subcommands: train a run, evaluate a finished run standalone, list what is available."""),
+            Subcommands: train a run, evaluate a finished run standalone, export its student,
+            list what is available."""),
         epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,list}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,export,list}")
     _train_parser(sub)
     p = sub.add_parser("evaluate", help="evaluate a finished run's saved student on the test set -> RUN_DIR/eval.json",
                        description="Rebuild the student from RUN_DIR/model.pt and evaluate it on the test split "
@@ -126,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="directory written by `cmtkd train --out`")
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--threads", type=int, help="torch threads")
+    p = sub.add_parser("export", help="export a run's student alone as a plain torch.export program (.pt2)",
+                       description="Write the selected student of RUN_DIR (teachers and training state dropped) as a "
+                                   "self-contained torch.export program; load it anywhere with "
+                                   "torch.export.load(PATH).module(). Checks the export reproduces the model.")
+    p.add_argument("run_dir", help="directory written by `cmtkd train --out`")
+    p.add_argument("--out", help="output file (default: RUN_DIR/student.pt2)")
+    p.add_argument("--image-size", type=int, help="input height/width (default: by dataset: digits 28, cifar100 32, imagenet 224)")
     sub.add_parser("list", help="list methods, architectures, datasets, policies and quantizers")
     return parser
 
@@ -136,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "list": cmd_list}[args.command]
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "list": cmd_list}[args.command]
     try:
         return handler(args)
     except UserError as exc:

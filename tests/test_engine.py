@@ -334,3 +334,18 @@ def test_config_diff_fills_defaults_for_keys_added_later():
     changed["optim"]["lr"] = 0.5
     changed["train"]["threads"] = 7  # never blocks a resume
     assert config_diff(changed, asdict(RunConfig())) == ["optim.lr"]
+
+
+def test_export_writes_a_plain_program_equal_to_the_student(reference_run, tmp_path, capsys):
+    from cmtkd.cli import main
+    from cmtkd.engine.trainer import load_student
+
+    out = tmp_path / "student.pt2"
+    assert main(["export", str(reference_run), "--out", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["exported"] == str(out) and info["w_bits"] == 2 and info["input"] == [1, 28, 28]
+    program = torch.export.load(out).module()  # no cmtkd classes needed to run it
+    model, _ = load_student(reference_run, torch.device("cpu"))
+    images = torch.randn(5, 1, 28, 28)  # a batch size other than the export example's
+    assert torch.equal(program(images), model.eval()(images))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
