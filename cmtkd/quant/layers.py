@@ -16,34 +16,30 @@ from torch import nn
 from cmtkd.quant.weights import make_weight_quantizer
 
 
-class QConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with a quantized weight; extra keyword args ``w_bits`` and ``weight_quant``."""
+class _QuantizedWeight:
+    """Mixin for a torch layer whose forward uses ``weight_quantizer(weight)``: adds the keyword
+    args ``w_bits`` and ``weight_quant`` to the layer's constructor and shows them in its repr."""
 
     def __init__(self, *args, w_bits: int = 32, weight_quant: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.weight_quantizer = make_weight_quantizer(weight_quant, w_bits)
         self.w_bits = self.weight_quantizer.bits
         self.weight_quant = weight_quant
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, weight_quant={self.weight_quant}"
+
+
+class QConv2d(_QuantizedWeight, nn.Conv2d):
+    """``nn.Conv2d`` with a quantized weight; extra keyword args ``w_bits`` and ``weight_quant``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # _conv_forward calls F.conv2d and honours padding_mode, exactly as nn.Conv2d does.
         return self._conv_forward(input, self.weight_quantizer(self.weight), self.bias)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, w_bits={self.w_bits}, weight_quant={self.weight_quant}"
 
-
-class QLinear(nn.Linear):
+class QLinear(_QuantizedWeight, nn.Linear):
     """``nn.Linear`` with a quantized weight; extra keyword args ``w_bits`` and ``weight_quant``."""
-
-    def __init__(self, *args, w_bits: int = 32, weight_quant: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.weight_quantizer = make_weight_quantizer(weight_quant, w_bits)
-        self.w_bits = self.weight_quantizer.bits
-        self.weight_quant = weight_quant
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, self.weight_quantizer(self.weight), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, w_bits={self.w_bits}, weight_quant={self.weight_quant}"
