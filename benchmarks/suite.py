@@ -173,7 +173,8 @@ def main(argv=None) -> int:
                 teachers = pool.apply(_make_teachers, (arch, a.width, 100, Path(tmp)))
             results = {}
             for label, method, bits, margs in cases(teachers):
-                if a.only and label not in a.only and not (label.startswith("qat@") and {"cmtkd", "dml"} & set(a.only)):
+                members_needed = (label == "qat" or label.startswith("qat@")) and {"cmtkd", "dml"} & set(a.only or [])
+                if a.only and label not in a.only and not members_needed:
                     continue
                 args = dict(method=method, arch=arch, bits=bits, method_args=margs, width=a.width, batch=a.batch,
                             threads=a.threads, steps=a.steps, warmup=a.warmup, device=a.device, amp=a.amp,
