@@ -179,3 +179,10 @@ def digest_tensor(hex_digest: str) -> torch.Tensor:
 
 def digest_hex(tensor: torch.Tensor) -> str:
     return bytes(tensor.cpu().tolist()).hex()
+
+
+def read_content(path: str | Path) -> dict:
+    """The checked content of a ``checkpoint.pt`` (by that name) or a ``model.pt`` (any other name),
+    for tests and tools that inspect a run."""
+    kind = "checkpoint" if Path(path).name == CHECKPOINT_FILE else "model"
+    return load(path, kind, "pass a file written by `cmtkd train`")

@@ -15,9 +15,11 @@ import pytest
 import torch
 from torch import nn
 
+from cmtkd.checkpoint import read_content
 from cmtkd.cli import main
 from cmtkd.config import build_config
 from cmtkd.engine.trainer import CHECKPOINT, MODEL, check_param_groups, lr_factor
+from cmtkd.files import LOCK_FILE
 
 TIMING_COLUMNS = ("time_s", "images_per_s")
 
@@ -33,7 +35,7 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 def load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_content(path)
 
 
 def assert_tensors_equal(a: dict, b: dict, what: str) -> None:
@@ -117,11 +119,11 @@ def test_sigkill_then_rerun_is_bit_identical_to_uninterrupted_run(tmp_path, tiny
 
 def test_rerun_of_a_complete_run_is_a_no_op(reference_run, copy_run, tiny_run_args):
     run = copy_run(reference_run)
-    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()}
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.name != LOCK_FILE}
     t0 = time.perf_counter()
     metrics = train_in_process(tiny_run_args, run)
     assert time.perf_counter() - t0 < 30  # no training happened
-    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()}
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.name != LOCK_FILE}
     assert after == before
     assert metrics == read_metrics(reference_run)
 
@@ -139,7 +141,7 @@ def test_resume_rewrites_a_history_that_lags_the_checkpoint(reference_run, copy_
 
 def test_stale_temp_files_of_a_killed_write_are_removed(reference_run, copy_run, tiny_run_args):
     run = copy_run(reference_run)
-    stale = run / ".checkpoint.pt.k1ll3d.tmp"
+    stale = run / ".checkpoint.pt.cmtkd-k1ll3d00.tmp"
     stale.write_bytes(b"half a checkpoint")
     train_in_process(tiny_run_args, run)
     assert not stale.exists()
