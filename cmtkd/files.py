@@ -13,7 +13,7 @@ Standard library only, so the workflow scripts (``collect_runs.py``) verify resu
   so an edited or truncated result never reaches a table.
 - :class:`RunLock`: ``fcntl.flock`` on ``RUN_DIR/.cmtkd.lock``; a second writer of the same run
   directory is refused with one line. The kernel drops the lock when its process dies (even by
-  SIGKILL), so a killed run never leaves a stale lock behind.
+  SIGKILL), so a killed run never leaves a stale lock behind (only the empty file, reused).
 """
 from __future__ import annotations
 
@@ -171,8 +171,9 @@ class RunBusy(UserError):
 class RunLock:
     """An exclusive, non-blocking ``flock`` on ``DIR/.cmtkd.lock`` for one writer of a run directory.
 
-    ``what`` names the holder in the refusal ("cmtkd train"). The lock file stays (removing it would
-    let a third process lock a new inode while the second still holds the old one)."""
+    ``what`` names the holder in the refusal ("cmtkd train"). The holder deletes the lock file when
+    it releases it, so a finished run directory holds only results; a process that locked a file
+    already deleted (it lost that race) sees another inode at the path and tries again."""
 
     def __init__(self, directory: str | Path, what: str = "cmtkd train"):
         self.path = Path(directory) / LOCK_FILE
@@ -180,34 +181,41 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> RunLock:
+        while self.fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+            except OSError as exc:
+                raise os_error(self.path.parent, exc, action="write into") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise RunBusy(f"{self.path.parent} is in use by another {holder or 'cmtkd process'}; wait for it "
+                              f"to finish or choose another --out") from None
+            except OSError as exc:
+                os.close(fd)
+                raise os_error(self.path, exc, action="lock") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:  # released and deleted between our open and flock
+                os.close(fd)
+                continue
+            self.fd = fd
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
-        except OSError as exc:
-            raise os_error(self.path.parent, exc, action="write into") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise RunBusy(f"{self.path.parent} is in use by another {holder or 'cmtkd process'}; wait for it to "
-                            f"finish or choose another --out") from None
-        except OSError as exc:
-            os.close(fd)
-            raise os_error(self.path, exc, action="lock") from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{self.what} (pid {os.getpid()})\n".encode(), 0)
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{self.what} (pid {os.getpid()})\n".encode(), 0)
         except OSError:
             pass  # the holder's name is a courtesy; the lock itself is held
-        self.fd = fd
         return self
 
-    def release(self, remove: bool = False) -> None:
-        """Unlock; ``remove`` deletes the lock file too (only when the directory itself goes)."""
+    def release(self) -> None:
         if self.fd is None:
             return
-        if remove:
-            self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. a directory made read-only meanwhile
+            self.path.unlink(missing_ok=True)  # while still locked: see the class docstring
         os.close(self.fd)  # closing drops the flock
         self.fd = None
 

@@ -19,7 +19,6 @@ from cmtkd.checkpoint import read_content
 from cmtkd.cli import main
 from cmtkd.config import build_config
 from cmtkd.engine.trainer import CHECKPOINT, MODEL, check_param_groups, lr_factor
-from cmtkd.files import LOCK_FILE
 
 TIMING_COLUMNS = ("time_s", "images_per_s")
 
@@ -119,11 +118,11 @@ def test_sigkill_then_rerun_is_bit_identical_to_uninterrupted_run(tmp_path, tiny
 
 def test_rerun_of_a_complete_run_is_a_no_op(reference_run, copy_run, tiny_run_args):
     run = copy_run(reference_run)
-    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.name != LOCK_FILE}
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()}
     t0 = time.perf_counter()
     metrics = train_in_process(tiny_run_args, run)
     assert time.perf_counter() - t0 < 30  # no training happened
-    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.name != LOCK_FILE}
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()}
     assert after == before
     assert metrics == read_metrics(reference_run)
 

@@ -210,6 +210,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", threads: int = 0, wri
             raise
         except UserError:
             lock = None  # a directory we cannot even lock in: the write below names the problem
+        else:
+            remove_stale_temp_files(run_dir)  # e.g. of an evaluation killed mid-write
         try:
             result = write_sealed_json(target, result)
         finally:
@@ -324,7 +326,7 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
         data = build_data(cfg.data, device)
     except UserError:
         if main and created and not [p for p in out.iterdir() if p != lock.path]:
-            lock.release(remove=True)
+            lock.release()
             out.rmdir()  # leave nothing behind for a run that could not start
         raise
     check_data_parallel(cfg.data, world, data.info.num_train)
