@@ -172,14 +172,16 @@ def load_student(run_dir: Path, device: torch.device) -> tuple[nn.Module, dict]:
     return model.to(device), blob
 
 
-def finished_outputs_problem(run_dir: Path) -> str | None:
+def finished_outputs_problem(run_dir: Path, chash: str) -> str | None:
     """Why a run whose checkpoint reached the last epoch is not complete yet (None if it is):
-    ``model.pt`` must load and verify, ``metrics.json`` must verify."""
+    ``model.pt`` must load, verify and be of this configuration; ``metrics.json`` must verify."""
     try:
-        checkpoint.load_model(run_dir / MODEL, REBUILD_MODEL)
+        blob = checkpoint.load_model(run_dir / MODEL, REBUILD_MODEL)
         read_sealed_json(run_dir / "metrics.json", REBUILD_METRICS)
     except UserError as exc:
         return str(exc).split(";")[0]
+    if blob["config_hash"] != chash:
+        return f"model file {run_dir / MODEL} was written for another configuration"
     return None
 
 
@@ -316,7 +318,7 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
     # Every rank reads the checkpoint itself: files are written atomically, so none sees half of one.
     ckpt = checkpoint.load_checkpoint(ckpt_path, cfg_dict) if ckpt_path.exists() else None
     if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
-        problem = finished_outputs_problem(out)
+        problem = finished_outputs_problem(out, chash)
         if problem is None:
             log(f"{out}: already complete (delete the directory to retrain)")
             return read_sealed_json(metrics_path, REBUILD_METRICS)
