@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cmtkd.engine.io import sha256_file
+from cmtkd import checkpoint
+from cmtkd.checkpoint import MODEL_FILE
 from cmtkd.errors import UserError
-from cmtkd.models import build_model
-
-MODEL_FILE = "model.pt"  # what `cmtkd train` writes into a run directory (cmtkd.engine.trainer.MODEL)
+from cmtkd.files import sha256_bytes
 SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -51,20 +50,16 @@ def load_teacher(path: str | Path, *, arch: str, num_classes: int, w_bits: int |
         where = f"run directory {given} has no {MODEL_FILE}" if given.is_dir() else f"{file} does not exist"
         raise UserError(f"teacher checkpoint: {where} (expected a finished `cmtkd train` run directory or its "
                         f"{MODEL_FILE}); train the teacher first or fix the path")
-    digest = sha256_file(file)
+    what, fix = "teacher checkpoint", "retrain the teacher (`cmtkd train ... --out DIR`) and pass DIR"
+    data = checkpoint.read_bytes(file, what, fix)
+    digest = sha256_bytes(data)  # of the very bytes loaded below
     if expected_sha256 is not None and digest != expected_sha256.lower():
         raise UserError(f"teacher checkpoint {file}: SHA-256 expected {expected_sha256}, found {digest}; the file "
                         f"was retrained or replaced - pass the original teacher or update the expected hash")
-    try:
-        blob = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - truncated / not a torch file / unpickling error
-        raise UserError(f"teacher checkpoint {file} is corrupt or unreadable ({type(exc).__name__}); "
-                        f"retrain the teacher (`cmtkd train ... --out DIR`) and pass DIR") from None
-    if not isinstance(blob, dict) or not isinstance(blob.get("arch_config"), dict) or "state_dict" not in blob:
-        raise UserError(f"teacher checkpoint {file} is not a cmtkd model file (expected a dict with arch_config "
-                        f"and state_dict, found {type(blob).__name__}); pass a run directory or its {MODEL_FILE}, "
-                        f"not checkpoint.pt")
+    blob = checkpoint.decode(data, file, "model", fix, what)
     config = blob["arch_config"]
+    if not isinstance(config, dict):
+        raise UserError(f"teacher checkpoint {file} has no arch_config mapping; {fix}")
     expected = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels,
                 "w_bits": w_bits, "a_bits": a_bits}
     fixes = {"arch": f"train the teacher with --arch {arch}",
@@ -76,17 +71,7 @@ def load_teacher(path: str | Path, *, arch: str, num_classes: int, w_bits: int |
         if want is not None and config.get(key) != want:
             raise UserError(f"teacher checkpoint {file}: {key} expected {want}, found {config.get(key)}; "
                             f"{fixes[key]}")
-    try:
-        model = build_model(**config)
-    except TypeError as exc:
-        raise UserError(f"teacher checkpoint {file} has an arch_config this version cannot build ({exc}); "
-                        f"retrain the teacher with this version") from None
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"teacher checkpoint {file}: weights do not fit its own arch_config ({first}); "
-                        f"retrain the teacher") from None
+    model = checkpoint.build_network(blob, file, "retrain the teacher with this version", what)
     model.eval()
     model.requires_grad_(False)
     return model, digest
@@ -103,12 +88,12 @@ class FrozenTeacher(nn.Module):
         super().__init__()
         self.model, digest = load_teacher(path, **checks)
         self.path = str(teacher_file(path).resolve())
-        self.register_buffer("sha256_bytes", torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8))
+        self.register_buffer("sha256_bytes", checkpoint.digest_tensor(digest))
         self.train(False)
 
     @property
     def sha256(self) -> str:
-        return bytes(self.sha256_bytes.cpu().tolist()).hex()
+        return checkpoint.digest_hex(self.sha256_bytes)
 
     def train(self, mode: bool = True):
         return super().train(False)

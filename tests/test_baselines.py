@@ -24,7 +24,8 @@ from baselines.mtkd import MTKD, confidence_weights, multi_teacher_kd
 from cmtkd.cli import main as cli
 from cmtkd.config import build_config
 from cmtkd.data import DataInfo
-from cmtkd.engine.io import atomic_torch_save, sha256_file
+from cmtkd.checkpoint import read_content, save_model
+from cmtkd.files import sha256_file
 from cmtkd.engine.trainer import build_optimizer
 from cmtkd.errors import UserError
 from cmtkd.models import build_model
@@ -56,8 +57,8 @@ def save_model_file(path, arch="resnet18", num_classes=10, bits=4, seed=0):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(path, {"arch_config": config, "state_dict": model.state_dict(), "method": "qat",
-                             "selected_epoch": 1, "config_hash": "test"})
+    save_model(path, arch_config=config, state_dict=model.state_dict(), method="qat", selected_epoch=1,
+               config_hash="test")
     return path
 
 
@@ -319,8 +320,8 @@ def test_load_teacher_bad_files_are_user_errors(tmp_path, teacher_files):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     torch.save({"state_dict": {}}, tmp_path / "not_a_model")
-    torch.save({"arch_config": {"arch": "resnet18", "num_classes": 10}, "state_dict": {"x": torch.ones(1)}},
-               tmp_path / "bad_weights")
+    save_model(tmp_path / "bad_weights", arch_config={"arch": "resnet18", "num_classes": 10, "in_channels": 1},
+               state_dict={"x": torch.ones(1)}, method="qat", selected_epoch=1, config_hash="test")
     empty_run = tmp_path / "empty_run"
     empty_run.mkdir()
     for path in [tmp_path / "missing", empty_run, *(tmp_path / n for n in files), tmp_path / "not_a_model",
@@ -392,7 +393,7 @@ def check_evaluate(run):
 
 
 def teacher_weights_in_checkpoint(run, prefix):
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["method"]
+    state = read_content(run / "checkpoint.pt")["method"]
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -404,7 +405,7 @@ def test_e2e_kd(trained_teachers, tmp_path):
     metrics = check_evaluate(tmp_path / "kd")
     assert metrics["method"] == "kd" and metrics["teacher_sha256"] == [digest]
     # the teacher the engine trained with is bit-identical to its file (frozen through a real run)
-    saved = torch.load(teacher / "model.pt", map_location="cpu", weights_only=False)["state_dict"]
+    saved = read_content(teacher / "model.pt")["state_dict"]
     used = teacher_weights_in_checkpoint(tmp_path / "kd", "teacher.model.")
     assert used.keys() == saved.keys() and all(torch.equal(used[k], saved[k]) for k in saved)
     assert sha256_file(teacher / "model.pt") == digest
@@ -474,7 +475,7 @@ def test_kd_run_interrupted_and_resumed_is_identical(trained_teachers, tmp_path)
     with pytest.raises(Killed):
         train(build_config(overrides), tmp_path / "resumed", log=kill_after_first_epoch)
     resumed = train(build_config(overrides), tmp_path / "resumed", log=lambda line: None)
-    a, b = (torch.load(tmp_path / d / "model.pt", map_location="cpu", weights_only=False)["state_dict"]
+    a, b = (read_content(tmp_path / d / "model.pt")["state_dict"]
             for d in ("full", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["top1"] == full["top1"] and resumed["teacher_sha256"] == full["teacher_sha256"]

@@ -281,15 +281,17 @@ def test_cmtkd_exact_resume_after_sigkill(tmp_path):
     assert not (killed / "metrics.json").exists(), "the run finished before it was killed"
     subprocess.run(_train_cmd(killed), check=True, env=env, capture_output=True)
 
-    a = torch.load(ref / "checkpoint.pt", weights_only=False)
-    b = torch.load(killed / "checkpoint.pt", weights_only=False)
+    from cmtkd.checkpoint import read_content
+
+    a = read_content(ref / "checkpoint.pt")
+    b = read_content(killed / "checkpoint.pt")
     assert a["method"].keys() == b["method"].keys()
     assert any(k.startswith("teachers.") for k in a["method"]) and "importance_logits" in a["method"]
     for k in a["method"]:
         assert torch.equal(a["method"][k], b["method"][k]), k
     assert not torch.equal(a["method"]["importance_logits"], torch.zeros(3, 2)), "theta never moved"
-    ma = torch.load(ref / "model.pt", weights_only=False)["state_dict"]
-    mb = torch.load(killed / "model.pt", weights_only=False)["state_dict"]
+    ma = read_content(ref / "model.pt")["state_dict"]
+    mb = read_content(killed / "model.pt")["state_dict"]
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
     # the student alone was kept: no teacher weights in model.pt
     assert not any(k.startswith("teachers") for k in ma)
@@ -297,13 +299,14 @@ def test_cmtkd_exact_resume_after_sigkill(tmp_path):
 
 # --------------------------------------------------------------------- pre-trained teachers
 def _teacher_file(folder, bits, arch="resnet18"):
+    from cmtkd.checkpoint import save_model
     from cmtkd.models import build_model
 
     cfg = dict(arch=arch, num_classes=10, in_channels=1, variant="cifar", width=0.125, w_bits=bits, a_bits=bits,
                policy="fp-first-last", weight_quant="auto", act_quant="hwgq")
     path = folder / f"t{bits}.pt"
-    torch.save({"arch_config": cfg, "state_dict": build_model(**cfg).state_dict(), "method": "qat",
-                "selected_epoch": 1, "config_hash": "test"}, path)
+    save_model(path, arch_config=cfg, state_dict=build_model(**cfg).state_dict(), method="qat",
+               selected_epoch=1, config_hash="test")
     return str(path)
 
 
@@ -342,7 +345,9 @@ def test_frozen_teacher_with_wrong_bits_is_rejected(tmp_path):
 def test_teacher_init_from_one_checkpoint_is_broadcast_and_trained(tmp_path):
     path = _teacher_file(tmp_path, 32)
     m = make(teacher_init="checkpoints", teacher_checkpoints=[path])
-    src = torch.load(path, weights_only=False)["state_dict"]
+    from cmtkd.checkpoint import read_content
+
+    src = read_content(path)["state_dict"]
     for t in m.teachers:
         assert torch.equal(t.stages["stem"][0].weight, src["stages.stem.0.weight"])
     assert all(p.requires_grad for p in m.teachers.parameters())

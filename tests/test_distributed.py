@@ -45,7 +45,9 @@ UPDATE_RATIO = 1.5
 
 
 def load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    from cmtkd.checkpoint import read_content
+
+    return read_content(path)
 
 
 def torchrun_command(*args: str, nproc: int = WORLD) -> dict:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from cmtkd.checkpoint import read_content
 from cmtkd.cli import main
 from cmtkd.config import build_config
 from cmtkd.engine.trainer import CHECKPOINT, MODEL, check_param_groups, lr_factor
@@ -33,7 +34,7 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 def load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_content(path)
 
 
 def assert_tensors_equal(a: dict, b: dict, what: str) -> None:
@@ -139,7 +140,7 @@ def test_resume_rewrites_a_history_that_lags_the_checkpoint(reference_run, copy_
 
 def test_stale_temp_files_of_a_killed_write_are_removed(reference_run, copy_run, tiny_run_args):
     run = copy_run(reference_run)
-    stale = run / ".checkpoint.pt.k1ll3d.tmp"
+    stale = run / ".checkpoint.pt.cmtkd-k1ll3d00.tmp"
     stale.write_bytes(b"half a checkpoint")
     train_in_process(tiny_run_args, run)
     assert not stale.exists()

@@ -23,20 +23,21 @@ import torch
 import yaml
 from torch import nn
 
-from cmtkd.config import RunConfig, config_diff, config_hash, load_run_config
+from cmtkd import checkpoint
+from cmtkd.checkpoint import CHECKPOINT_FILE as CHECKPOINT, MODEL_FILE as MODEL
+from cmtkd.config import RunConfig, config_hash, load_run_config
 from cmtkd.data import build_data
 from cmtkd.data.common import check_data_parallel
 from cmtkd.engine import distributed
 from cmtkd.engine.env import fingerprint, peak_memory_mib
-from cmtkd.engine.io import (atomic_torch_save, atomic_write_json, atomic_write_text, ensure_writable_dir,
-                             remove_stale_temp_files, torch_load)
+from cmtkd.files import (RunBusy, RunLock, atomic_write_text, ensure_writable_dir, read_sealed_json,
+                         remove_stale_temp_files, write_sealed_json)
 from cmtkd.errors import UserError
-from cmtkd.models import build_model
 from cmtkd.registry import get_method
 
-CHECKPOINT = "checkpoint.pt"
-MODEL = "model.pt"
-CHECKPOINT_FORMAT = 1
+# What rebuilds a run's model.pt: the trainer rewrites it from the final checkpoint.
+REBUILD_MODEL = "rerun the same `cmtkd train` command (same --out) to rebuild it from checkpoint.pt"
+REBUILD_METRICS = REBUILD_MODEL.replace("rebuild it from checkpoint.pt", "rebuild it")
 
 
 # --------------------------------------------------------------------------------------- runtime
@@ -165,15 +166,23 @@ def evaluate_model(model: nn.Module, batches, cfg: RunConfig, device: torch.devi
 
 
 def load_student(run_dir: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    blob = torch_load(run_dir / MODEL, what="model file")
-    if not isinstance(blob, dict) or "arch_config" not in blob or "state_dict" not in blob:
-        raise UserError(f"{run_dir / MODEL} is not a cmtkd model file; rerun `cmtkd train` for this directory")
-    model = build_model(**blob["arch_config"])
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as exc:
-        raise UserError(f"{run_dir / MODEL} does not match its architecture ({str(exc).splitlines()[0]})") from None
+    """The run's selected student from its verified ``model.pt`` (see :mod:`cmtkd.checkpoint`)."""
+    blob = checkpoint.load_model(run_dir / MODEL, REBUILD_MODEL)
+    model = checkpoint.build_network(blob, run_dir / MODEL, REBUILD_MODEL)
     return model.to(device), blob
+
+
+def finished_outputs_problem(run_dir: Path, chash: str) -> str | None:
+    """Why a run whose checkpoint reached the last epoch is not complete yet (None if it is):
+    ``model.pt`` must load, verify and be of this configuration; ``metrics.json`` must verify."""
+    try:
+        blob = checkpoint.load_model(run_dir / MODEL, REBUILD_MODEL)
+        read_sealed_json(run_dir / "metrics.json", REBUILD_METRICS)
+    except UserError as exc:
+        return str(exc).split(";")[0]
+    if blob["config_hash"] != chash:
+        return f"model file {run_dir / MODEL} was written for another configuration"
+    return None
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", threads: int = 0, write: bool = True,
@@ -195,13 +204,30 @@ def evaluate_run(run_dir: str | Path, split: str = "test", threads: int = 0, wri
     result = evaluate_model(model, data.eval_batches(split), cfg, device)
     result.update(split=split, run_dir=str(run_dir), selected_epoch=blob.get("selected_epoch"))
     if write:
-        atomic_write_json(run_dir / ("eval.json" if split == "test" else f"eval_{split}.json"), result)
+        target = run_dir / ("eval.json" if split == "test" else f"eval_{split}.json")
+        lock = RunLock(run_dir, "cmtkd evaluate")
+        try:
+            lock.acquire()  # refuses while a `cmtkd train` writes this directory
+        except RunBusy:
+            raise
+        except UserError:
+            lock = None  # a directory we cannot even lock in: the write below names the problem
+        else:
+            remove_stale_temp_files(run_dir)  # e.g. of an evaluation killed mid-write
+        try:
+            result = write_sealed_json(target, result)
+        finally:
+            if lock is not None:
+                lock.release()
     return result
 
 
 # ------------------------------------------------------------------------------------ training
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's key array as a tensor: checkpoints load with torch.load(weights_only=True), which refuses ndarrays.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -209,7 +235,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict, cuda: bool = True) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if cuda and "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -244,17 +271,6 @@ class Progress:
             self.bar.close()
 
 
-def _load_checkpoint(path: Path, cfg: RunConfig) -> dict:
-    ckpt = torch_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a cmtkd checkpoint; delete it or choose another --out")
-    diff = config_diff(ckpt["config"], asdict(cfg))
-    if diff:
-        raise UserError(f"{path.parent} holds a checkpoint of a different configuration (differs in: "
-                        f"{', '.join(diff[:6])}); use a new --out or delete the directory")
-    return ckpt
-
-
 def _silent(*args, **kwargs) -> None:
     pass
 
@@ -274,34 +290,45 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
         return _train(cfg, Path(out_dir), device, log if distributed.is_main() else _silent)
 
 
-def _prepare_run_dir(out: Path) -> bool:
-    """Create (or check) the run directory; returns whether it was created."""
+def _prepare_run_dir(out: Path, lock: RunLock) -> bool:
+    """Create (or check) the run directory and lock it; returns whether it was created."""
     created = not out.exists()
     ensure_writable_dir(out)
-    remove_stale_temp_files(out)  # left by a run killed mid-write
+    lock.acquire()  # one writer per run directory (rank 0 stands for all ranks)
+    remove_stale_temp_files(out)  # left by a run killed mid-write; ours only, and no other writer now
     return created
 
 
 def _train(cfg: RunConfig, out: Path, device: torch.device, log) -> dict:
+    lock = RunLock(out, "cmtkd train")
+    try:
+        return _train_locked(cfg, out, device, log, lock)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: RunLock) -> dict:
     world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
-    created = distributed.on_main(lambda: _prepare_run_dir(out))
+    created = distributed.on_main(lambda: _prepare_run_dir(out, lock))
     metrics_path = out / "metrics.json"
     ckpt_path = out / CHECKPOINT
     cfg_dict = asdict(cfg)
     chash = config_hash(cfg)
 
     # Every rank reads the checkpoint itself: files are written atomically, so none sees half of one.
-    ckpt = _load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else None
-    if ckpt is not None and metrics_path.exists() and ckpt["epoch"] >= cfg.epochs:
-        log(f"{out}: already complete (delete the directory to retrain)")
-        import json
-
-        return json.loads(metrics_path.read_text())
+    ckpt = checkpoint.load_checkpoint(ckpt_path, cfg_dict) if ckpt_path.exists() else None
+    if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
+        problem = finished_outputs_problem(out, chash)
+        if problem is None:
+            log(f"{out}: already complete (delete the directory to retrain)")
+            return read_sealed_json(metrics_path, REBUILD_METRICS)
+        log(f"{out}: {problem}; rebuilding the results from the final checkpoint")
 
     try:
         data = build_data(cfg.data, device)
     except UserError:
-        if main and created and not any(out.iterdir()):
+        if main and created and not [p for p in out.iterdir() if p != lock.path]:
+            lock.release()
             out.rmdir()  # leave nothing behind for a run that could not start
         raise
     check_data_parallel(cfg.data, world, data.info.num_train)
@@ -407,12 +434,12 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, log) -> dict:
                     "student_state": {k: v.detach().cpu().clone() for k, v in method.student.state_dict().items()}}
         peak_mem = max(peak_mem, distributed.max_over_ranks(peak_memory_mib(device)))
         if main:
-            ckpt = {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "config": cfg_dict, "config_hash": chash,
+            ckpt = {"epoch": epoch + 1, "config": cfg_dict, "config_hash": chash,
                     "method": method.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
                     "history": history, "best": best, "train_seconds": train_seconds,
                     "train_images": train_images, "peak_mem_mib": peak_mem, "world_size": world}
-            atomic_torch_save(ckpt_path, ckpt)
+            checkpoint.save_checkpoint(ckpt_path, ckpt)
             atomic_write_text(out / "history.csv", _history_csv(history))
         shown = "  ".join(f"{k[5:] if k.startswith('loss_') else k} {v:.4g}" for k, v in row.items()
                           if k.startswith("loss") or k.startswith("val_top1"))
@@ -420,9 +447,9 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, log) -> dict:
 
     def finish() -> dict:
         # Keep only the selected student; evaluate it exactly as `cmtkd evaluate` will.
-        model_blob = {"arch_config": method.student_arch_config(), "state_dict": best["student_state"],
-                      "method": cfg.method, "selected_epoch": best["epoch"], "config_hash": chash}
-        atomic_torch_save(out / MODEL, model_blob)
+        checkpoint.save_model(out / MODEL, arch_config=method.student_arch_config(),
+                              state_dict=best["student_state"], method=cfg.method,
+                              selected_epoch=best["epoch"], config_hash=chash)
         test = evaluate_run(out, "test", write=False, data=data)
         metrics = {
             "method": cfg.method, "arch": cfg.arch, "dataset": cfg.data.name, "w_bits": cfg.w_bits,
@@ -432,8 +459,7 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, log) -> dict:
             "train_seconds": train_seconds, "images_per_s": train_images / max(train_seconds, 1e-9),
             "peak_mem_mib": peak_mem, "world_size": world, "env": fingerprint(device, chash), **method.metadata(),
         }
-        atomic_write_json(metrics_path, metrics)
-        return metrics
+        return write_sealed_json(metrics_path, metrics)
 
     metrics = distributed.on_main(finish)  # the other ranks wait for rank 0's files and get its metrics
     if replica_tensors:

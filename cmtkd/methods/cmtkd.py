@@ -163,6 +163,7 @@ class CMTKD(Method):
         return sorted(points, key=self.unit_names.index)
 
     def _load_teachers(self, paths: list[str]) -> None:
+        from cmtkd.checkpoint import digest_tensor
         from cmtkd.teachers import load_teacher
 
         if len(paths) == 1:
@@ -177,7 +178,7 @@ class CMTKD(Method):
                 raise UserError(f"teacher checkpoint {path} does not fit a {self.cfg.arch} at {bits} bits "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
             self.teacher_paths.append(str(path))
-            digests.append(torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8))
+            digests.append(digest_tensor(digest))
         self.teacher_digests = torch.stack(digests)
 
     def train(self, mode: bool = True):
@@ -280,10 +281,12 @@ class CMTKD(Method):
         return {f"pi_{p}_{i}": float(pi[k, i]) for k, p in enumerate(self.fusion_points) for i in range(pi.shape[1])}
 
     def metadata(self):
+        from cmtkd.checkpoint import digest_hex
+
         meta = {"teacher_bits": self.teacher_bits, "fusion_points": self.fusion_points}
         if len(self.teacher_digests):
             meta["teacher_checkpoints"] = self.teacher_paths
-            meta["teacher_sha256"] = [bytes(d.tolist()).hex() for d in self.teacher_digests]
+            meta["teacher_sha256"] = [digest_hex(d) for d in self.teacher_digests]
         return meta
 
 

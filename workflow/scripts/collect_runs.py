@@ -3,6 +3,9 @@
     collect_runs.py --grid results/grid.csv --out results/runs.csv --histories results/histories.csv
                     [--finished-only]
 
+Both JSON files must pass their embedded SHA-256 seal (``cmtkd.files``, standard library only): an
+edited or damaged result stops the collection with one line naming the file and the fix.
+
 For every run of the grid: accuracy from its standalone ``eval.json`` (not the training log),
 timing, memory and environment from ``metrics.json`` (including the hashes of the teachers it used),
 and its ``history.csv`` (one row per epoch) into the long histories table. With ``--finished-only``
@@ -11,7 +14,6 @@ run is an error.
 """
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -20,6 +22,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import COLUMNS as GRID_COLUMNS
+
+from cmtkd.errors import UserError
+from cmtkd.files import read_sealed_json
 
 KEY = list(GRID_COLUMNS)
 COLUMNS = [*KEY, "role", "top1", "top5", "best_val_epoch", "epochs", "train_seconds", "images_per_s",
@@ -51,8 +56,9 @@ def teacher_hashes(metrics: dict) -> str:
 
 def read_run(row: dict) -> tuple[dict, pd.DataFrame | None]:
     run = Path(row["run_dir"])
-    evaluation = json.loads((run / "eval.json").read_text())
-    metrics = json.loads((run / "metrics.json").read_text())
+    evaluation = read_sealed_json(run / "eval.json", f"re-evaluate the run: cmtkd evaluate {run}")
+    metrics = read_sealed_json(run / "metrics.json", f"rerun its training (same --out) to rebuild it: "
+                                                     f"snakemake {run}/metrics.json, or cmtkd train ... --out {run}")
     env = metrics.get("env", {})
     if abs(evaluation["top1"] - metrics.get("top1", evaluation["top1"])) > 1e-6:
         print(f"warning: {run}: standalone top-1 {evaluation['top1']} differs from the training log's "
@@ -103,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finished-only", action="store_true", help="skip runs without eval.json")
     args = parser.parse_args(argv)
     grid = pd.read_csv(args.grid, dtype={"teacher_bits": str}, keep_default_na=False)
-    runs, histories = collect(grid, args.finished_only)
+    try:
+        runs, histories = collect(grid, args.finished_only)
+    except UserError as exc:
+        raise SystemExit(f"collect_runs: error: {exc}") from None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     runs.to_csv(args.out, index=False)
     histories.to_csv(args.histories, index=False)

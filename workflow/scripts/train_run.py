@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from cmtkd.checkpoint import CHECKPOINT_FILE
 from cmtkd.cli import main as cmtkd_main
 from cmtkd.config import config_diff
 
@@ -30,7 +31,7 @@ USAGE = "usage: train_run.py train --out RUN_DIR [cmtkd train flags] [--nproc_pe
 
 def discard_stale_checkpoint(argv: list[str]) -> int:
     run = Path(argv[argv.index("--out") + 1])
-    checkpoint, saved = run / "checkpoint.pt", run / "config.yaml"
+    checkpoint, saved = run / CHECKPOINT_FILE, run / "config.yaml"
     if not (checkpoint.exists() and saved.exists()):
         return 0
     printed = io.StringIO()

@@ -1,0 +1,188 @@
+"""``model.pt`` and ``checkpoint.pt``: the one module that saves, loads and checks them.
+
+Used by the trainer (checkpoint every epoch, ``model.pt`` at the end, resume), ``cmtkd evaluate``,
+``cmtkd export`` and teacher loading (:mod:`cmtkd.teachers`); nothing else reads or writes them.
+
+File format 2, a self-verifying container written atomically as one file, so a kill can never
+separate a file from its hash::
+
+    torch.save({"cmtkd": "model" | "checkpoint", "format": 2,
+                "sha256": <hex SHA-256 of the payload bytes>,
+                "payload": <uint8 tensor: the bytes of torch.save(content)>})
+
+Both levels are read with ``torch.load(..., weights_only=True)``: a crafted file cannot run code, it
+fails to load. The payload is hashed before it is unpickled, so flipped bits anywhere in it (the
+tensor data included) are a one-line error naming the file and the fix, never a silently different
+result. Everything in ``content`` is a type the safe loader accepts (tensors, containers, numbers,
+strings): the trainer stores numpy's RNG state as a tensor for that reason.
+
+Why not safetensors + JSON: a checkpoint holds nested optimizer/scheduler/RNG state and history,
+which safetensors (flat name -> tensor) cannot hold without a second ad-hoc serializer; the container
+keeps one file, one atomic rename and plain ``torch.load(path, weights_only=True)`` for users.
+
+Files of format 1 (cmtkd 0.1, plain ``torch.save`` without a hash) are refused with one line: they
+cannot be verified, and the old checkpoints cannot be loaded safely at all (numpy arrays inside).
+
+A teacher is identified by the SHA-256 of its whole ``model.pt`` (what ``sha256sum`` prints).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmtkd.errors import UserError
+from cmtkd.files import atomic_write_bytes, sha256_bytes
+
+MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT = 2
+MODEL_KEYS = ("arch_config", "state_dict", "method", "selected_epoch", "config_hash")
+CHECKPOINT_KEYS = ("epoch", "config", "config_hash", "method", "optimizer", "scheduler", "scaler", "rng",
+                   "history", "best", "train_seconds", "train_images", "peak_mem_mib", "world_size")
+_KEYS = {"model": MODEL_KEYS, "checkpoint": CHECKPOINT_KEYS}
+_WHAT = {"model": "model file", "checkpoint": "checkpoint"}
+
+
+# ------------------------------------------------------------------------------------ container
+def encode(kind: str, content: dict) -> bytes:
+    """The bytes of a format-2 file holding ``content``."""
+    inner = io.BytesIO()
+    torch.save(content, inner)
+    payload = inner.getvalue()
+    outer = io.BytesIO()
+    torch.save({"cmtkd": kind, "format": FORMAT, "sha256": sha256_bytes(payload),
+                "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}, outer)
+    return outer.getvalue()
+
+
+def read_bytes(path: str | Path, what: str, fix: str) -> bytes:
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist; {fix}") from None
+    except OSError as exc:
+        raise UserError(f"{what} {path} is unreadable ({exc.strerror}); {fix}") from None
+
+
+def _safe_load(data: bytes):
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def decode(data: bytes, path: str | Path, kind: str, fix: str, what: str | None = None) -> dict:
+    """Check and unpack the bytes of a format-2 file of ``kind`` read from ``path``: safe loading,
+    kind, format, SHA-256 of the payload, required keys. Every problem is one line with ``fix``."""
+    what = what or _WHAT[kind]
+    try:
+        outer = _safe_load(data)
+    except Exception as exc:  # noqa: BLE001 - truncated, not a torch file, or refused by the safe loader
+        raise UserError(f"{what} {path} is corrupt or not a file cmtkd can load safely ({type(exc).__name__}); "
+                        f"{fix}") from None
+    if not isinstance(outer, dict) or "cmtkd" not in outer:
+        if isinstance(outer, dict) and ("arch_config" in outer or outer.get("format") == 1):
+            raise UserError(f"{what} {path} was written by an older cmtkd (no content hash, cannot be verified); "
+                            f"{fix}")
+        raise UserError(f"{what} {path} is not a cmtkd {kind} file; {fix}")
+    if outer["cmtkd"] != kind:
+        hint = f" (pass a run directory or its {MODEL_FILE}, not {CHECKPOINT_FILE})" if kind == "model" else ""
+        raise UserError(f"{what} {path} is a cmtkd {outer['cmtkd']} file, not a {kind} file{hint}; {fix}")
+    if outer.get("format") != FORMAT:
+        raise UserError(f"{what} {path} has file format {outer.get('format')!r}, this cmtkd reads format {FORMAT}; "
+                        f"{fix}")
+    payload = outer.get("payload")
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise UserError(f"{what} {path} is damaged (no payload); {fix}")
+    raw = payload.numpy().tobytes()
+    if sha256_bytes(raw) != outer.get("sha256"):
+        raise UserError(f"{what} {path} fails its SHA-256 check (damaged or edited after cmtkd wrote it); {fix}")
+    try:
+        content = _safe_load(raw)
+    except Exception as exc:  # noqa: BLE001 - a hash-consistent payload the safe loader refuses
+        raise UserError(f"{what} {path} holds content cmtkd cannot load safely ({type(exc).__name__}); "
+                        f"{fix}") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{what} {path} holds a {type(content).__name__}, not a cmtkd {kind}; {fix}")
+    missing = [k for k in _KEYS[kind] if k not in content]
+    if missing:
+        raise UserError(f"{what} {path} lacks the key(s) {', '.join(missing)}; {fix}")
+    return content
+
+
+def save(path: str | Path, kind: str, content: dict) -> None:
+    missing = [k for k in _KEYS[kind] if k not in content]
+    if missing:  # a programming error, not a user's
+        raise ValueError(f"a cmtkd {kind} needs the keys {', '.join(missing)}")
+    atomic_write_bytes(path, encode(kind, content))
+
+
+def load(path: str | Path, kind: str, fix: str, what: str | None = None) -> dict:
+    return decode(read_bytes(path, what or _WHAT[kind], fix), path, kind, fix, what)
+
+
+# ---------------------------------------------------------------------------------- model.pt
+def save_model(path: str | Path, *, arch_config: dict, state_dict: dict, method: str,
+               selected_epoch: int | None, config_hash: str) -> None:
+    save(path, "model", {"arch_config": arch_config, "state_dict": state_dict, "method": method,
+                         "selected_epoch": selected_epoch, "config_hash": config_hash})
+
+
+def load_model(path: str | Path, fix: str, what: str = "model file") -> dict:
+    """The checked content of a ``model.pt`` (arch_config, state_dict, method, selected_epoch, ...)."""
+    return load(path, "model", fix, what)
+
+
+def build_network(blob: dict, path: str | Path, fix: str, what: str = "model file") -> nn.Module:
+    """Rebuild the network of a loaded ``model.pt`` and load its weights (strictly)."""
+    from cmtkd.models import build_model
+
+    if not isinstance(blob["arch_config"], dict):
+        raise UserError(f"{what} {path} has no arch_config mapping; {fix}")
+    try:
+        model = build_model(**blob["arch_config"])
+    except (TypeError, UserError) as exc:
+        raise UserError(f"{what} {path} has an arch_config this version cannot build ({exc}); {fix}") from None
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{what} {path}: weights do not fit its own arch_config ({first}); {fix}") from None
+    return model
+
+
+# ----------------------------------------------------------------------------- checkpoint.pt
+def save_checkpoint(path: str | Path, content: dict) -> None:
+    save(path, "checkpoint", content)
+
+
+def load_checkpoint(path: str | Path, config: dict) -> dict:
+    """The checked content of a ``checkpoint.pt`` written for the configuration ``config``."""
+    from cmtkd.config import config_diff
+
+    path = Path(path)
+    fix = "delete it to train the run from scratch"
+    content = load(path, "checkpoint", fix)
+    diff = config_diff(content["config"], config)
+    if diff:
+        raise UserError(f"{path.parent} holds a checkpoint of a different configuration (differs in: "
+                        f"{', '.join(diff[:6])}); use a new --out or delete the directory")
+    return content
+
+
+# ------------------------------------------------------------------------- digests in state
+def digest_tensor(hex_digest: str) -> torch.Tensor:
+    """A SHA-256 as a uint8 tensor, to keep it in a module's state_dict (it then travels with resume)."""
+    return torch.tensor(list(bytes.fromhex(hex_digest)), dtype=torch.uint8)
+
+
+def digest_hex(tensor: torch.Tensor) -> str:
+    return bytes(tensor.cpu().tolist()).hex()
+
+
+def read_content(path: str | Path) -> dict:
+    """The checked content of a ``checkpoint.pt`` (by that name) or a ``model.pt`` (any other name),
+    for tests and tools that inspect a run."""
+    kind = "checkpoint" if Path(path).name == CHECKPOINT_FILE else "model"
+    return load(path, kind, "pass a file written by `cmtkd train`")

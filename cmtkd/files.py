@@ -1,0 +1,238 @@
+"""Safe files without torch: atomic writes, sealed JSON, the run-directory lock, temp-file cleanup.
+
+Standard library only, so the workflow scripts (``collect_runs.py``) verify results without torch.
+
+- Atomic writes: the bytes go to a temp file in the same directory (fsync, then rename over the
+  target), so a kill leaves the old file or the new one, never half of one. Temp files are named
+  ``.NAME.cmtkd-XXXXXXXX.tmp``; :func:`remove_stale_temp_files` deletes only names of exactly that
+  form (a user's ``.notes.tmp`` survives), and only under the run-directory lock.
+- A write that fails (disk full, read-only file system, no permission) removes its temp file and
+  raises a one-line :class:`~cmtkd.errors.UserError` naming the file and the fix.
+- Sealed JSON (``metrics.json``, ``eval.json``): the object carries ``"sha256"``, the SHA-256 of the
+  canonical JSON (sorted keys, no whitespace) of its other keys. :func:`read_sealed_json` checks it,
+  so an edited or truncated result never reaches a table.
+- :class:`RunLock`: ``fcntl.flock`` on ``RUN_DIR/.cmtkd.lock``; a second writer of the same run
+  directory is refused with one line. The kernel drops the lock when its process dies (even by
+  SIGKILL), so a killed run never leaves a stale lock behind (only the empty file, reused).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from cmtkd.errors import UserError
+
+TEMP_MARKER = ".cmtkd-"
+# mkstemp's random part: 8 characters of [a-z0-9_].
+TEMP_NAME = re.compile(r"^\..+\.cmtkd-[a-z0-9_]{8}\.tmp$")
+LOCK_FILE = ".cmtkd.lock"
+SEAL_KEY = "sha256"
+
+_OS_ERROR_FIX = {
+    errno.ENOSPC: "no space left on device; free some space and rerun the same command",
+    errno.EDQUOT: "disk quota exceeded; free some space and rerun the same command",
+    errno.EROFS: "read-only file system; make the directory writable or work on a copy of it",
+    errno.EACCES: "permission denied; make the directory writable or work on a copy of it",
+    errno.EPERM: "operation not permitted; make the directory writable or work on a copy of it",
+}
+
+
+def os_error(path: str | Path, exc: OSError, action: str = "write") -> UserError:
+    """A one-line error for an OSError while writing ``path``."""
+    reason = _OS_ERROR_FIX.get(exc.errno, f"{exc.strerror or exc}; fix the cause and rerun the same command")
+    return UserError(f"cannot {action} {path}: {reason} (nothing partial was kept)")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; results should get the permissions a plain open() would give them.
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARKER}", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), _FILE_MODE)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise os_error(path, exc) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def is_own_temp_file(path: Path) -> bool:
+    return bool(TEMP_NAME.match(path.name))
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete temp files of atomic writes that a hard kill (SIGKILL, power loss) interrupted: the
+    cleanup in :func:`atomic_write_bytes` never runs then. Only names this module makes are touched.
+    Call only while holding the directory's :class:`RunLock`."""
+    removed = []
+    for path in Path(directory).glob(f".*{TEMP_MARKER}*.tmp"):
+        if is_own_temp_file(path) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- sealed JSON
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+
+
+def json_digest(obj: dict) -> str:
+    """SHA-256 of the canonical JSON of ``obj`` without its seal."""
+    return sha256_bytes(_canonical({k: v for k, v in obj.items() if k != SEAL_KEY}))
+
+
+def seal(obj: dict) -> dict:
+    """``obj`` as JSON would give it back (tuples -> lists, other types -> str), plus its seal."""
+    plain = json.loads(json.dumps({k: v for k, v in obj.items() if k != SEAL_KEY}, default=str))
+    return {**plain, SEAL_KEY: json_digest(plain)}
+
+
+def write_sealed_json(path: str | Path, obj: dict) -> dict:
+    sealed = seal(obj)
+    atomic_write_json(path, sealed)
+    return sealed
+
+
+def read_sealed_json(path: str | Path, fix: str) -> dict:
+    """Read a JSON object written by :func:`write_sealed_json` and check its seal; any problem is a
+    one-line UserError naming ``path`` and ``fix`` (what rebuilds the file)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; {fix}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is unreadable ({getattr(exc, 'strerror', None) or type(exc).__name__}); "
+                        f"{fix}") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON (truncated or edited: {exc.msg} at line {exc.lineno}); "
+                        f"{fix}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} does not hold a JSON object; {fix}")
+    if SEAL_KEY not in obj:
+        raise UserError(f"{path} has no '{SEAL_KEY}' seal (written by an older cmtkd or by hand); {fix}")
+    if obj[SEAL_KEY] != json_digest(obj):
+        raise UserError(f"{path} fails its SHA-256 check (edited or damaged after cmtkd wrote it); {fix}")
+    return obj
+
+
+# ---------------------------------------------------------------------------------- run lock
+class RunBusy(UserError):
+    """Another process holds the run directory's lock."""
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``DIR/.cmtkd.lock`` for one writer of a run directory.
+
+    ``what`` names the holder in the refusal ("cmtkd train"). The holder deletes the lock file when
+    it releases it, so a finished run directory holds only results; a process that locked a file
+    already deleted (it lost that race) sees another inode at the path and tries again."""
+
+    def __init__(self, directory: str | Path, what: str = "cmtkd train"):
+        self.path = Path(directory) / LOCK_FILE
+        self.what = what
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        while self.fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+            except OSError as exc:
+                raise os_error(self.path.parent, exc, action="write into") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise RunBusy(f"{self.path.parent} is in use by another {holder or 'cmtkd process'}; wait for it "
+                              f"to finish or choose another --out") from None
+            except OSError as exc:
+                os.close(fd)
+                raise os_error(self.path, exc, action="lock") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:  # released and deleted between our open and flock
+                os.close(fd)
+                continue
+            self.fd = fd
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{self.what} (pid {os.getpid()})\n".encode(), 0)
+        except OSError:
+            pass  # the holder's name is a courtesy; the lock itself is held
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):  # e.g. a directory made read-only meanwhile
+            self.path.unlink(missing_ok=True)  # while still locked: see the class docstring
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=f".write-test{TEMP_MARKER}", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write to output directory {path} ({exc.strerror}); choose another --out") from None
+    return path
