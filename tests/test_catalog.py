@@ -246,3 +246,26 @@ def test_environment_is_read_at_call_time(tmp_path, monkeypatch):
     assert "joint-thing" not in catalog()
     monkeypatch.setenv(ENV_VAR, os.pathsep.join([str(tmp_path / "m.yaml")]))
     assert catalog()["joint-thing"].teachers == "joint" and get_method("joint-thing").__name__ == "DML"
+
+
+def test_workflow_discards_a_checkpoint_only_when_the_config_changed(tmp_path, capsys):
+    """train_run.py compares the run directory's config.yaml with the config the flags resolve to
+    (the public train_config, no --print-config round trip)."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import train_run
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    argv = ["train", "--out", str(run_dir), "--method", "cmtkd-noml", "--arch", "alexnet",
+            "--set", "method_args.teacher_bits=[8,4]"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(train_config(argv[1:]))))
+    (run_dir / "checkpoint.pt").write_bytes(b"stand-in")
+    assert train_run.discard_stale_checkpoint(argv) == 0 and (run_dir / "checkpoint.pt").exists()
+    assert train_run.discard_stale_checkpoint([*argv, "--set", "optim.lr=0.05"]) == 0
+    assert not (run_dir / "checkpoint.pt").exists() and "optim.lr" in capsys.readouterr().err
+    (run_dir / "checkpoint.pt").write_bytes(b"stand-in")
+    assert train_run.discard_stale_checkpoint([*argv, "--set", "method_args.beta=0.3"]) == 2
+    assert "cmtkd: error: config key 'method_args.beta'" in capsys.readouterr().err
+    assert (run_dir / "checkpoint.pt").exists()

@@ -13,6 +13,7 @@ a checkout.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -192,15 +193,25 @@ def test_catalog_and_grid_do_not_import_torch():
     assert done.returncode == 0, done.stderr
 
 
-def test_no_top_level_baselines_module():
-    """The baselines/ folder installs as cmtkd.baselines: ``import baselines`` finds nothing of ours."""
-    code = ("import importlib.util, sys; sys.path.remove('') if '' in sys.path else None; "
-            "spec = importlib.util.find_spec('baselines'); "
+def test_no_top_level_baselines_module(tmp_path):
+    """The baselines/ folder installs as cmtkd.baselines: with the installed package alone (no
+    PYTHONPATH, outside the checkout) ``import baselines`` finds nothing and cmtkd.baselines works."""
+    code = ("import importlib.util; spec = importlib.util.find_spec('baselines'); "
             "print('none' if spec is None else spec.origin); import cmtkd.baselines.kd")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT / "tests", capture_output=True, text=True,
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "none"
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages explicitly (for the baselines mapping): a new one must be added."""
+    tomllib = pytest.importorskip("tomllib")
+    setup = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {m for m, path in module_files(REPO_ROOT).items() if path.name == "__init__.py"}
+    assert set(setup["packages"]) == packages
+    assert setup["package-dir"] == {k: v for k, v in PACKAGE_DIRS.items() if k != v}
 
 
 if __name__ == "__main__":
