@@ -1,3 +1,2 @@
-"""Comparison methods. Each is one file registered by name with ``@register_method``; importing this
-package registers all of them. Same engine, quantizers and data path as CMT-KD."""
-from baselines import dml, fp, kd, kd_at, mtkd, qat  # noqa: F401
+"""Comparison methods (installed as ``cmtkd.baselines``; the folder is ``baselines/``). Each is one
+file, listed by name in :mod:`cmtkd.catalog`. Same engine, quantizers and data path as CMT-KD."""

@@ -22,38 +22,29 @@ Every teacher's validation accuracy is logged each epoch (``val_top1_teacher{i}_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
-from cmtkd.methods.base import check_loss_weights
 from cmtkd import losses
-from cmtkd.errors import UserError
-from cmtkd.methods.base import Method, cross_entropy
+from cmtkd.methods.base import Method, check_loss_weights, cross_entropy
 from cmtkd.teachers import check_teacher_bits
-from cmtkd.registry import register_method
-
-TEACHER_REDUCTIONS = ("sum", "mean")
 
 
-@register_method("dml")
 class DML(Method):
     @dataclass
     class Options:
         teacher_bits: list[int] = field(default_factory=lambda: [8, 6, 4])  # W = A = b_i per teacher
-        teacher_reduction: str = "sum"  # sum | mean of the teachers' CE and KL terms
+        teacher_reduction: Literal["sum", "mean"] = "sum"  # of the teachers' CE and KL terms
         alpha: float = 1.0
         beta: float = 0.5
         temperature: float = 4.0
 
     @classmethod
-    def check_config(cls, cfg):
-        args = cfg.method_args
-        check_teacher_bits(args["teacher_bits"], cfg)
-        if args["teacher_reduction"] not in TEACHER_REDUCTIONS:
-            raise UserError(f"method_args.teacher_reduction must be one of {', '.join(TEACHER_REDUCTIONS)}; "
-                            f"got {args['teacher_reduction']!r}")
-        check_loss_weights(args)
+    def check_options(cls, options, cfg):
+        check_teacher_bits(options.teacher_bits, cfg)
+        check_loss_weights(options)
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)

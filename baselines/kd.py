@@ -22,11 +22,9 @@ import torch
 from cmtkd import losses
 from cmtkd.errors import UserError
 from cmtkd.methods.base import Method, check_loss_weights, cross_entropy
-from cmtkd.registry import register_method
 from cmtkd.teachers import FrozenTeacher, check_sha256_option, teacher_metadata
 
 
-@register_method("kd")
 class KD(Method):
     @dataclass
     class Options:
@@ -37,14 +35,13 @@ class KD(Method):
         temperature: float = 4.0            # softmax temperature T of the soft targets
 
     @classmethod
-    def check_config(cls, cfg):
-        args = cfg.method_args
-        if not args["teacher"]:
-            raise UserError(f"method {cls.name} needs a pre-trained teacher: --set method_args.teacher=RUN_DIR "
+    def check_options(cls, options, cfg):
+        if not options.teacher:
+            raise UserError(f"method {cfg.method} needs a pre-trained teacher: --set method_args.teacher=RUN_DIR "
                             f"(a finished `cmtkd train --method fp|qat --arch {cfg.arch}` run)")
-        if args["teacher_sha256"] is not None:
-            check_sha256_option(args["teacher_sha256"], "method_args.teacher_sha256")
-        check_loss_weights(args)
+        if options.teacher_sha256 is not None:
+            check_sha256_option(options.teacher_sha256, "method_args.teacher_sha256")
+        check_loss_weights(options)
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)

@@ -1,7 +1,7 @@
 """``kd-at``: Hinton KD plus attention transfer from one frozen teacher (Zagoruyko & Komodakis, ICLR 2017).
 
 ``L = alpha * CE + beta * T^2 * KL + gamma * sum_k AT(S_k, T_k)``, logged as ``ce``, ``kd``, ``at``:
-the ``kd`` baseline (same teacher handling, see :mod:`baselines.kd`) plus the attention-transfer
+the ``kd`` baseline (same teacher handling, see :mod:`cmtkd.baselines.kd`) plus the attention-transfer
 loss :func:`cmtkd.losses.attention_loss` (p = 2) between the student's and the teacher's outputs at
 the ends of the stages ``feature_stages``, summed over the stages (as in the AT paper).
 
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from baselines.kd import KD
+from cmtkd.baselines.kd import KD
 from cmtkd import losses
 from cmtkd.errors import UserError
+from cmtkd.losses import AtReduction
 from cmtkd.models import build_model
-from cmtkd.registry import register_method
 
 
 def stage_names(arch: str) -> list[str]:
@@ -32,26 +32,21 @@ def stage_names(arch: str) -> list[str]:
     return build_model(arch, num_classes=2, width=0.01).stage_names
 
 
-@register_method("kd-at")
 class KDAT(KD):
     @dataclass
     class Options(KD.Options):
         feature_stages: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3"])
         gamma: float = 100.0                # weight of the summed attention-transfer loss
-        attention_reduction: str = "mean"   # mean | sum over positions (see cmtkd.losses); rescales gamma
+        attention_reduction: AtReduction = "mean"  # over positions (see cmtkd.losses); rescales gamma
 
     @classmethod
-    def check_config(cls, cfg):
-        super().check_config(cfg)
-        args = cfg.method_args
-        if args["gamma"] < 0:
-            raise UserError(f"method_args.gamma must be >= 0, got {args['gamma']}")
-        if args["attention_reduction"] not in losses.AT_REDUCTIONS:
-            raise UserError(f"method_args.attention_reduction must be one of {', '.join(losses.AT_REDUCTIONS)}; "
-                            f"got {args['attention_reduction']!r}")
+    def check_options(cls, options, cfg):
+        super().check_options(options, cfg)
+        if options.gamma < 0:
+            raise UserError(f"method_args.gamma must be >= 0, got {options.gamma}")
         names = stage_names(cfg.arch)
         feature_names = names[:-1]  # the last stage returns logits, which have no spatial layout
-        chosen = args["feature_stages"]
+        chosen = options.feature_stages
         unknown = [s for s in chosen if s not in feature_names]
         if not chosen or unknown or len(set(chosen)) != len(chosen):
             problem = (f"names {unknown}, which {cfg.arch} does not have" if unknown

@@ -21,24 +21,25 @@ by ``sum_i w_i H(p_i) - H(sum_i w_i p_i)``, which does not depend on the student
 
 Teachers are finished runs (``model.pt`` of ``fp``/``qat``/... runs of the student's architecture on
 the same dataset), frozen and in eval mode, hashes in ``metrics.json`` (``teacher_sha256``).
-Defaults ``alpha = 1, beta = 0.5, T = 4`` as in :mod:`baselines.kd` (ASSUMPTIONS.md).
+Defaults ``alpha = 1, beta = 0.5, T = 4`` as in :mod:`cmtkd.baselines.kd` (ASSUMPTIONS.md).
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmtkd.methods.base import check_loss_weights
 from cmtkd import losses
 from cmtkd.errors import UserError
-from cmtkd.methods.base import Method, cross_entropy
-from cmtkd.registry import register_method
+from cmtkd.methods.base import Method, check_loss_weights, cross_entropy
 from cmtkd.teachers import FrozenTeacher, check_sha256_option, teacher_metadata
 
-AGGREGATIONS = ("avg_probs", "avg_kl", "confidence")
+Aggregation = Literal["avg_probs", "avg_kl", "confidence"]
+AGGREGATIONS = typing.get_args(Aggregation)
 
 
 def confidence_weights(teacher_logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -63,33 +64,28 @@ def multi_teacher_kd(student_logits: torch.Tensor, teacher_logits: list[torch.Te
     raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
 
 
-@register_method("mtkd")
 class MTKD(Method):
     @dataclass
     class Options:
         teachers: list[str] = field(default_factory=list)      # run directories (or model.pt files)
         teacher_sha256: list[str] = field(default_factory=list)  # empty, or one hash per teacher
-        aggregation: str = "avg_probs"    # avg_probs | avg_kl | confidence (module docstring)
+        aggregation: Aggregation = "avg_probs"  # see the module docstring
         alpha: float = 1.0
         beta: float = 0.5
         temperature: float = 4.0
 
     @classmethod
-    def check_config(cls, cfg):
-        args = cfg.method_args
-        if not args["teachers"]:
+    def check_options(cls, options, cfg):
+        if not options.teachers:
             raise UserError(f"method mtkd needs pre-trained teachers: --set method_args.teachers=[RUN_DIR1,RUN_DIR2] "
                             f"(finished `cmtkd train --arch {cfg.arch}` runs)")
-        hashes = args["teacher_sha256"]
-        if hashes and len(hashes) != len(args["teachers"]):
+        hashes = options.teacher_sha256
+        if hashes and len(hashes) != len(options.teachers):
             raise UserError(f"method_args.teacher_sha256 has {len(hashes)} entries but method_args.teachers has "
-                            f"{len(args['teachers'])}; give one hash per teacher or none")
+                            f"{len(options.teachers)}; give one hash per teacher or none")
         for h in hashes:
             check_sha256_option(h, "method_args.teacher_sha256")
-        if args["aggregation"] not in AGGREGATIONS:
-            raise UserError(f"method_args.aggregation must be one of {', '.join(AGGREGATIONS)}; "
-                            f"got {args['aggregation']!r}")
-        check_loss_weights(args)
+        check_loss_weights(options)
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)

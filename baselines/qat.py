@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 from cmtkd.methods.base import Method, cross_entropy
-from cmtkd.registry import register_method
 
 
-@register_method("qat")
 class QAT(Method):
     def __init__(self, cfg, info):
         super().__init__(cfg, info)

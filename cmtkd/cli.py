@@ -53,20 +53,20 @@ def _train_parser(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def _config_from_args(args):
-    from cmtkd.config import build_config, load_yaml, nest, parse_set
+def train_config(argv: list[str]):
+    """The resolved config of ``cmtkd train ARGV`` (ARGV without ``train``), without training: what
+    ``--print-config`` prints, as a RunConfig. argparse exits on malformed flags; config problems
+    raise UserError."""
+    return _config_from_args(build_parser().parse_args(["train", *argv]))
 
-    overrides = [load_yaml(path) for path in args.config]
-    flags = {"method": args.method, "arch": args.arch, "w_bits": args.w_bits, "a_bits": args.a_bits,
-             "epochs": args.epochs, "seed": args.seed}
-    overrides.append({k: v for k, v in flags.items() if v is not None})
-    for key, value in (("data.name", args.dataset), ("data.root", args.data_root),
-                       ("train.threads", args.threads), ("train.device", args.device),
-                       ("train.compile", True if args.compile else None)):
-        if value is not None:
-            overrides.append(nest(key, value))
-    overrides += [nest(*parse_set(expr)) for expr in args.sets]
-    return build_config(overrides)
+
+def _config_from_args(args):
+    from cmtkd.config import config_from_flags
+
+    return config_from_flags(config_files=args.config, method=args.method, arch=args.arch, dataset=args.dataset,
+                             data_root=args.data_root, w_bits=args.w_bits, a_bits=args.a_bits, epochs=args.epochs,
+                             seed=args.seed, threads=args.threads, device=args.device, compile=args.compile,
+                             sets=args.sets)
 
 
 def cmd_train(args) -> int:
@@ -132,11 +132,11 @@ def cmd_list(args) -> int:
     from cmtkd.data import DATASETS
     from cmtkd.models import ARCHS, POLICIES
     from cmtkd.quant import ACT_QUANTIZERS, WEIGHT_QUANTIZERS
-    from cmtkd.registry import METHODS, method_names
+    from cmtkd.registry import get_method, method_names
 
     print("methods:")
     for name in method_names():
-        cls = METHODS[name]
+        cls = get_method(name)
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         print(f"  {name:14s} {doc[0] if doc else ''}")
     print("archs:             " + ", ".join(ARCHS))

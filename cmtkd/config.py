@@ -7,26 +7,25 @@ checkpoint in a run directory may be resumed.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
-import re
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from cmtkd.data import DataConfig
 from cmtkd.errors import UserError
+from cmtkd.typed import from_dict  # noqa: F401  (part of this module's API)
 
 
 @dataclass
 class ModelConfig:
     width: float = 1.0            # channel multiplier (small runs use 0.25)
-    variant: str = "auto"         # auto (from the dataset) | cifar | imagenet
+    variant: Literal["auto", "cifar", "imagenet"] = "auto"  # auto: from the dataset
     policy: str = "fp-first-last"  # which layers are quantized: see cmtkd.models.policy
     weight_quant: str = "auto"    # auto = binary at 1 bit, EdMIPS Gaussian-uniform at 2-8 bits
     act_quant: str = "hwgq"
@@ -40,7 +39,7 @@ class OptimConfig:
     # None = by bit-width, per network: 2.5e-5 when both weights and activations are <= 2 bits,
     # 1e-4 otherwise (PAPER.md §6, SECONDARY).
     weight_decay: float | None = None
-    schedule: str = "cosine"      # cosine | step | constant
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
     milestones: list[int] = field(default_factory=list)  # epochs, for schedule=step
     gamma: float = 0.1
     warmup_epochs: int = 0
@@ -48,15 +47,15 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    device: str = "cpu"           # cpu | cuda | auto
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int = 0              # torch intra-op threads; 0 = torch's default. Match Snakemake threads.
-    amp: str = "none"             # none | bf16 | fp16 (fp16 on CUDA only); fp32 is the exact reference
+    amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 on CUDA only; fp32 (none) is the exact reference
     channels_last: bool = False
     compile: bool = False         # torch.compile each method's training step (forward_train)
     sync_bn: bool = False         # torchrun multi-GPU runs: BatchNorm statistics over the global batch (CUDA)
     deterministic: bool = True
-    select: str = "best_val"      # best_val (model selection on the held-out val split) | last
-    progress: str = "auto"        # auto (bar on a TTY) | bar | none
+    select: Literal["best_val", "last"] = "best_val"  # best_val: model selection on the held-out val split
+    progress: Literal["auto", "bar", "none"] = "auto"  # auto: a bar on a TTY
 
 
 @dataclass
@@ -77,89 +76,6 @@ class RunConfig:
 
 # Keys that may differ between a checkpoint and the resuming command without changing results.
 NON_RESULT_KEYS = ("train.progress", "train.threads", "data.num_workers", "data.eval_batch_size", "data.download")
-
-_CHOICES = {
-    "model.variant": ("auto", "cifar", "imagenet"),
-    "optim.schedule": ("cosine", "step", "constant"),
-    "train.device": ("cpu", "cuda", "auto"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "train.select": ("best_val", "last"),
-    "train.progress": ("auto", "bar", "none"),
-}
-
-
-# PyYAML (YAML 1.1) reads exponent floats without a dot (``1e-3``) as strings; accept them for floats.
-_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except UserError as exc:
-                errors.append(exc)
-        raise UserError(f"config key '{key}' expects {' or '.join(_type_name(a) for a in typing.get_args(tp))}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise UserError(f"config key '{key}' expects null, got {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}' expects a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"config key '{key}' expects a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, prefix=key)
-    raise UserError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
-
-
-def from_dict(cls, data: Any, prefix: str = "", base=None):
-    """Build dataclass ``cls`` from a (partial) mapping, starting from ``base`` or the defaults."""
-    if not isinstance(data, dict):
-        raise UserError(f"config section '{prefix or 'top level'}' must be a mapping, got {data!r}")
-    obj = base if base is not None else cls()
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise UserError(f"unknown config key '{full}'; valid keys here: {', '.join(names)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            value = from_dict(tp, value, prefix=full, base=getattr(obj, key))
-        else:
-            value = _coerce(value, tp, full)
-        setattr(obj, key, value)
-    return obj
-
 
 def parse_set(expr: str) -> tuple[str, Any]:
     """``'optim.lr=0.05'`` -> ``('optim.lr', 0.05)``; the value is parsed as YAML."""
@@ -216,12 +132,49 @@ def build_config(overrides: list[dict]) -> RunConfig:
     return resolve(cfg)
 
 
+def config_from_flags(*, config_files: list[str | Path] = (), method: str | None = None, arch: str | None = None,
+                      dataset: str | None = None, data_root: str | None = None, w_bits: int | None = None,
+                      a_bits: int | None = None, epochs: int | None = None, seed: int | None = None,
+                      threads: int | None = None, device: str | None = None, compile: bool = False,
+                      sets: list[str] = ()) -> RunConfig:
+    """The resolved config of ``cmtkd train`` with these flags (``None``: flag not given), applied in
+    the CLI's order: defaults < config files < flags < ``--set key=value`` expressions."""
+    overrides = [load_yaml(path) for path in config_files]
+    flags = {"method": method, "arch": arch, "w_bits": w_bits, "a_bits": a_bits, "epochs": epochs, "seed": seed}
+    overrides.append({k: v for k, v in flags.items() if v is not None})
+    for key, value in (("data.name", dataset), ("data.root", data_root), ("train.threads", threads),
+                       ("train.device", device), ("train.compile", True if compile else None)):
+        if value is not None:
+            overrides.append(nest(key, value))
+    overrides += [nest(*parse_set(expr)) for expr in sets]
+    return build_config(overrides)
+
+
+def method_options(method_cls: type, cfg: RunConfig):
+    """The method's typed ``Options`` for ``cfg``: ``cfg.method_args`` coerced to the dataclass
+    (defaults filled in), the options the method pins applied, then the method's own checks. The
+    one place method options are validated; ``cfg`` is not changed."""
+    options = from_dict(method_cls.Options, copy.deepcopy(cfg.method_args), prefix="method_args")
+    defaults = method_cls.Options()
+    for key, value in method_cls.pinned.items():
+        given = getattr(options, key)
+        if given not in (value, getattr(defaults, key)):
+            raise UserError(f"config key 'method_args.{key}': method {cfg.method} fixes method_args.{key}={value!r}, "
+                            f"got {given!r}; drop the override or use a method that does not fix it")
+    options = method_cls.derive_options(dataclasses.replace(options, **method_cls.pinned), cfg)
+    method_cls.check_options(options, cfg)
+    return options
+
+
 def resolve(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` with every default that depends on other keys filled in (bit-widths, method
+    options), checked; ``cfg`` itself is not changed."""
     from cmtkd.data.common import check_config as check_data_config
     from cmtkd.models import ARCHS, get_policy
     from cmtkd.quant import check_bits, make_act_quantizer, make_weight_quantizer
     from cmtkd.registry import get_method
 
+    cfg = from_dict(RunConfig, asdict(cfg))  # a checked copy (also of configs built by hand)
     method_cls = get_method(cfg.method)  # raises UserError for unknown names
     if cfg.arch not in ARCHS:
         raise UserError(f"unknown arch '{cfg.arch}'; choose one of: {', '.join(ARCHS)}")
@@ -236,10 +189,6 @@ def resolve(cfg: RunConfig) -> RunConfig:
             raise UserError(f"{name}: {exc}") from None
     if cfg.epochs < 1:
         raise UserError(f"epochs must be >= 1, got {cfg.epochs}")
-    flat = flatten(asdict(cfg))
-    for key, allowed in _CHOICES.items():
-        if flat[key] not in allowed:
-            raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}; got {flat[key]!r}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.train.select == "best_val" and cfg.data.val_fraction == 0:
@@ -253,10 +202,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     for role in ("first", "body", "last"):
         make_weight_quantizer(cfg.model.weight_quant, policy.weight_bits(role, cfg.w_bits))
     make_act_quantizer(cfg.model.act_quant, cfg.a_bits)
-    # Method options: validated (and defaults filled in) by the method's own dataclass.
-    options = from_dict(method_cls.Options, cfg.method_args, prefix="method_args")
-    cfg.method_args = asdict(options)
-    method_cls.check_config(cfg)
+    cfg.method_args = asdict(method_options(method_cls, cfg))
     return cfg
 
 

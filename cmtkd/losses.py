@@ -8,12 +8,15 @@
 """
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-AT_REDUCTIONS = ("mean", "sum")
+AtReduction = Literal["mean", "sum"]
+AT_REDUCTIONS = typing.get_args(AtReduction)
 
 
 def kd_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:

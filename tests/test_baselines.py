@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import cmtkd.losses
-from baselines.dml import DML
-from baselines.kd import KD
-from baselines.kd_at import KDAT
-from baselines.mtkd import MTKD, confidence_weights, multi_teacher_kd
+from cmtkd.baselines.dml import DML
+from cmtkd.baselines.kd import KD
+from cmtkd.baselines.kd_at import KDAT
+from cmtkd.baselines.mtkd import MTKD, confidence_weights, multi_teacher_kd
 from cmtkd.cli import main as cli
 from cmtkd.config import build_config
 from cmtkd.data import DataInfo
@@ -336,7 +336,7 @@ def test_method_rejects_teacher_of_other_arch(teacher_files):
         KD(make_cfg("kd", arch="alexnet", teacher=str(teacher_files["w4"])), DIGITS)
 
 
-# --------------------------------------------------------------------------------- check_config
+# ------------------------------------------------------------------------------- option checks
 @pytest.mark.parametrize("method, kwargs, match", [
     ("kd", {}, "needs a pre-trained teacher"),
     ("kd", {"teacher": "x", "teacher_sha256": "abc"}, "SHA-256"),
@@ -354,7 +354,7 @@ def test_method_rejects_teacher_of_other_arch(teacher_files):
     ("kd-at", {"teacher": "x", "gamma": -1.0}, "gamma"),
     ("kd-at", {"teacher": "x", "attention_reduction": "max"}, "attention_reduction"),
 ])
-def test_check_config_rejects(method, kwargs, match):
+def test_option_checks_reject(method, kwargs, match):
     with pytest.raises(UserError, match=match):
         make_cfg(method, **kwargs)
 

@@ -5,13 +5,12 @@ never needs to know which method it runs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmtkd.config import from_dict
 from cmtkd.errors import UserError
 from cmtkd.models import build_model
 
@@ -26,32 +25,44 @@ def default_weight_decay(w_bits: int, a_bits: int) -> float:
     return 2.5e-5 if max(w_bits, a_bits) <= 2 else 1e-4
 
 
-def check_loss_weights(args: dict, nonnegative: tuple[str, ...] = ("alpha", "beta")) -> None:
-    """Shared config checks of the distillation methods: loss weights >= 0, temperature > 0."""
+def check_loss_weights(options, nonnegative: tuple[str, ...] = ("alpha", "beta")) -> None:
+    """Shared option checks of the distillation methods: loss weights >= 0, temperature > 0."""
     for key in nonnegative:
-        if args[key] < 0:
-            raise UserError(f"method_args.{key} must be >= 0, got {args[key]}")
-    if args["temperature"] <= 0:
-        raise UserError(f"method_args.temperature must be > 0, got {args['temperature']}")
+        if getattr(options, key) < 0:
+            raise UserError(f"method_args.{key} must be >= 0, got {getattr(options, key)}")
+    if options.temperature <= 0:
+        raise UserError(f"method_args.temperature must be > 0, got {options.temperature}")
 
 
 class Method(nn.Module):
-    name = "base"
+    """A training method. Its options (``method_args``) are the fields of its ``Options`` dataclass,
+    typed (``Literal[...]`` for a choice): :func:`cmtkd.config.method_options` coerces and checks
+    them once, when the run config is resolved."""
+
     default_bits = 2  # w_bits/a_bits when the user gives none
+    # Options this method fixes (an ablation of another method): the user may leave them at the
+    # default or give the pinned value; anything else is an error.
+    pinned: ClassVar[dict[str, Any]] = {}
 
     @dataclass
     class Options:
         pass
 
     @classmethod
-    def check_config(cls, cfg: "RunConfig") -> None:
-        """Raise UserError for a config this method cannot run (called at config resolution)."""
+    def derive_options(cls, options, cfg: "RunConfig"):
+        """Options computed from the given ones (after the pins), as a new Options object."""
+        return options
+
+    @classmethod
+    def check_options(cls, options, cfg: "RunConfig") -> None:
+        """Raise UserError for options this method cannot run with (checks beyond the field types)."""
 
     def __init__(self, cfg: "RunConfig", info: "DataInfo"):
         super().__init__()
         self.cfg = cfg
         self.info = info
-        self.options = from_dict(self.Options, cfg.method_args, prefix="method_args")
+        # cfg is resolved (cmtkd.config.resolve): method_args holds every option, already checked.
+        self.options = self.Options(**cfg.method_args)
 
     # -- building blocks -------------------------------------------------------------------
     def arch_config(self, w_bits: int, a_bits: int) -> dict:

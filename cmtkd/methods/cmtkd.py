@@ -18,15 +18,15 @@ switch changed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 from torch import nn
 
 from cmtkd.errors import UserError
-from cmtkd.losses import attention_loss, kd_kl, min_logit_ensemble, soft_targets, AT_REDUCTIONS
+from cmtkd.losses import AtReduction, attention_loss, kd_kl, min_logit_ensemble, soft_targets
 from cmtkd.methods.base import Method, check_loss_weights, cross_entropy
-from cmtkd.registry import register_method
 from cmtkd.teachers import check_teacher_bits
 
 # Fusion-point presets per architecture. "stage-ends": ends of the residual stages before the last
@@ -74,7 +74,6 @@ class _TeacherView:
         return self.method.teachers_forward(images)[0][self.index]
 
 
-@register_method("cmtkd")
 class CMTKD(Method):
     @dataclass
     class Options:
@@ -84,39 +83,32 @@ class CMTKD(Method):
         beta: float = 0.5        # mutual-learning KL weight
         gamma: float = 100.0     # attention-transfer weight
         temperature: float = 4.0  # OPEN
-        theta_init: str = "uniform"   # uniform (theta = 0) | random (N(0, 0.01)); OPEN
+        theta_init: Literal["uniform", "random"] = "uniform"  # theta = 0 | N(0, 0.01); OPEN
         theta_lr_mult: float = 0.1    # theta at lr/10 (SECONDARY)
         learn_theta: bool = True      # False: the paper's "Average teacher" row
         detach_shared: bool = True    # F_k is a constant target in the feature loss; OPEN
-        at_reduction: str = "mean"    # attention-loss reduction (rescales gamma); OPEN
-        teacher_logit: str = "mean"   # how n heads form z_T: mean of heads | all heads enter MinLogit
-        teacher_loss: str = "combined"  # CE_T/KL_T on z_T (combined) | mean over heads (per_teacher)
-        teacher_init: str = "scratch"   # scratch | checkpoints (then trained jointly)
+        at_reduction: AtReduction = "mean"  # attention-loss reduction (rescales gamma); OPEN
+        teacher_logit: Literal["mean", "all"] = "mean"  # z_T: mean of the n heads | all heads enter MinLogit
+        teacher_loss: Literal["combined", "per_teacher"] = "combined"  # CE_T/KL_T on z_T | mean over heads
+        teacher_init: Literal["scratch", "checkpoints"] = "scratch"  # checkpoints: loaded, then trained jointly
         teacher_checkpoints: list[str] = field(default_factory=list)  # 1 (broadcast) or n run dirs/model.pt
         freeze_teachers: bool = False   # cmtkd-frozen: pre-trained teachers, no updates, fusion kept
 
     @classmethod
-    def check_config(cls, cfg):
-        o = cfg.method_args
-        bits = o["teacher_bits"]
+    def check_options(cls, o, cfg):
+        bits = o.teacher_bits
         check_teacher_bits(bits, cfg)
         check_loss_weights(o, ("alpha", "beta", "gamma"))
-        if o["theta_lr_mult"] < 0:
-            raise UserError(f"method_args.theta_lr_mult must be >= 0, got {o['theta_lr_mult']}")
-        choices = {"theta_init": ("uniform", "random"), "at_reduction": AT_REDUCTIONS,
-                   "teacher_logit": ("mean", "all"), "teacher_loss": ("combined", "per_teacher"),
-                   "teacher_init": ("scratch", "checkpoints")}
-        for key, allowed in choices.items():
-            if o[key] not in allowed:
-                raise UserError(f"method_args.{key} must be one of {', '.join(allowed)}; got {o[key]!r}")
+        if o.theta_lr_mult < 0:
+            raise UserError(f"method_args.theta_lr_mult must be >= 0, got {o.theta_lr_mult}")
         if cfg.arch not in FUSION_PRESETS:
             raise UserError(f"cmtkd has no fusion-point presets for arch '{cfg.arch}'")
-        needs_ckpt = o["teacher_init"] == "checkpoints" or o["freeze_teachers"]
-        n_ckpt = len(o["teacher_checkpoints"])
+        needs_ckpt = o.teacher_init == "checkpoints" or o.freeze_teachers
+        n_ckpt = len(o.teacher_checkpoints)
         if needs_ckpt and n_ckpt not in (1, len(bits)) or (n_ckpt and not needs_ckpt):
             raise UserError(f"method_args.teacher_checkpoints has {n_ckpt} entries; with teacher_init=checkpoints "
                             f"or frozen teachers give 1 or {len(bits)} (one per teacher), otherwise none")
-        if o["freeze_teachers"] and n_ckpt != len(bits):
+        if o.freeze_teachers and n_ckpt != len(bits):
             raise UserError(f"frozen teachers need one checkpoint per teacher: method_args.teacher_checkpoints "
                             f"has {n_ckpt}, teacher_bits has {len(bits)}")
 
@@ -291,43 +283,32 @@ class CMTKD(Method):
 
 
 # ----------------------------------------------------------------------------------- ablations
-def _ablation(name: str, doc: str, **fixed):
-    """Register a variant of CMT-KD that pins some options (the user cannot override them)."""
-
-    class Variant(CMTKD):
-        __doc__ = doc
-
-        @classmethod
-        def check_config(cls, cfg):
-            for key, value in fixed.items():
-                given = cfg.method_args.get(key)
-                default = getattr(CMTKD.Options(), key)
-                if given not in (value, default):
-                    raise UserError(f"method {name} fixes method_args.{key}={value!r}; drop the override or use cmtkd")
-                cfg.method_args[key] = value
-            super().check_config(cfg)
-
-    Variant.__name__ = Variant.__qualname__ = "CMTKD_" + name.split("-")[1]
-    Variant.__module__ = __name__
-    register_method(name)(Variant)
-    return Variant
+# Each is CMT-KD with options pinned (cmtkd.config.method_options applies the pins); listed in
+# cmtkd/catalog.py under its own name.
+class CMTKDAverage(CMTKD):
+    """theta frozen at equal weights (the paper's 'Average teacher' row)"""
+    pinned = {"learn_theta": False, "theta_init": "uniform"}
 
 
-CMTKDAverage = _ablation("cmtkd-avg", "theta frozen at equal weights (the paper's 'Average teacher' row)",
-                         learn_theta=False, theta_init="uniform")
-CMTKDNoML = _ablation("cmtkd-noml", "without mutual learning (beta = 0)", beta=0.0)
-CMTKDNoFeat = _ablation("cmtkd-nofeat", "without the attention-transfer feature loss (gamma = 0)", gamma=0.0)
-CMTKDFrozen = _ablation("cmtkd-frozen", "independently pre-trained, frozen teachers; fusion still used",
-                        freeze_teachers=True)
+class CMTKDNoML(CMTKD):
+    """without mutual learning (beta = 0)"""
+    pinned = {"beta": 0.0}
 
 
-@register_method("cmtkd-1t")
+class CMTKDNoFeat(CMTKD):
+    """without the attention-transfer feature loss (gamma = 0)"""
+    pinned = {"gamma": 0.0}
+
+
+class CMTKDFrozen(CMTKD):
+    """independently pre-trained, frozen teachers; fusion still used"""
+    pinned = {"freeze_teachers": True}
+
+
 class CMTKDOneTeacher(CMTKD):
     """one teacher: the first entry of teacher_bits (fusion with one teacher is the identity)"""
 
     @classmethod
-    def check_config(cls, cfg):
-        cfg.method_args["teacher_bits"] = cfg.method_args["teacher_bits"][:1]
-        ckpts = cfg.method_args["teacher_checkpoints"]
-        cfg.method_args["teacher_checkpoints"] = ckpts[:1]
-        super().check_config(cfg)
+    def derive_options(cls, options, cfg):
+        return replace(options, teacher_bits=options.teacher_bits[:1],
+                       teacher_checkpoints=options.teacher_checkpoints[:1])

@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+try:
+    from cmtkd.catalog import MethodEntry, catalog
+except ImportError:  # a Python without cmtkd installed: this checkout's catalog (torch-free)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from cmtkd.catalog import MethodEntry, catalog
 
 FULL_PRECISION = 32
 NO_TEACHERS = "none"
@@ -30,49 +36,14 @@ DATASET_ROOT_FILES = {  # what must exist under data.root (the loaders' layouts)
 }
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """How the workflow wires a method's teachers into its ``method_args``.
-
-    teachers: ``none``; ``pretrained`` (frozen teacher runs of the grid, passed as run directories in
-    the option ``path_arg``); ``joint`` (trained inside the run: only their bit-widths are passed).
-    use: ``all`` teachers of the set, or ``one`` (the highest bit-width of the set).
-    bits_arg: whether the method takes ``teacher_bits`` (the bit-width of each teacher).
-    """
-
-    teachers: str = NO_TEACHERS
-    use: str = "all"
-    path_arg: str | None = None
-    bits_arg: bool = False
-
-    def cost(self, n_teachers: int) -> float:
-        """Networks per training step, in single-network QAT steps (forward + backward = 1, a frozen
-        teacher's forward ~ 1/3). For cost estimates only."""
-        if self.teachers == NO_TEACHERS:
-            return 1.0
-        if self.teachers == "pretrained":
-            return 1.0 + n_teachers / 3.0
-        return 1.0 + n_teachers
-
-
-# Every method the workflow can run (`cmtkd list`). A new method: register it in cmtkd and add one
-# line here saying how its teachers are wired.
-METHODS: dict[str, MethodSpec] = {
-    "fp": MethodSpec(),
-    "qat": MethodSpec(),
-    "kd": MethodSpec("pretrained", "one", path_arg="teacher"),
-    "kd-at": MethodSpec("pretrained", "one", path_arg="teacher"),
-    "mtkd": MethodSpec("pretrained", "all", path_arg="teachers"),
-    "dml": MethodSpec("joint", "all", bits_arg=True),
-    "cmtkd": MethodSpec("joint", "all", bits_arg=True),
-    "cmtkd-noml": MethodSpec("joint", "all", bits_arg=True),
-    "cmtkd-avg": MethodSpec("joint", "all", bits_arg=True),
-    "cmtkd-nofeat": MethodSpec("joint", "all", bits_arg=True),
-    "cmtkd-1t": MethodSpec("joint", "one", bits_arg=True),
-    "cmtkd-frozen": MethodSpec("pretrained", "all", path_arg="teacher_checkpoints", bits_arg=True),
-}
+# Every method the workflow can run, and how its teachers are wired: cmtkd's method catalog (built-in
+# methods plus those of the CMTKD_METHODS files), read without importing torch. MethodEntry fields:
+# teachers (none | pretrained | joint), use (all | one: the highest bit-width of a teacher set),
+# path_option (the option given the pretrained teachers' run directories), bits_option (the method
+# takes teacher_bits), full_precision (trained at W32A32 only).
+METHODS: dict[str, MethodEntry] = catalog()
 # method_args keys the workflow sets from the teacher set; a config must not set them itself.
-WIRED_ARGS = ("teacher", "teachers", "teacher_bits", "teacher_checkpoints")
+WIRED_ARGS = tuple(sorted({e.path_option for e in METHODS.values() if e.path_option} | {"teacher_bits"}))
 # RunConfig keys the grid sets per run; a recipe must not set them.
 GRID_KEYS = ("method", "arch", "w_bits", "a_bits", "seed", "data.name", "method_args",
              "train.threads", "train.device")
@@ -153,8 +124,8 @@ def check_config(config: dict) -> None:
         for i, method in enumerate(exp["methods"]):
             if method not in METHODS:
                 raise GridError(f"config key '{where}.methods[{i}]': unknown method '{method}'; known methods: "
-                                f"{known} (a new method is registered in cmtkd and wired in "
-                                f"workflow/scripts/grid.py METHODS)")
+                                f"{known} (a new method is one line in cmtkd/catalog.py, or in a YAML file "
+                                f"named by the environment variable CMTKD_METHODS)")
         needs_teachers = [m for m in exp["methods"] if METHODS[m].teachers != NO_TEACHERS]
         teacher_sets = exp.get("teacher_sets") or []
         if needs_teachers and not teacher_sets:
@@ -183,7 +154,7 @@ def expand(config: dict) -> pd.DataFrame:
     for exp in config["experiments"].values():
         for method in exp["methods"]:
             spec = METHODS[method]
-            bit_settings = ([(FULL_PRECISION, FULL_PRECISION)] if method == "fp"
+            bit_settings = ([(FULL_PRECISION, FULL_PRECISION)] if spec.full_precision
                             else [parse_bits(b) for b in exp["bits"]])
             teacher_sets = [NO_TEACHERS] if spec.teachers == NO_TEACHERS else [
                 teacher_label([max(t)] if spec.use == "one" else t) for t in exp.get("teacher_sets", [])]
@@ -229,10 +200,10 @@ def train_sets(config: dict, method: str, arch: str, teacher_bits: str, teacher_
     options = {**config.get("method_args", {}).get(method, {}),
                **config.get("arch_method_args", {}).get(arch, {}).get(method, {})}
     values.update({f"method_args.{k}": v for k, v in options.items()})
-    if spec.bits_arg:
+    if spec.bits_option:
         values["method_args.teacher_bits"] = teacher_list(teacher_bits)
-    if spec.path_arg:
-        values[f"method_args.{spec.path_arg}"] = teacher_dirs[0] if spec.use == "one" else list(teacher_dirs)
+    if spec.path_option:
+        values[f"method_args.{spec.path_option}"] = teacher_dirs[0] if spec.use == "one" else list(teacher_dirs)
     return [f"{k}={set_value(v)}" for k, v in values.items()]
 
 

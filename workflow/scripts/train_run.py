@@ -14,17 +14,18 @@ between the N processes.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
 from cmtkd.checkpoint import CHECKPOINT_FILE
 from cmtkd.cli import main as cmtkd_main
+from cmtkd.cli import train_config
 from cmtkd.config import config_diff
+from cmtkd.errors import UserError
 
 USAGE = "usage: train_run.py train --out RUN_DIR [cmtkd train flags] [--nproc_per_node N]"
 
@@ -34,12 +35,12 @@ def discard_stale_checkpoint(argv: list[str]) -> int:
     checkpoint, saved = run / CHECKPOINT_FILE, run / "config.yaml"
     if not (checkpoint.exists() and saved.exists()):
         return 0
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        rc = cmtkd_main([*argv, "--print-config"])
-    if rc:
-        return rc
-    changed = config_diff(yaml.safe_load(saved.read_text()), yaml.safe_load(printed.getvalue()))
+    try:
+        cfg = train_config(argv[1:])  # argv[0] is "train"
+    except UserError as exc:
+        print(f"cmtkd: error: {exc}", file=sys.stderr)
+        return 2
+    changed = config_diff(yaml.safe_load(saved.read_text()), asdict(cfg))
     if changed:
         print(f"{run}: the config changed ({', '.join(changed[:6])}); discarding the old checkpoint", file=sys.stderr)
         checkpoint.unlink()
