@@ -5,13 +5,16 @@
 localrules:
     estimate,
 
-
 rule estimate:
     """Print the estimated GPU-hours of the grid (trains nothing)."""
     input:
         grid=GRID_CSV,
     params:
-        flags=estimate_flags,
+        # measured throughput from the config; results/runs.csv's own measurements when it exists
+        flags=lambda wildcards: " ".join(
+            [f"--images-per-s {arch}={ips}" for arch, ips in config["throughput"].items()]
+            + ([f"--runs {RUNS_CSV}"] if Path(RUNS_CSV).exists() else [])
+        ),
     log:
         f"{LOGS}/estimate.log",
     conda:
