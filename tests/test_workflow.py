@@ -193,7 +193,8 @@ def test_invalid_imported_results_are_rejected(tmp_path):
     done = snakemake(tmp_path, "-n", config=write_config(tmp_path / "c.yaml", tiny_config()))
     assert done.returncode != 0
     output = done.stdout + done.stderr
-    assert "theirs.csv" in output and "row 0" in output and "runs.schema.yaml" in output, output
+    assert "theirs.csv" in output and "line 2" in output and "column a_bits" in output, output
+    assert "runs.schema.yaml" in output, output
 
 
 # ---------------------------------------------------------------------------- reruns and resume

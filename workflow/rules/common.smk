@@ -1,5 +1,5 @@
 # The suite's wiring: its config, the grid of runs, paths, and the per-run values the rules use.
-# The logic lives in workflow/scripts/ (suite_config.py, grid.py, checks.py, report.py; tested there).
+# The logic lives in workflow/scripts/ (suite_config, grid, checks, html_report; tested there).
 import os
 import sys
 from pathlib import Path
@@ -13,17 +13,16 @@ SCHEMAS = ROOT / "workflow" / "schemas"
 sys.path.insert(0, str(SCRIPTS))
 import checks, grid, html_report, suite_config  # noqa: E401,E402
 
-# Jobs find these scripts and the Python that runs Snakemake (which has cmtkd installed) through the
-# environment, not params: moving the checkout or the venv leaves finished runs up to date.
+# Jobs find these scripts and this Python (with cmtkd) through the environment, not params: moving
+# the checkout or the venv leaves finished runs up to date.
 os.environ.update(CMTKD_SCRIPTS=str(SCRIPTS),
                   PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
 # config/config.yaml, then each --configfile layered on top (one with `experiments` brings its own
 # grid), then --config overrides read as YAML: see suite_config.py and config/README.md.
-_settings = workflow.config_settings
 try:
-    _suite, CONFIG_NAME = suite_config.load_suite(_settings.configfiles, _settings.config_args or (),
-                                                  replace=_settings.replace_workflow_config)
+    CONFIGFILES, CONFIG_ARGS, REPLACE_CONFIG = suite_config.invocation(workflow)
+    _suite, CONFIG_NAME = suite_config.load_suite(CONFIGFILES, CONFIG_ARGS, replace=REPLACE_CONFIG)
     EXTERNAL_CSVS = sorted(str(p) for p in Path("results/external").glob("*.csv"))
     checks.read_external(EXTERNAL_CSVS)  # imported results: valid rows, one row per run
 except (suite_config.SuiteConfigError, checks.InputError) as exc:
@@ -37,7 +36,7 @@ RUN = f"results/runs/{PARAMS.wildcard_pattern}"
 RUN_TABLE["run_dir"] = [f"results/runs/{p}" for p in PARAMS.instance_patterns]
 RUN_DIRS = list(RUN_TABLE["run_dir"])
 GRID_CSV, RUNS_CSV, HISTORIES_CSV = "results/runs/grid.csv", "results/runs.csv", "results/runs/histories.csv"
-LOGS = "results/runs/logs"  # results/runs/ holds everything generated per run (git-ignored)
+LOGS = "results/runs/logs"  # results/runs/: everything generated per run (git-ignored)
 PAPER_CSV = str(ROOT / "results" / "paper" / "reported.csv")
 GPU = bool(config["gpu"])
 # gpu: true -> every job claims GPUs of its own from a pool (gpu_slot.py): evaluation one, training
@@ -48,10 +47,9 @@ GPU_RESOURCES = {"gpu": 1} if GPU else {}  # `--resources gpu=N` then runs N job
 TRAIN_LAUNCHER = f'python "$CMTKD_SCRIPTS/gpu_slot.py" --count {GPUS_PER_JOB} --' if GPUS_PER_JOB > 1 else LAUNCHER
 TRAIN_GPU_RESOURCES = {"gpu": GPUS_PER_JOB} if GPU else {}
 TABLE_NAMES = ("main", "ablation", "paper_delta")
-TABLES = [f"results/tables/{name}.{ext}" for name in TABLE_NAMES for ext in ("csv", "md", "tex")]
 PLOT_NAMES = ("accuracy_vs_bits", "training_curves", "importance_weights")
-PLOTS = [f"results/plots/{name}.png" for name in PLOT_NAMES]
-REPORT_HTML = "results/report.html"
+TABLES = [f"results/tables/{name}.{ext}" for name in TABLE_NAMES for ext in ("csv", "md", "tex")]
+PLOTS, REPORT_HTML = [f"results/plots/{name}.png" for name in PLOT_NAMES], "results/report.html"
 
 
 wildcard_constraints:
@@ -68,10 +66,9 @@ def run_dir(key) -> str:
     return f"results/runs/{PARAMS.wildcard_pattern.format(**{c: key[c] for c in grid.COLUMNS})}"
 
 
-def teacher_dirs(key) -> list[str]:
-    """Run directories of the frozen teachers the run `key` loads (none for most methods)."""
-    k = {c: key[c] for c in grid.COLUMNS}
-    return [run_dir(t) for t in grid.teacher_runs(k["method"], k["dataset"], k["arch"], k["teacher_bits"], k["seed"])]
+def teacher_dirs(key) -> list[str]:  # the frozen teachers the run `key` loads (none for most methods)
+    runs = grid.teacher_runs(key["method"], key["dataset"], key["arch"], key["teacher_bits"], key["seed"])
+    return [run_dir(t) for t in runs]
 
 
 def train_argv(key) -> list[str]:

@@ -5,6 +5,7 @@
 localrules:
     estimate,
 
+
 rule estimate:
     """Print the estimated GPU-hours of the grid (trains nothing)."""
     input:

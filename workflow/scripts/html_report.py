@@ -55,7 +55,8 @@ def write_report(command: list[str], log_path: str | Path, report_html: str) -> 
 def write_report_if_outdated(workflow, config: dict, outputs: Iterable[str], report_html: str, log_path: str) -> None:
     """Snakemake's onsuccess: rebuild the report after a run that changed what it shows."""
     if report_outdated(bool(config.get("report", True)), outputs, report_html):
-        settings = workflow.config_settings
-        write_report(report_command(workflow.main_snakefile, os.getcwd(), report_html, settings.configfiles,
-                                    settings.config_args or (), settings.replace_workflow_config),
-                     log_path, report_html)
+        from suite_config import invocation
+
+        configfiles, config_args, replace = invocation(workflow)
+        write_report(report_command(workflow.main_snakefile, os.getcwd(), report_html, configfiles, config_args,
+                                    replace), log_path, report_html)

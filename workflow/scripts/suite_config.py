@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -187,6 +188,17 @@ def load_suite(configfiles: Sequence[str | Path] = (), config_args: Iterable[str
         name += " + --config " + " ".join(str(a) for a in config_args)
     config = layer_suite(configfiles, overrides, default=default)
     return check_suite(config, name, schema_path), name
+
+
+def invocation(workflow) -> tuple[list[str], list[str], bool]:
+    """A Snakemake workflow's ``--configfile`` files, raw ``--config`` arguments and
+    ``--replace-workflow-config`` flag (from the parsed overrides where the raw ones are not kept)."""
+    settings = workflow.config_settings
+    args = getattr(settings, "config_args", None)
+    if args is None:
+        args = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.config.items()]
+    return [str(p) for p in settings.configfiles], [str(a) for a in args], bool(
+        getattr(settings, "replace_workflow_config", False))
 
 
 def main(argv: list[str] | None = None) -> int:
