@@ -179,10 +179,11 @@ def cmtkd_problems(config: dict, runs: list[dict], train_argv: Callable[[dict], 
 
 
 def needed_runs(workflow, run_table: pd.DataFrame) -> list[dict]:
-    """Grid keys of the train jobs this invocation will run (every run of the grid if unknown)."""
+    """Grid keys of the runs this invocation will train or evaluate (every run of the grid if unknown)."""
     try:
-        jobs = [job for job in workflow.dag.needrun_jobs() if job.rule.name == "train"]
-        return [{c: job.wildcards_dict[c] for c in grid.COLUMNS} for job in jobs]
+        jobs = [job for job in workflow.dag.needrun_jobs() if job.rule.name in ("train", "evaluate")]
+        keys = {tuple(job.wildcards_dict[c] for c in grid.COLUMNS) for job in jobs}
+        return [dict(zip(grid.COLUMNS, key)) for key in sorted(keys)]
     except Exception:  # noqa: BLE001  (internal API; fall back to checking every run)
         return run_table[list(grid.COLUMNS)].astype(str).to_dict("records")
 
