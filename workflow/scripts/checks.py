@@ -150,8 +150,8 @@ def run_label(key: dict) -> str:
 
 def cmtkd_problems(config: dict, runs: list[dict], train_argv: Callable[[dict], list[str]]) -> list[str]:
     """Every distinct rejection by the installed cmtkd of the training jobs ``runs`` (grid keys):
-    unregistered methods, and each job's ``cmtkd train`` arguments (``train_argv(key)``) resolved
-    as ``cmtkd train`` resolves them."""
+    unregistered methods, and the ``cmtkd train`` arguments (``train_argv(key)``) of each cell
+    (a run's setting across seeds) resolved as ``cmtkd train`` resolves them."""
     try:
         from cmtkd.registry import method_names
     except ImportError as exc:
@@ -161,12 +161,15 @@ def cmtkd_problems(config: dict, runs: list[dict], train_argv: Callable[[dict], 
     problems = [f"method '{method}' (config key 'experiments.*.methods') is not registered in the installed cmtkd "
                 f"(`cmtkd list`: {', '.join(sorted(registered))}); update cmtkd or remove the method from the config"
                 for method in sorted({r["method"] for r in runs} - registered)]
-    rejected: dict[str, list[dict]] = {}
+    cells: dict[tuple, list[dict]] = {}  # runs that differ only in their seed resolve alike: one per cell
     for key in runs:
         if key["method"] in registered:
-            error = cmtkd_train_error(train_argv(key))
-            if error is not None:
-                rejected.setdefault(error, []).append(key)
+            cells.setdefault(tuple(str(key[c]) for c in grid.CELL), []).append(key)
+    rejected: dict[str, list[dict]] = {}
+    for keys in cells.values():
+        error = cmtkd_train_error(train_argv(keys[0]))
+        if error is not None:
+            rejected.setdefault(error, []).extend(keys)
     for error, keys in rejected.items():
         methods = sorted({k["method"] for k in keys})
         archs = sorted({k["arch"] for k in keys})
