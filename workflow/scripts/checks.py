@@ -72,6 +72,13 @@ def read_external_file(path: str, schema_path: str | Path = RUNS_SCHEMA) -> pd.D
     return frame
 
 
+def show(value) -> str:
+    """A key value as written in the CSV (a seed column with gaps is read as floats)."""
+    if pd.isna(value):
+        return "(none)"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def duplicate_problems(frame: pd.DataFrame) -> list[str]:
     """Rows of ``frame`` (columns ``_file``, ``_line``) that are the same run by RUN_KEY."""
     keyed = frame.assign(**{c: frame[c] if c in frame else math.nan for c in RUN_KEY})
@@ -82,7 +89,7 @@ def duplicate_problems(frame: pd.DataFrame) -> list[str]:
         files = list(dict.fromkeys(group["_file"]))
         where = "; ".join(f"{f} line{'s' if (group['_file'] == f).sum() > 1 else ''} "
                           + ", ".join(str(n) for n in group[group["_file"] == f]["_line"]) for f in files)
-        values = ", ".join(f"{c}={'(none)' if pd.isna(v) else v}" for c, v in zip(RUN_KEY, key))
+        values = ", ".join(f"{c}={show(v)}" for c, v in zip(RUN_KEY, key))
         top1 = sorted(set(group["top1"]))
         conflict = f" with different top1 ({', '.join(f'{t:g}' for t in top1)})" if len(top1) > 1 else ""
         problems.append(f"{where}: {len(group)} rows for the same run ({values}){conflict}; the tables would "
