@@ -53,6 +53,9 @@ def test_a_configfile_with_experiments_brings_its_own_grid(tmp_path):
         alone = yaml.safe_load((ROOT / "config" / name).read_text())
         layered = suite_config.layer_suite([ROOT / "config" / name])
         assert layered == alone, name  # nothing of the default suite leaks into a paper grid
+        # ... and the keys keep the file's order: the train jobs' --set flags (their params) are
+        # those of the suite alone, so its finished runs stay up to date.
+        assert yaml.safe_dump(layered, sort_keys=False) == yaml.safe_dump(alone, sort_keys=False), name
     mine = {"mine": {"methods": ["qat"], "archs": ["alexnet"], "bits": ["W2A2"], "seeds": [0]}}
     path = write_config(tmp_path / "mine.yaml", {"experiments": mine})
     layered = suite_config.layer_suite([path])
@@ -68,6 +71,12 @@ def test_replace_workflow_config_skips_the_default_suite(tmp_path):
     assert suite_config.layer_suite([path], default=None) == config
     done = snakemake(tmp_path, "-n", "--replace-workflow-config", config=path)
     assert done.returncode == 0 and job_counts(done.stdout)["train"] == 1, output_of(done)
+
+
+def test_overrides_keep_the_order_of_the_suite():
+    """--config changes values in place (as Snakemake's update_config): unchanged values, same jobs."""
+    merged = suite_config.merge(DEFAULT, {"recipe": {"data": {"batch_size": 128}, "new": 1}})
+    assert list(merged["recipe"]) == [*DEFAULT["recipe"], "new"] and list(merged) == list(DEFAULT)
 
 
 def test_config_overrides_are_read_as_yaml():

@@ -45,15 +45,22 @@ class SuiteConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------- layers
-def merge(base: dict, layer: dict) -> dict:
+def merge(base: dict, layer: dict, layer_order: bool = False) -> dict:
     """``layer`` over ``base``: nested mappings merge key by key, anything else replaces
-    (snakemake.utils.update_config, without modifying either argument)."""
-    out = copy.deepcopy(base)
+    (snakemake.utils.update_config, without modifying either argument). Keys keep the order of
+    ``base`` (new ones last), or with ``layer_order`` the order of ``layer`` (base-only ones last).
+    The order matters: it is the order of each run's ``--set`` flags, i.e. of the train jobs'
+    params, so a suite file gives the same jobs layered as alone (finished runs stay up to date)."""
+    out = {key: copy.deepcopy(value) for key, value in base.items() if not (layer_order and key in layer)}
+    merged = {}
     for key, value in layer.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = merge(base[key], value, layer_order)
         else:
-            out[key] = copy.deepcopy(value)
+            merged[key] = copy.deepcopy(value)
+    if layer_order:
+        return {**merged, **out}
+    out.update(merged)
     return out
 
 
@@ -114,7 +121,7 @@ def layer_suite(configfiles: Sequence[str | Path] = (), overrides: dict | None =
         layer = read_yaml(path)
         if GRID_KEY in layer:
             suite.pop(GRID_KEY, None)
-        suite = merge(suite, layer)
+        suite = merge(suite, layer, layer_order=True)
     return merge(suite, overrides or {})
 
 
