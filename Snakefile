@@ -3,20 +3,22 @@
 #
 #   snakemake --cores 2                                    default suite (digits, CPU, ~6 min)
 #   snakemake --cores 2 --configfile config/cifar100.yaml  the paper's CIFAR-100 grid
+#   snakemake --cores 2 --config recipe='{epochs: 1}'      any key overridden (config/README.md)
 #   snakemake tables --cores 1                             tables + plots from finished runs, no training
 #   snakemake estimate --configfile config/imagenet.yaml   GPU-hours before launching a paper grid
 #
-# The grid (config/*.yaml, validated against workflow/schemas/config.schema.yaml) is a Paramspace of
-# method x dataset x arch x W/A x teacher set x seed. Every run is trained once, evaluated on its
-# own (eval.json is the number that counts), collected into results/runs.csv and turned into tables,
-# plots and an HTML report next to the paper's numbers (results/paper/) and any imported results
-# (results/external/*.csv).
+# The grid (config/*.yaml layered over config/config.yaml, validated against
+# workflow/schemas/config.schema.yaml) is a Paramspace of method x dataset x arch x W/A x teacher
+# set x seed; before the first job cmtkd itself resolves every run's `cmtkd train` command line.
+# Every run is trained once, evaluated on its own (eval.json is the number that counts), collected
+# into results/runs.csv and turned into tables, plots and an HTML report next to the paper's numbers
+# (results/paper/) and any imported results (results/external/*.csv).
 from snakemake.utils import min_version
 
 min_version("8.0")
 
 
-include: "workflow/rules/common.smk"  # suite config, validation, the grid
+include: "workflow/rules/common.smk"  # suite config, the grid, checks before any job
 include: "workflow/rules/teachers.smk"  # frozen teachers the distillation baselines load
 include: "workflow/rules/train.smk"  # one `cmtkd train` per grid cell
 include: "workflow/rules/evaluate.smk"  # standalone evaluation of every trained student

@@ -193,7 +193,8 @@ def test_invalid_imported_results_are_rejected(tmp_path):
     done = snakemake(tmp_path, "-n", config=write_config(tmp_path / "c.yaml", tiny_config()))
     assert done.returncode != 0
     output = done.stdout + done.stderr
-    assert "theirs.csv" in output and "row 0" in output and "runs.schema.yaml" in output, output
+    assert "theirs.csv" in output and "line 2" in output and "column a_bits" in output, output
+    assert "runs.schema.yaml" in output, output
 
 
 # ---------------------------------------------------------------------------- reruns and resume
@@ -477,6 +478,7 @@ def test_paper_numbers_have_provenance():
 def test_tiny_suite_end_to_end(tmp_path):
     """Two 1-epoch runs through the whole DAG: runs.csv, tables, plots and the HTML report."""
     config = tiny_config(methods=["fp", "qat"], seeds=[0])
+    config["description"] = "tiny\n\n.. raw:: html\n\n   <script>alert('cmtkd')</script>\n"  # shown, never run
     done = snakemake(tmp_path, "--cores", "2", config=write_config(tmp_path / "tiny.yaml", config), timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     results = tmp_path / "results"
@@ -488,7 +490,9 @@ def test_tiny_suite_end_to_end(tmp_path):
         assert (tmp_path / run_dir / "checkpoint.pt").exists()
     assert all((results / "tables" / f"{n}.{e}").exists() for n in ("main", "ablation", "paper_delta")
                for e in ("csv", "md", "tex"))
-    assert (results / "report.html").stat().st_size > 100_000
+    html = (results / "report.html").read_text()
+    assert len(html) > 100_000
+    assert "&lt;script&gt;alert('cmtkd')&lt;/script&gt;" in html and "<script>alert('cmtkd')" not in html
     assert "Nothing to be done" in snakemake(tmp_path, "-n", config=tmp_path / "tiny.yaml").stdout
     # A changed recipe makes every run outdated (the params rerun trigger) ...
     config["recipe"]["epochs"] = 2

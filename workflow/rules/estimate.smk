@@ -11,7 +11,11 @@ rule estimate:
     input:
         grid=GRID_CSV,
     params:
-        flags=estimate_flags,
+        # measured throughput from the config; results/runs.csv's own measurements when it exists
+        flags=lambda wildcards: " ".join(
+            [f"--images-per-s {arch}={ips}" for arch, ips in config["throughput"].items()]
+            + ([f"--runs {RUNS_CSV}"] if Path(RUNS_CSV).exists() else [])
+        ),
     log:
         f"{LOGS}/estimate.log",
     conda:

@@ -18,6 +18,8 @@ rule grid_table:
     params:
         rows=RUN_TABLE.to_dict("records"),
     run:
+        import pandas as pd
+
         pd.DataFrame(params.rows).to_csv(output[0], index=False)
 
 

@@ -2,8 +2,9 @@
 # run at W=A=b for each teacher bit-width b (`fp` for b=32), with the student's dataset,
 # architecture, recipe and seed. They are ordinary runs of the grid (role "teacher" unless an
 # experiment asks for them anyway), so each (dataset, arch, bits, seed) is trained exactly once and
-# shared by every student that loads it (`train` takes them as input: teacher_models in common.smk).
+# shared by every student that loads it (`train` takes them as input: teacher_dirs in common.smk).
 # dml and the cmtkd* methods train their teachers jointly with the student: no pre-training.
+TEACHER_DIRS = sorted({d for row in RUN_TABLE.to_dict("records") for d in teacher_dirs(row)})
 
 
 rule teachers:

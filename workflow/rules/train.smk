@@ -9,12 +9,15 @@
 # N > 1 its args end in `--nproc_per_node N` and train_run.py starts the training through torchrun,
 # one process per GPU. (With N = 1 the command and params are those of before, so finished runs stay
 # up to date.)
+#
+# Before the first job (onstart in common.smk) each job's `cmtkd train` arguments are resolved by
+# cmtkd itself (workflow/scripts/checks.py), so a bad method option stops the workflow, not a job.
 
 
 rule train:
     """Train one run (any method) of the grid."""
     input:
-        teachers=teacher_models,
+        teachers=lambda wildcards: [f"{d}/model.pt" for d in teacher_dirs(wildcards)],
     output:
         metrics=f"{RUN}/metrics.json",
         model=f"{RUN}/model.pt",
@@ -23,7 +26,10 @@ rule train:
         f"{RUN}/train.log",
     params:
         run_dir=lambda wildcards, output: os.path.dirname(output.metrics),
-        args=train_args,
+        # `cmtkd train` flags (grid.train_argv; train_run.py takes `--nproc_per_node N` off for torchrun)
+        args=lambda wildcards: grid.shell_join(
+            train_argv(wildcards) + (["--nproc_per_node", str(GPUS_PER_JOB)] if GPUS_PER_JOB > 1 else [])
+        ),
         launcher=TRAIN_LAUNCHER,
     threads: 1
     resources:

@@ -207,6 +207,18 @@ def train_sets(config: dict, method: str, arch: str, teacher_bits: str, teacher_
     return [f"{k}={set_value(v)}" for k, v in values.items()]
 
 
+def train_argv(config: dict, key: dict, teacher_dirs: list[str]) -> list[str]:
+    """The ``cmtkd train`` arguments of the run ``key`` (its grid cell, the suite's recipe and data
+    settings, the method's options and its teachers' run directories). The workflow's train jobs run
+    exactly these (plus ``--out`` and ``--threads``), and its pre-start check resolves them."""
+    args = ["--method", key["method"], "--arch", key["arch"], "--dataset", key["dataset"],
+            "--w-bits", key["w_bits"], "--a-bits", key["a_bits"], "--seed", key["seed"],
+            "--device", "cuda" if config.get("gpu") else "cpu", "--set", "train.progress=none"]
+    for value in train_sets(config, key["method"], key["arch"], key["teacher_bits"], teacher_dirs):
+        args += ["--set", value]
+    return [str(a) for a in args]
+
+
 def shell_join(args: list[str]) -> str:
     return " ".join(shlex.quote(str(a)) for a in args)
 

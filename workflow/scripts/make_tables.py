@@ -18,6 +18,7 @@ ASSUMPTIONS.md for everything the paper leaves open.
 
 import argparse
 import math
+import re
 import string
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checks
 from grid import CELL as KEY
 from grid import METHODS, NO_TEACHERS, bits_label
 
@@ -53,32 +55,12 @@ def read_runs(path: str) -> pd.DataFrame:
     return runs
 
 
-def validate_rows(frame: pd.DataFrame, schema_path: str | Path, name: str) -> None:
-    """Each row against the runs.csv JSON schema; the first problem names file, row and column."""
-    import jsonschema
-    import yaml
-
-    validator = jsonschema.Draft202012Validator(yaml.safe_load(Path(schema_path).read_text()))
-    for i, record in enumerate(frame.to_dict("records")):
-        record = {k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))}
-        error = jsonschema.exceptions.best_match(validator.iter_errors(record))
-        if error is not None:
-            column = ".".join(str(p) for p in error.absolute_path) or "(row)"
-            raise SystemExit(f"{name}: data row {i + 1}, column {column}: {error.message} "
-                             f"(imported results use the columns of results/runs.csv: {schema_path})")
-
-
 def read_external(paths: list[str], schema_path: str | Path = SCHEMA) -> pd.DataFrame:
-    """Imported results in the runs.csv columns, validated; `source` defaults to the file name."""
-    frames = []
-    for path in paths:
-        frame = pd.read_csv(path, dtype={"teacher_bits": str})
-        validate_rows(frame, schema_path, path)
-        for column, default in (("source", Path(path).name), ("teacher_bits", NO_TEACHERS)):
-            frame[column] = (frame[column] if column in frame else pd.Series(index=frame.index, dtype=object))
-            frame[column] = frame[column].fillna(default).astype(str)
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*KEY, "top1", "source"])
+    """Imported results in the runs.csv columns, validated (checks.py: schema, one row per run)."""
+    try:
+        return checks.read_external(paths, schema_path)
+    except checks.InputError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def read_paper(path: str) -> pd.DataFrame:
@@ -137,25 +119,34 @@ class Notes:
         return [(marker, text) for text, marker in self.texts.items()]
 
 
+TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "<": r"\textless{}",
+                ">": r"\textgreater{}", "|": r"\textbar{}", "§": r"\S{}", "±": r"$\pm$"}
+TEX_SPECIAL = re.compile("|".join(re.escape(c) for c in TEX_SPECIALS))
+
+
 def tex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}"),
-                 ("§", r"\S{}"), ("±", r"$\pm$")):
-        text = text.replace(a, b)
-    return text
+    """Plain text -> LaTeX that typesets it (one pass: no replacement is escaped again)."""
+    return TEX_SPECIAL.sub(lambda m: TEX_SPECIALS[m.group()], str(text))
+
+
+class Tex(str):
+    """A cell that is LaTeX already (written by Fmt('tex')); every other cell is escaped when written."""
 
 
 class Fmt:
-    """Cell formatting for one output format ('md' or 'tex')."""
+    """Cell formatting for one output format ('md' or 'tex'). Cells that hold LaTeX are ``Tex``;
+    write_latex escapes every other cell, so text from the data (method, dataset, arch, ...) is
+    always escaped."""
 
     def __init__(self, kind: str):
         self.kind = kind
 
-    def text(self, value: str) -> str:
-        return tex_escape(value) if self.kind == "tex" else value
+    def tex(self, text: str) -> str:
+        return Tex(text) if self.kind == "tex" else text
 
     def marker(self, marker: str) -> str:
-        return rf"\textsuperscript{{{marker}}}" if self.kind == "tex" else f" [{marker}]"
+        return Tex(rf"\textsuperscript{{{marker}}}") if self.kind == "tex" else f" [{marker}]"
 
     def ours(self, mean, std, n, n_expected) -> str:
         pm = r"$\pm$" if self.kind == "tex" else "±"
@@ -164,12 +155,12 @@ class Fmt:
         if n == 0 or mean is None or (isinstance(mean, float) and math.isnan(mean)):
             return f"— ({count})"
         if n > 1 and not pd.isna(std):
-            return f"{mean:.2f} {pm} {std:.2f} ({count})"
+            return self.tex(f"{mean:.2f} {pm} {std:.2f} ({count})")
         return f"{mean:.2f} ({count})"
 
     def reported(self, value, marker: str) -> str:
         body = "unknown" if pd.isna(value) else f"{value:g}"
-        return body + self.marker(marker)
+        return self.tex(body + self.marker(marker))
 
     def delta(self, value) -> str:
         if value is None or pd.isna(value):
@@ -181,7 +172,7 @@ def source_label(row, notes: Notes, fmt: Fmt) -> str:
     if row["origin"] == "ours":
         return "ours"
     if row["origin"] == "external":
-        return "imported" + fmt.marker(notes.mark(f"Imported (results/external/): {row['source']}."))
+        return fmt.tex("imported" + fmt.marker(notes.mark(f"Imported (results/external/): {row['source']}.")))
     return "paper" if row["method"].startswith("cmtkd") else "reported"  # the cell carries the footnote
 
 
@@ -213,7 +204,7 @@ def main_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[pd
         label = source_label(row, notes, fmt)
         key = (row["dataset"], row["arch"], row["method"], row["teacher_bits"], label)
         line = table_rows.setdefault(key, {
-            "Dataset": row["dataset"], "Arch": row["arch"], "Method": fmt.text(row["method"]),
+            "Dataset": row["dataset"], "Arch": row["arch"], "Method": row["method"],
             "Teachers": "—" if row["teacher_bits"] == NO_TEACHERS else row["teacher_bits"], "Source": label,
             **{c: "" for c in columns}})
         column = bits_label(int(row["w_bits"]), int(row["a_bits"]))
@@ -264,7 +255,7 @@ def ablation_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tupl
             rows.append(line)
     for r in sort_rows(others).to_dict("records") + other_reported.to_dict("records"):
         label = source_label(r, notes, fmt)
-        line = {"Variant": "(comparison)", "Method": fmt.text(r["method"]),
+        line = {"Variant": "(comparison)", "Method": r["method"],
                 "Teachers": "—" if r["teacher_bits"] == NO_TEACHERS else r["teacher_bits"], "Source": label,
                 **{n: "" for n in names}}
         if r["origin"] == "reported":
@@ -296,7 +287,7 @@ def delta_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[p
             d1 = None if m is None else m["top1_mean"] - p["top1"]
             d5 = None if m is None or p.get("top5") != p.get("top5") else m["top5_mean"] - p["top5"]
             rows.append({
-                "Method": fmt.text(p["method"]), "Dataset": p["dataset"], "Arch": p["arch"],
+                "Method": p["method"], "Dataset": p["dataset"], "Arch": p["arch"],
                 "W/A": bits_label(int(p["w_bits"]), int(p["a_bits"])),
                 "Reported top-1": fmt.reported(p["top1"], marker),
                 "Ours / imported": "not run" if m is None else source_label(m, notes, fmt),
@@ -331,7 +322,8 @@ def write_markdown(path: Path, title: str, display: pd.DataFrame, notes: list) -
 
 
 def write_latex(path: Path, name: str, title: str, display: pd.DataFrame, notes: list) -> None:
-    shown = display.rename(columns={c: tex_escape(c) for c in display.columns})
+    shown = display.map(lambda cell: cell if isinstance(cell, Tex) else tex_escape(cell))
+    shown = shown.rename(columns={c: tex_escape(c) for c in display.columns})
     styler = shown.style.hide(axis="index")
     body = styler.to_latex(hrules=True, caption=tex_escape(title), label=f"tab:{name}", position="htbp",
                            position_float="centering", column_format="l" * len(shown.columns))

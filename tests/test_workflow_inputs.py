@@ -1,0 +1,373 @@
+"""Workflow inputs: suite config layering and overrides, checks before any job, LaTeX and report output.
+
+Unit tests of workflow/scripts/{suite_config,checks,html_report,config_docs,make_tables}.py, and
+Snakemake dry runs (``-n``) for what users type. Nothing here trains.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "workflow" / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import checks  # noqa: E402
+import config_docs  # noqa: E402
+import grid  # noqa: E402
+import html_report  # noqa: E402
+import suite_config  # noqa: E402
+from test_workflow import FIXTURE, GOLDEN, expected_runs, job_counts, run_script, snakemake  # noqa: E402
+from test_workflow import tiny_config, write_config  # noqa: E402
+
+DEFAULT = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+
+def output_of(done: subprocess.CompletedProcess) -> str:
+    return done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------------- layering (issue 14.7)
+def test_a_partial_configfile_layers_over_the_default_suite(tmp_path):
+    layer = write_config(tmp_path / "short.yaml", {"recipe": {"epochs": 1}})
+    suite = suite_config.layer_suite([layer])
+    assert suite["recipe"] == {**DEFAULT["recipe"], "epochs": 1}  # the rest of the recipe is the default's
+    assert suite["experiments"] == DEFAULT["experiments"] and suite["dataset"] == DEFAULT["dataset"]
+    # Through Snakemake: the default grid (38 runs), no complaint about missing keys.
+    done = snakemake(tmp_path, "-n", config=layer)
+    assert done.returncode == 0, output_of(done)
+    assert job_counts(done.stdout)["train"] == len(expected_runs(DEFAULT)) == 38
+
+
+def test_a_configfile_with_experiments_brings_its_own_grid(tmp_path):
+    for name in ("cifar100.yaml", "imagenet.yaml"):
+        alone = yaml.safe_load((ROOT / "config" / name).read_text())
+        layered = suite_config.layer_suite([ROOT / "config" / name])
+        assert layered == alone, name  # nothing of the default suite leaks into a paper grid
+        # ... and the keys keep the file's order: the train jobs' --set flags (their params) are
+        # those of the suite alone, so its finished runs stay up to date.
+        assert yaml.safe_dump(layered, sort_keys=False) == yaml.safe_dump(alone, sort_keys=False), name
+    mine = {"mine": {"methods": ["qat"], "archs": ["alexnet"], "bits": ["W2A2"], "seeds": [0]}}
+    path = write_config(tmp_path / "mine.yaml", {"experiments": mine})
+    layered = suite_config.layer_suite([path])
+    assert layered["experiments"] == mine and layered["recipe"] == DEFAULT["recipe"]
+    # Overrides (--config) merge into the experiments instead: change one setting of a grid.
+    layered = suite_config.layer_suite([path], {"experiments": {"mine": {"seeds": [3]}}})
+    assert layered["experiments"] == {"mine": {**mine["mine"], "seeds": [3]}}
+
+
+def test_replace_workflow_config_skips_the_default_suite(tmp_path):
+    config = tiny_config(methods=["qat"], seeds=[0])
+    path = write_config(tmp_path / "own.yaml", config)
+    assert suite_config.layer_suite([path], default=None) == config
+    done = snakemake(tmp_path, "-n", "--replace-workflow-config", config=path)
+    assert done.returncode == 0 and job_counts(done.stdout)["train"] == 1, output_of(done)
+
+
+def test_overrides_keep_the_order_of_the_suite():
+    """--config changes values in place (as Snakemake's update_config): unchanged values, same jobs."""
+    merged = suite_config.merge(DEFAULT, {"recipe": {"data": {"batch_size": 128}, "new": 1}})
+    assert list(merged["recipe"]) == [*DEFAULT["recipe"], "new"] and list(merged) == list(DEFAULT)
+
+
+def test_config_overrides_are_read_as_yaml():
+    parsed = suite_config.parse_overrides(
+        ["gpu=true", "recipe={epochs: 1, optim: {lr: 0.001}}", "experiments={comparison: {seeds: [0]}}",
+         "description=123", "report=false"], SCHEMA)
+    assert parsed == {"gpu": True, "recipe": {"epochs": 1, "optim": {"lr": 0.001}},
+                      "experiments": {"comparison": {"seeds": [0]}}, "description": "123", "report": False}
+    with pytest.raises(suite_config.SuiteConfigError, match="KEY=VALUE"):
+        suite_config.parse_overrides(["gpu"], SCHEMA)
+
+
+def test_nested_config_overrides_work_in_snakemake(tmp_path):
+    done = snakemake(tmp_path, "-n", "--config", "recipe={epochs: 1}", "experiments={comparison: {seeds: [0]}}")
+    assert done.returncode == 0, output_of(done)
+    expected = expected_runs({**DEFAULT, "experiments": {**DEFAULT["experiments"], "comparison": {
+        **DEFAULT["experiments"]["comparison"], "seeds": [0]}}})
+    assert job_counts(done.stdout)["train"] == len(expected)
+
+
+def test_gpu_true_is_accepted_as_snakemake_users_write_it(tmp_path):
+    path = write_config(tmp_path / "one.yaml", tiny_config(methods=["qat"], seeds=[0]))
+    done = snakemake(tmp_path, "-n", "--printshellcmds", "--config", "gpu=true", config=path)
+    assert done.returncode == 0, output_of(done)
+    assert 'gpu_slot.py" -- python' in done.stdout and "--device cuda" in done.stdout
+
+
+def test_a_negative_seed_is_explained_in_words(tmp_path):
+    config = tiny_config()
+    config["experiments"]["tiny"]["seeds"] = [-1]
+    done = snakemake(tmp_path, "-n", config=write_config(tmp_path / "neg.yaml", config))
+    output = output_of(done)
+    assert done.returncode != 0
+    assert "config key 'experiments.tiny.seeds[0]': -1 is less than the minimum of 0" in output, output
+    assert "random seeds, integers >= 0" in output and "{'type'" not in output, output
+
+
+def test_schema_hints_never_show_a_schema_mapping():
+    """Every failing key's hint is a description string (a property named `description` is no hint)."""
+    config = tiny_config()
+    config["experiments"]["tiny"].update(seeds=[-1], archs=["vgg"], description=3)
+    problems = suite_config.schema_problems(config, SCHEMA)
+    assert len(problems) == 3
+    for problem in problems:
+        assert "{" not in problem, problem
+
+
+# --------------------------------------------------------------------- checks before any job
+def run_key(method, w=2, a=2, tset="8-4", seed=0) -> dict:
+    return {"method": method, "dataset": "digits", "arch": "alexnet", "w_bits": w, "a_bits": a,
+            "teacher_bits": tset, "seed": seed}
+
+
+def argv_maker(config):
+    def train_argv(key):
+        dirs = [f"/nonexistent/teacher-{t['w_bits']}" for t in grid.teacher_runs(
+            key["method"], key["dataset"], key["arch"], key["teacher_bits"], key["seed"])]
+        return grid.train_argv(config, key, dirs)
+    return train_argv
+
+
+def test_every_run_of_the_default_suite_resolves_without_its_teachers_trained():
+    """The pre-start check runs before any teacher exists: resolving a config must not read them."""
+    config = suite_config.check_suite(suite_config.layer_suite(), "default")
+    runs = grid.expand(config)[list(grid.COLUMNS)].to_dict("records")
+    assert checks.cmtkd_problems(config, runs, argv_maker(config)) == []
+
+
+def test_a_bad_method_option_is_rejected_by_cmtkd_train_itself():
+    config = suite_config.check_suite(suite_config.merge(tiny_config(), {
+        "method_args": {"mtkd": {"aggregation": "bogus"}}}), "bad")
+    runs = [run_key("mtkd", seed=0), run_key("mtkd", seed=1), run_key("qat", tset="none")]
+    problems = checks.cmtkd_problems(config, runs, argv_maker(config))
+    assert len(problems) == 1, problems
+    assert "method_args.aggregation must be one of" in problems[0] and "'bogus'" in problems[0]
+    assert "mtkd digits alexnet W2A2 teachers 8-4 seed 0 and 1 more run(s)" in problems[0]
+    assert "method_args.mtkd" in problems[0]
+
+
+def test_bad_method_option_stops_the_workflow_before_any_job(tmp_path):
+    config = tiny_config(methods=["qat", "mtkd"], seeds=[0])
+    config["method_args"] = {"mtkd": {"aggregation": "bogus"}}
+    path = write_config(tmp_path / "bogus.yaml", config)
+    assert snakemake(tmp_path, "-n", config=path).returncode == 0  # a dry run does not import cmtkd
+    done = snakemake(tmp_path, config=path, timeout=300)
+    assert done.returncode != 0
+    assert "method_args.aggregation must be one of" in done.stderr and "bogus" in done.stderr, output_of(done)
+    assert not list(tmp_path.glob("results/runs/method~*/**/train.log"))  # no job started
+
+
+def write_external(workdir: Path, name: str, rows: str) -> Path:
+    path = workdir / "results" / "external" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("method,dataset,arch,w_bits,a_bits,seed,top1,source\n" + rows)
+    return path
+
+
+def test_duplicate_imported_rows_are_rejected_with_file_and_lines(tmp_path):
+    write_external(tmp_path, "theirs.csv", "lq-nets,cifar100,alexnet,2,2,0,61.1,LQ\n"
+                                           "lq-nets,cifar100,alexnet,2,2,1,61.7,LQ\n"
+                                           "lq-nets,cifar100,alexnet,2,2,0,99.0,LQ\n")
+    done = snakemake(tmp_path, "-n", config=write_config(tmp_path / "c.yaml", tiny_config()))
+    output = output_of(done)
+    assert done.returncode != 0
+    assert "results/external/theirs.csv lines 2, 4: 2 rows for the same run" in output, output
+    assert "with different top1 (61.1, 99)" in output and "seed=0" in output, output
+    assert not (tmp_path / "results" / "runs").exists()
+
+
+def test_duplicates_across_files_and_without_seeds_are_found(tmp_path):
+    a = write_external(tmp_path, "a.csv", "lq-nets,cifar100,alexnet,2,2,0,61.1,LQ\n")
+    b = write_external(tmp_path, "b.csv", "lq-nets,cifar100,alexnet,2,2,0,61.1,LQ\n")
+    with pytest.raises(checks.InputError) as error:
+        checks.read_external([str(a), str(b)])
+    assert f"{a} line 2; {b} line 2: 2 rows for the same run" in str(error.value)
+    noseed = tmp_path / "noseed.csv"
+    noseed.write_text("method,dataset,arch,w_bits,a_bits,top1\nx,cifar100,alexnet,2,2,60\nx,cifar100,alexnet,2,2,62\n")
+    with pytest.raises(checks.InputError, match=r"lines 2, 3: 2 rows .*seed=\(none\)"):
+        checks.read_external([str(noseed)])
+    # Different seeds or sources are different runs.
+    ok = write_external(tmp_path, "ok.csv", "lq-nets,cifar100,alexnet,2,2,0,61.1,LQ\n"
+                                            "lq-nets,cifar100,alexnet,2,2,1,61.1,LQ\n"
+                                            "lq-nets,cifar100,alexnet,2,2,0,61.1,other paper\n")
+    assert len(checks.read_external([str(ok)])) == 3
+
+
+def test_make_tables_refuses_duplicate_imported_rows(tmp_path):
+    """make_tables.py on its own (not only the workflow's start-up check) never averages duplicates."""
+    (tmp_path / "results").mkdir()
+    shutil.copytree(FIXTURE / "runs", tmp_path / "results" / "runs")
+    shutil.copy(FIXTURE / "grid.csv", tmp_path / "results" / "runs" / "grid.csv")
+    dup = write_external(tmp_path, "dup.csv", "lq-nets,cifar100,alexnet,2,2,0,61.1,LQ\n" * 3)
+    run_script("collect_runs.py", "--grid", "results/runs/grid.csv", "--out", "results/runs.csv",
+               "--histories", "results/runs/histories.csv", "--finished-only", cwd=tmp_path)
+    done = subprocess.run([sys.executable, str(SCRIPTS / "make_tables.py"), "--runs", "results/runs.csv", "--grid",
+                           "results/runs/grid.csv", "--paper", str(ROOT / "results" / "paper" / "reported.csv"),
+                           "--external", str(dup), "--out-dir", "results/tables"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0 and "lines 2, 3, 4: 3 rows for the same run" in done.stderr, done.stderr
+    assert not (tmp_path / "results" / "tables" / "main.md").exists()
+
+
+# ------------------------------------------------------------------------------------ LaTeX
+HOSTILE = "lq-nets,cifar_100 & co,alex#net^2,2,2,0,61.1,\"Smith & Jones, 50% {x}\"\n"
+
+
+def tables_with(workdir: Path, external_rows: str) -> Path:
+    (workdir / "results").mkdir(parents=True)
+    shutil.copytree(FIXTURE / "runs", workdir / "results" / "runs")
+    shutil.copy(FIXTURE / "grid.csv", workdir / "results" / "runs" / "grid.csv")
+    external = [str(FIXTURE / "external" / "lqnets_rerun.csv"), str(write_external(workdir, "odd.csv", external_rows))]
+    run_script("collect_runs.py", "--grid", "results/runs/grid.csv", "--out", "results/runs.csv",
+               "--histories", "results/runs/histories.csv", "--finished-only", cwd=workdir)
+    run_script("make_tables.py", "--runs", "results/runs.csv", "--grid", "results/runs/grid.csv",
+               "--paper", str(ROOT / "results" / "paper" / "reported.csv"), "--external", *external,
+               "--out-dir", "results/tables", cwd=workdir)
+    return workdir / "results" / "tables"
+
+
+def test_tex_escape_is_one_pass():
+    from make_tables import tex_escape
+
+    assert tex_escape("a\\b{c}") == r"a\textbackslash{}b\{c\}"
+    assert tex_escape("50% & $x_1$ #~^") == r"50\% \& \$x\_1\$ \#\textasciitilde{}\^{}"
+
+
+def test_every_latex_cell_is_escaped(tmp_path):
+    tex = (tables_with(tmp_path, HOSTILE) / "main.tex").read_text()
+    assert r"cifar\_100 \& co" in tex and r"alex\#net\^{}2" in tex, tex
+    assert r"Smith \& Jones, 50\% \{x\}" in tex
+    body = tex.split("\\midrule", 1)[1].split("\\bottomrule", 1)[0]
+    for row in body.split("\\\\"):
+        cells = row.split(" & ")
+        for cell in cells:  # no unescaped special outside the commands the writer itself emits
+            plain = re.sub(r"\\textsuperscript\{[a-z]\}|\$\\pm\$|\\\^\{\}|\\textbackslash\{\}|\\[&%$#_{}]", "", cell)
+            assert not re.search(r"[&%$#_^{}]", plain), (cell, row)
+
+
+def compile_tex(table: Path, workdir: Path) -> subprocess.CompletedProcess:
+    document = workdir / f"{table.stem}_doc.tex"
+    document.write_text("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
+                        "\\begin{document}\n\\input{" + str(table) + "}\n\\end{document}\n")
+    return subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", document.name], cwd=workdir,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None,
+                    reason="pdflatex is not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
+def test_generated_latex_tables_compile_with_pdflatex(tmp_path):
+    tables = tables_with(tmp_path / "work", HOSTILE)
+    for name in ("main", "ablation", "paper_delta"):
+        for table in (tables / f"{name}.tex", GOLDEN / f"{name}.tex"):
+            done = compile_tex(table, tmp_path)
+            assert done.returncode == 0, f"{table}:\n" + done.stdout[-3000:]
+
+
+# ----------------------------------------------------------------------------------- report
+def render_front_page(description) -> str:
+    """workflow/report/workflow.rst as `snakemake --report` renders it (Jinja, then docutils)."""
+    from docutils.core import publish_parts
+    from jinja2 import Environment
+
+    class Snakemake:
+        config = {"description": description} if description is not None else {}
+
+    template = (ROOT / "workflow" / "report" / "workflow.rst").read_text()
+    text = Environment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
+        snakemake=Snakemake, categories={}, files={})
+    return publish_parts(text, writer_name="html", settings_overrides={"report_level": 5})["html_body"]
+
+
+def test_report_shows_the_description_as_plain_text():
+    hostile = ("Suite *one* with `a link <javascript:alert(2)>`_\n\n.. raw:: html\n\n"
+               "   <script>alert(1)</script>\n\n.. include:: /etc/passwd\n")
+    html = render_front_page(hostile)
+    assert "<script>" not in html and "javascript:" not in html.replace("&lt;javascript:", "")
+    assert "href" not in html.split("Suite:", 1)[1].split("</pre>", 1)[0]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and ".. raw:: html" in html
+    assert "Suite *one* with" in html and "root:" not in html  # shown as typed; nothing included
+    assert "Suite:" not in render_front_page(None)  # no description: no block
+
+
+# ------------------------------------------------------------------------- the report writer
+def test_report_command_repeats_the_invocation(tmp_path):
+    command = html_report.report_command("Snakefile", tmp_path, "results/report.html", ["a.yaml"],
+                                         ["gpu=true", "recipe={epochs: 1}"], True)
+    assert command[1:3] == ["-m", "snakemake"]
+    assert command[command.index("--configfile") + 1] == "a.yaml" and "--replace-workflow-config" in command
+    assert command[command.index("--config") + 1:] == ["gpu=true", "recipe={epochs: 1}"]
+
+
+def test_report_is_outdated_only_when_an_output_is_newer(tmp_path):
+    outputs = [tmp_path / "a.csv", tmp_path / "b.png"]
+    html = tmp_path / "report.html"
+    assert not html_report.report_outdated(True, outputs, html)  # outputs missing
+    for p in outputs:
+        p.write_text("x")
+    assert html_report.report_outdated(True, outputs, html) and not html_report.report_outdated(False, outputs, html)
+    html.write_text("x")
+    os.utime(html, (outputs[0].stat().st_mtime + 10,) * 2)
+    assert not html_report.report_outdated(True, outputs, html)
+    os.utime(outputs[1], (html.stat().st_mtime + 10,) * 2)
+    assert html_report.report_outdated(True, outputs, html)
+
+
+# ------------------------------------------------------------------------ docs and catalog
+def test_config_readme_is_generated_from_the_schema():
+    assert (ROOT / "config" / "README.md").read_text() == config_docs.render(), \
+        "config/README.md is out of date: python workflow/scripts/config_docs.py"
+    text = config_docs.render()
+
+    def keys(schema, prefix=""):
+        for name, child in schema.get("properties", {}).items():
+            yield f"{prefix}.{name}" if prefix else name
+            yield from keys(child, f"{prefix}.{name}" if prefix else name)
+
+    for key in keys(SCHEMA):
+        assert f"| `{key}` |" in text, key
+
+
+def test_workflow_catalog_file():
+    catalog = yaml.safe_load((ROOT / ".snakemake-workflow-catalog.yml").read_text())
+    usage = catalog["usage"]
+    assert usage["software-stack-deployment"]["conda"] is True and usage["report"] is True
+    assert "--configfile" in usage["mandatory-flags"]["desc"]
+
+
+# ------------------------------------------------------------------------------ thin workflow
+def test_common_smk_is_wiring_only():
+    lines = (ROOT / "workflow" / "rules" / "common.smk").read_text().splitlines()
+    assert len(lines) <= 80, len(lines)
+    # Config loading, schema messages, checks and the report writer live in workflow/scripts/.
+    assert not [line for line in lines if re.match(r"(import|from) (jsonschema|pandas|yaml|subprocess)\b", line)]
+
+
+def test_workflow_scripts_do_not_import_torch():
+    code = ("import sys; sys.path.insert(0, 'workflow/scripts'); "
+            "import grid, suite_config, checks, html_report, config_docs, make_tables; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def test_checks_command_line(tmp_path):
+    path = write_config(tmp_path / "tiny.yaml", tiny_config(methods=["qat", "mtkd"], seeds=[0]))
+    done = subprocess.run([sys.executable, str(SCRIPTS / "checks.py"), "--configfile", str(path), "--external"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "4 runs checked: ok" in done.stderr, done.stdout + done.stderr
+    bad = {**tiny_config(methods=["mtkd"], seeds=[0]), "method_args": {"mtkd": {"aggregation": "bogus"}}}
+    done = subprocess.run([sys.executable, str(SCRIPTS / "checks.py"), "--configfile",
+                           str(write_config(tmp_path / "bad.yaml", bad)), "--external"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1 and "method_args.aggregation" in done.stdout, done.stdout + done.stderr
