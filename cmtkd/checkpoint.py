@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -157,14 +158,14 @@ def save_checkpoint(path: str | Path, content: dict) -> None:
     save(path, "checkpoint", content)
 
 
-def load_checkpoint(path: str | Path, config: dict) -> dict:
-    """The checked content of a ``checkpoint.pt`` written for the configuration ``config``."""
-    from cmtkd.config import config_diff
-
+def load_checkpoint(path: str | Path, differences: Callable[[dict], list[str]]) -> dict:
+    """The checked content of a ``checkpoint.pt``. ``differences(saved_config)`` lists the
+    result-relevant config keys in which the saved run differs from the one resuming it (the caller's
+    :func:`cmtkd.config.config_diff`: this module sits below the config layer); any is an error."""
     path = Path(path)
     fix = "delete it to train the run from scratch"
     content = load(path, "checkpoint", fix)
-    diff = config_diff(content["config"], config)
+    diff = differences(content["config"])
     if diff:
         raise UserError(f"{path.parent} holds a checkpoint of a different configuration (differs in: "
                         f"{', '.join(diff[:6])}); use a new --out or delete the directory")

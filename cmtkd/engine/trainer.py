@@ -25,7 +25,7 @@ from torch import nn
 
 from cmtkd import checkpoint
 from cmtkd.checkpoint import CHECKPOINT_FILE as CHECKPOINT, MODEL_FILE as MODEL
-from cmtkd.config import RunConfig, config_hash, load_run_config
+from cmtkd.config import RunConfig, config_diff, config_hash, load_run_config
 from cmtkd.data import build_data
 from cmtkd.data.common import check_data_parallel
 from cmtkd.engine import distributed
@@ -316,7 +316,7 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
     chash = config_hash(cfg)
 
     # Every rank reads the checkpoint itself: files are written atomically, so none sees half of one.
-    ckpt = checkpoint.load_checkpoint(ckpt_path, cfg_dict) if ckpt_path.exists() else None
+    ckpt = checkpoint.load_checkpoint(ckpt_path, lambda saved: config_diff(saved, cfg_dict)) if ckpt_path.exists() else None
     if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
         problem = finished_outputs_problem(out, chash)
         if problem is None:
