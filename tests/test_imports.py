@@ -26,11 +26,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"cmtkd": "cmtkd", "cmtkd.baselines": "baselines"}
 
 # Lowest first. A module may import its own layer and the layers below it.
+# A name stands for the module and everything under it, except "cmtkd", which is its __init__ only.
 LAYERS = [
     ["cmtkd", "cmtkd.errors", "cmtkd.catalog", "cmtkd.typed", "cmtkd.files"],
     ["cmtkd.quant", "cmtkd.losses", "cmtkd.data"],
     ["cmtkd.models"],
-    ["cmtkd.checkpoint"],
+    ["cmtkd.checkpoint"],  # model.pt / checkpoint.pt: read by teachers and the engine, written by the engine
     ["cmtkd.teachers"],
     ["cmtkd.methods", "cmtkd.baselines"],
     ["cmtkd.registry"],
@@ -39,7 +40,7 @@ LAYERS = [
     ["cmtkd.cli"],
 ]
 
-# Upward imports still to be removed (none: the test fails if one appears).
+# Upward imports still to be moved (none today: a new one fails the test).
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
@@ -144,7 +145,8 @@ def layer_of(module: str) -> int:
     best, level = -1, None
     for i, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+            inside = module == prefix or (prefix != "cmtkd" and module.startswith(prefix + "."))
+            if inside and len(prefix) > best:
                 best, level = len(prefix), i
     if level is None:
         raise KeyError(f"module {module} is in no layer of tests/test_imports.py LAYERS; add it")
@@ -182,7 +184,13 @@ def test_no_import_cycle():
 def test_no_import_points_up_a_layer():
     upward = upward_imports(import_graph(REPO_ROOT))
     assert upward - KNOWN_UPWARD == set(), "imports that point back up a layer (see LAYERS)"
-    assert KNOWN_UPWARD <= upward, f"fixed: remove {sorted(KNOWN_UPWARD - upward)} from KNOWN_UPWARD"
+
+
+def test_every_module_has_a_layer():
+    with pytest.raises(KeyError, match="cmtkd.newthing"):
+        layer_of("cmtkd.newthing")
+    for module in import_graph(REPO_ROOT):
+        layer_of(module)
 
 
 def test_catalog_and_grid_do_not_import_torch():
