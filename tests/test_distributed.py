@@ -45,9 +45,12 @@ UPDATE_RATIO = 1.5
 
 
 def load(path: Path):
-    from cmtkd.checkpoint import read_content
+    """A run's model.pt/checkpoint.pt through cmtkd.checkpoint; any other .pt file as plain safe torch.load."""
+    from cmtkd.checkpoint import MODEL_FILE, CHECKPOINT_FILE, read_content
 
-    return read_content(path)
+    if path.name in (MODEL_FILE, CHECKPOINT_FILE):
+        return read_content(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def torchrun_command(*args: str, nproc: int = WORLD) -> dict:
