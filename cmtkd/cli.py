@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
             Subcommands: train a run, evaluate a finished run standalone, export its student,
             list what is available."""),
         epilog=EPILOG)
+    from cmtkd import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,export,list}")
     _train_parser(sub)
     p = sub.add_parser("evaluate", help="evaluate a finished run's saved student on the test set -> RUN_DIR/eval.json",
