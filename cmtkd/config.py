@@ -57,6 +57,8 @@ class TrainConfig:
     deterministic: bool = True
     select: str = "best_val"      # best_val (model selection on the held-out val split) | last
     progress: str = "auto"        # auto (bar on a TTY) | bar | none
+    # Experiment trackers besides history.csv: csv | tensorboard | wandb (cmtkd.engine.loggers).
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
 
 
 @dataclass
@@ -76,7 +78,8 @@ class RunConfig:
 
 
 # Keys that may differ between a checkpoint and the resuming command without changing results.
-NON_RESULT_KEYS = ("train.progress", "train.threads", "data.num_workers", "data.eval_batch_size", "data.download")
+NON_RESULT_KEYS = ("train.progress", "train.threads", "data.num_workers", "data.eval_batch_size", "data.download",
+                   "train.loggers")
 
 _CHOICES = {
     "model.variant": ("auto", "cifar", "imagenet"),
@@ -253,6 +256,9 @@ def resolve(cfg: RunConfig) -> RunConfig:
     for role in ("first", "body", "last"):
         make_weight_quantizer(cfg.model.weight_quant, policy.weight_bits(role, cfg.w_bits))
     make_act_quantizer(cfg.model.act_quant, cfg.a_bits)
+    from cmtkd.engine.loggers import check_loggers
+
+    check_loggers(cfg.train.loggers)
     # Method options: validated (and defaults filled in) by the method's own dataclass.
     options = from_dict(method_cls.Options, cfg.method_args, prefix="method_args")
     cfg.method_args = asdict(options)

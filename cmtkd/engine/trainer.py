@@ -28,6 +28,7 @@ from cmtkd.data import build_data
 from cmtkd.data.common import check_data_parallel
 from cmtkd.engine import distributed
 from cmtkd.engine.env import fingerprint, peak_memory_mib
+from cmtkd.engine.loggers import Trackers, check_logger_packages
 from cmtkd.engine.io import (atomic_torch_save, atomic_write_json, atomic_write_text, ensure_writable_dir,
                              remove_stale_temp_files, torch_load)
 from cmtkd.errors import UserError
@@ -266,6 +267,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
     every global batch, and rank 0 alone logs and writes ``out_dir``."""
     device = setup_runtime(cfg)
     # Checked before any process group or file exists, so a bad setting costs no rendezvous.
+    check_logger_packages(cfg.train.loggers)
     check_data_parallel(cfg.data, distributed.launched_world_size())
     if cfg.train.sync_bn:
         distributed.check_sync_bn(device)
@@ -350,6 +352,8 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, log) -> dict:
             f"({data.info.num_train} train / {data.info.num_val} val images, {steps} steps/epoch, {device}"
             f"{processes})")
     ddp = distributed.wrap_for_training(method, device)  # None in a single process
+    trackers = Trackers(cfg.train.loggers, out, config=cfg_dict, config_hash=chash,
+                        start_epoch=start_epoch) if main else None
     replica_tensors = 0
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -414,6 +418,7 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, log) -> dict:
                     "train_images": train_images, "peak_mem_mib": peak_mem, "world_size": world}
             atomic_torch_save(ckpt_path, ckpt)
             atomic_write_text(out / "history.csv", _history_csv(history))
+            trackers.log_epoch(row)
         shown = "  ".join(f"{k[5:] if k.startswith('loss_') else k} {v:.4g}" for k, v in row.items()
                           if k.startswith("loss") or k.startswith("val_top1"))
         log(f"epoch {epoch + 1}/{cfg.epochs}  {shown}  {epoch_time:.1f}s  {row['images_per_s']:.0f} img/s")
@@ -436,6 +441,9 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, log) -> dict:
         return metrics
 
     metrics = distributed.on_main(finish)  # the other ranks wait for rank 0's files and get its metrics
+    if trackers is not None:
+        trackers.log_final(metrics, cfg.epochs)
+        trackers.close()
     if replica_tensors:
         log(f"{world} processes: all {replica_tensors} parameter and buffer tensors identical on every rank")
     log(f"{out}: test top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
