@@ -30,6 +30,9 @@ class ModelConfig:
     policy: str = "fp-first-last"  # which layers are quantized: see cmtkd.models.policy
     weight_quant: str = "auto"    # auto = binary at 1 bit, EdMIPS Gaussian-uniform at 2-8 bits
     act_quant: str = "hwgq"
+    # A finished run (or its model.pt) whose weights every network the method builds starts from;
+    # "" = from scratch. See cmtkd.initialization.
+    init_from: str = ""
 
 
 @dataclass

@@ -29,6 +29,7 @@ from cmtkd.data.common import check_data_parallel
 from cmtkd.engine import distributed
 from cmtkd.engine.env import fingerprint, peak_memory_mib
 from cmtkd.engine.loggers import Trackers, check_logger_packages
+from cmtkd.initialization import check_init_source
 from cmtkd.engine.io import (atomic_torch_save, atomic_write_json, atomic_write_text, ensure_writable_dir,
                              remove_stale_temp_files, torch_load)
 from cmtkd.errors import UserError
@@ -268,6 +269,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
     device = setup_runtime(cfg)
     # Checked before any process group or file exists, so a bad setting costs no rendezvous.
     check_logger_packages(cfg.train.loggers)
+    check_init_source(cfg)
     check_data_parallel(cfg.data, distributed.launched_world_size())
     if cfg.train.sync_bn:
         distributed.check_sync_bn(device)
@@ -435,7 +437,7 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, log) -> dict:
             "top1": test["top1"], "top5": test["top5"], "test_images": test["n"],
             "best_val_epoch": best["epoch"], "best_val_top1": best["val_top1"], "selection": cfg.train.select,
             "train_seconds": train_seconds, "images_per_s": train_images / max(train_seconds, 1e-9),
-            "peak_mem_mib": peak_mem, "world_size": world, "env": fingerprint(device, chash), **method.metadata(),
+            "peak_mem_mib": peak_mem, "world_size": world, "env": fingerprint(device, chash), **method.metadata(), **method.init_metadata,
         }
         atomic_write_json(metrics_path, metrics)
         return metrics
