@@ -20,9 +20,9 @@ model must reproduce the trained one, exactly for the HWGQ/binary/Gaussian defau
   quantized weight is a float constant (the values are still the quantized ones). Full-precision
   layers (the first conv and the classifier under the default ``fp-first-last`` policy) are float.
 
-The graph runs in onnxruntime; integer kernels (QLinearConv) are the runtime's business: ORT's
-graph optimiser fuses ``DQ -> Conv -> Q`` where its kernels support it. Logits agree with PyTorch up
-to the runtime's float accumulation order (tests/test_onnx_export.py states the tolerance).
+The graph is the standard QDQ form that runtimes lower to integer kernels where they have them;
+checked here with onnxruntime's CPU provider: logits agree with PyTorch up to the runtimes' float
+accumulation order (tests/test_onnx_export.py states the tolerance and what was measured).
 """
 from __future__ import annotations
 
@@ -149,8 +149,8 @@ class _DQWeightMixin:
     """A conv/linear layer whose weight is ``DequantizeLinear(int8 q, scale)`` (or a float constant)."""
 
     def _set_weight(self, quantized: torch.Tensor, candidate) -> str:
+        """Store ``quantized`` as int8 + scale when exact, else as a float buffer; returns which."""
         del self.weight
-        form = "float"
         if candidate is not None:
             scale, axis = candidate
             q = integer_weight(quantized, scale.float(), axis)
@@ -160,7 +160,7 @@ class _DQWeightMixin:
                 self.axis = axis
                 return "int8"
         self.register_buffer("weight", quantized)
-        return form
+        return "float"
 
     def dequantized_weight(self) -> torch.Tensor:
         if hasattr(self, "qweight"):
@@ -178,10 +178,6 @@ class DQLinear(_DQWeightMixin, nn.Linear):
         return F.linear(x, self.dequantized_weight(), self.bias)
 
 
-def _replace(parent: nn.Module, name: str, new: nn.Module) -> None:
-    setattr(parent, name, new)
-
-
 @torch.no_grad()
 def qdq_model(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
     """A copy of ``model`` (eval) whose quantizers are QDQ ops; returns it and a count per weight form."""
@@ -191,7 +187,7 @@ def qdq_model(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
         for name, child in list(parent.named_children()):
             grid = activation_grid(child)
             if grid is not None:
-                _replace(parent, name, QDQActivation(*grid))
+                setattr(parent, name, QDQActivation(*grid))
             elif isinstance(child, (QConv2d, QLinear)):
                 if child.w_bits == 32:
                     forms["fp"] += 1
@@ -206,7 +202,7 @@ def qdq_model(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
                 if child.bias is not None:
                     new.bias.copy_(child.bias)
                 forms[new._set_weight(quantized, weight_scale_candidates(child.weight_quantizer, child.weight))] += 1
-                _replace(parent, name, new)
+                setattr(parent, name, new)
     return model, forms
 
 
