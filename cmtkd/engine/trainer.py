@@ -437,7 +437,8 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, log) -> dict:
             "top1": test["top1"], "top5": test["top5"], "test_images": test["n"],
             "best_val_epoch": best["epoch"], "best_val_top1": best["val_top1"], "selection": cfg.train.select,
             "train_seconds": train_seconds, "images_per_s": train_images / max(train_seconds, 1e-9),
-            "peak_mem_mib": peak_mem, "world_size": world, "env": fingerprint(device, chash), **method.metadata(), **method.init_metadata,
+            "peak_mem_mib": peak_mem, "world_size": world, "env": fingerprint(device, chash), **method.metadata(),
+            **method.init_metadata,
         }
         atomic_write_json(metrics_path, metrics)
         return metrics
