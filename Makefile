@@ -25,7 +25,7 @@ tables: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/suite.py --threads $(CORES)
 
-# torch/torchvision ranges in pyproject.toml admit 2.14.1/0.29.1, which pip takes from local disk here.
+# torch/torchvision have lower bounds only (pyproject.toml): an installed newer torch is kept.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test]'

@@ -113,6 +113,8 @@ def cmd_export(args) -> int:
     model.eval()
     size = args.image_size or EXPORT_IMAGE_SIZE.get(cfg.data.name, 32)
     example = torch.zeros(2, blob["arch_config"]["in_channels"], size, size)
+    if args.format == "onnx":
+        return _export_onnx(run_dir, model, blob, example, Path(args.out or run_dir / "student.onnx"))
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     out = Path(args.out or run_dir / "student.pt2")
     tmp = out.with_name(f".{out.stem}.tmp.pt2")  # torch.export wants the .pt2 suffix
@@ -125,6 +127,25 @@ def cmd_export(args) -> int:
     print(json.dumps({"exported": str(out), "sha256": sha256_file(out), "input": list(example.shape[1:]),
                       "arch": blob["arch_config"]["arch"], "w_bits": blob["arch_config"]["w_bits"],
                       "a_bits": blob["arch_config"]["a_bits"]}))
+    return 0
+
+
+def _export_onnx(run_dir, model, blob, example, out) -> int:
+    """``--format onnx``: the student as a QDQ ONNX graph (see :mod:`cmtkd.onnx_export`)."""
+    import torch
+
+    from cmtkd.engine.io import sha256_file
+    from cmtkd.onnx_export import export_onnx, onnx_node_counts
+
+    # A non-trivial example: the export checks the rewritten model against the trained one on it.
+    example = torch.randn(example.shape, generator=torch.Generator().manual_seed(0))
+    summary = export_onnx(model, example, out)
+    counts = onnx_node_counts(out)
+    print(json.dumps({"exported": str(out), "format": "onnx", "sha256": sha256_file(out),
+                      "input": list(example.shape[1:]), "arch": blob["arch_config"]["arch"],
+                      "w_bits": blob["arch_config"]["w_bits"], "a_bits": blob["arch_config"]["a_bits"],
+                      "QuantizeLinear": counts.get("QuantizeLinear", 0),
+                      "DequantizeLinear": counts.get("DequantizeLinear", 0), **summary}))
     return 0
 
 
@@ -156,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
             Subcommands: train a run, evaluate a finished run standalone, export its student,
             list what is available."""),
         epilog=EPILOG)
+    from cmtkd import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,export,list}")
     _train_parser(sub)
     p = sub.add_parser("evaluate", help="evaluate a finished run's saved student on the test set -> RUN_DIR/eval.json",
@@ -165,12 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="directory written by `cmtkd train --out`")
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--threads", type=int, help="torch threads")
-    p = sub.add_parser("export", help="export a run's student alone as a plain torch.export program (.pt2)",
+    p = sub.add_parser("export", help="export a run's student alone as a torch.export program (.pt2) or QDQ ONNX",
                        description="Write the selected student of RUN_DIR (teachers and training state dropped) as a "
-                                   "self-contained torch.export program; load it anywhere with "
-                                   "torch.export.load(PATH).module(). Checks the export reproduces the model.")
+                                   "self-contained torch.export program (--format pt2, default; load it anywhere with "
+                                   "torch.export.load(PATH).module()) or as an ONNX graph with QuantizeLinear/"
+                                   "DequantizeLinear around every quantized activation and integer weights where "
+                                   "exact (--format onnx; needs pip install 'cmtkd[onnx]'). Checks the export "
+                                   "reproduces the model.")
     p.add_argument("run_dir", help="directory written by `cmtkd train --out`")
-    p.add_argument("--out", help="output file (default: RUN_DIR/student.pt2)")
+    p.add_argument("--format", choices=("pt2", "onnx"), default="pt2", help="pt2 (torch.export) or onnx (QDQ)")
+    p.add_argument("--out", help="output file (default: RUN_DIR/student.pt2 or RUN_DIR/student.onnx)")
     p.add_argument("--image-size", type=int, help="input height/width (default: by dataset: digits 28, cifar100 32, imagenet 224)")
     sub.add_parser("list", help="list methods, architectures, datasets, policies and quantizers")
     return parser

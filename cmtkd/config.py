@@ -29,6 +29,9 @@ class ModelConfig:
     policy: str = "fp-first-last"  # which layers are quantized: see cmtkd.models.policy
     weight_quant: str = "auto"    # auto = binary at 1 bit, EdMIPS Gaussian-uniform at 2-8 bits
     act_quant: str = "hwgq"
+    # A finished run (or its model.pt) whose weights every network the method builds starts from;
+    # "" = from scratch. See cmtkd.initialization.
+    init_from: str = ""
 
 
 @dataclass
@@ -56,6 +59,8 @@ class TrainConfig:
     deterministic: bool = True
     select: Literal["best_val", "last"] = "best_val"  # best_val: model selection on the held-out val split
     progress: Literal["auto", "bar", "none"] = "auto"  # auto: a bar on a TTY
+    # Experiment trackers besides history.csv: csv | tensorboard | wandb (cmtkd.engine.loggers).
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
 
 
 @dataclass
@@ -75,7 +80,8 @@ class RunConfig:
 
 
 # Keys that may differ between a checkpoint and the resuming command without changing results.
-NON_RESULT_KEYS = ("train.progress", "train.threads", "data.num_workers", "data.eval_batch_size", "data.download")
+NON_RESULT_KEYS = ("train.progress", "train.threads", "data.num_workers", "data.eval_batch_size", "data.download",
+                   "train.loggers")
 
 def parse_set(expr: str) -> tuple[str, Any]:
     """``'optim.lr=0.05'`` -> ``('optim.lr', 0.05)``; the value is parsed as YAML."""
@@ -203,6 +209,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
         make_weight_quantizer(cfg.model.weight_quant, policy.weight_bits(role, cfg.w_bits))
     make_act_quantizer(cfg.model.act_quant, cfg.a_bits)
     cfg.method_args = asdict(method_options(method_cls, cfg))
+    # Experiment trackers besides history.csv: csv | tensorboard | wandb (cmtkd.engine.loggers).
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
     return cfg
 
 

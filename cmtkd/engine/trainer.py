@@ -32,6 +32,8 @@ from cmtkd.engine import distributed
 from cmtkd.engine.env import fingerprint, peak_memory_mib
 from cmtkd.files import (RunBusy, RunLock, atomic_write_text, ensure_writable_dir, read_sealed_json,
                          remove_stale_temp_files, write_sealed_json)
+from cmtkd.engine.loggers import Trackers, check_logger_packages
+from cmtkd.initialization import check_init_source
 from cmtkd.errors import UserError
 from cmtkd.registry import get_method
 
@@ -282,6 +284,8 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
     every global batch, and rank 0 alone logs and writes ``out_dir``."""
     device = setup_runtime(cfg)
     # Checked before any process group or file exists, so a bad setting costs no rendezvous.
+    check_logger_packages(cfg.train.loggers)
+    check_init_source(cfg)
     check_data_parallel(cfg.data, distributed.launched_world_size())
     if cfg.train.sync_bn:
         distributed.check_sync_bn(device)
@@ -377,6 +381,8 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
             f"({data.info.num_train} train / {data.info.num_val} val images, {steps} steps/epoch, {device}"
             f"{processes})")
     ddp = distributed.wrap_for_training(method, device)  # None in a single process
+    trackers = Trackers(cfg.train.loggers, out, config=cfg_dict, config_hash=chash,
+                        start_epoch=start_epoch) if main else None
     replica_tensors = 0
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -441,6 +447,7 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
                     "train_images": train_images, "peak_mem_mib": peak_mem, "world_size": world}
             checkpoint.save_checkpoint(ckpt_path, ckpt)
             atomic_write_text(out / "history.csv", _history_csv(history))
+            trackers.log_epoch(row)
         shown = "  ".join(f"{k[5:] if k.startswith('loss_') else k} {v:.4g}" for k, v in row.items()
                           if k.startswith("loss") or k.startswith("val_top1"))
         log(f"epoch {epoch + 1}/{cfg.epochs}  {shown}  {epoch_time:.1f}s  {row['images_per_s']:.0f} img/s")
@@ -458,10 +465,14 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
             "best_val_epoch": best["epoch"], "best_val_top1": best["val_top1"], "selection": cfg.train.select,
             "train_seconds": train_seconds, "images_per_s": train_images / max(train_seconds, 1e-9),
             "peak_mem_mib": peak_mem, "world_size": world, "env": fingerprint(device, chash), **method.metadata(),
+            **method.init_metadata,
         }
         return write_sealed_json(metrics_path, metrics)
 
     metrics = distributed.on_main(finish)  # the other ranks wait for rank 0's files and get its metrics
+    if trackers is not None:
+        trackers.log_final(metrics, cfg.epochs)
+        trackers.close()
     if replica_tensors:
         log(f"{world} processes: all {replica_tensors} parameter and buffer tensors identical on every rank")
     log(f"{out}: test top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "

@@ -76,7 +76,15 @@ class Method(nn.Module):
         )
 
     def build_network(self, w_bits: int, a_bits: int) -> nn.Module:
-        return build_model(**self.arch_config(w_bits, a_bits))
+        """A network of this run at (w_bits, a_bits): from scratch, or from ``model.init_from``."""
+        config = self.arch_config(w_bits, a_bits)
+        network = build_model(**config)
+        if self.cfg.model.init_from:
+            from cmtkd.initialization import initialize_from
+
+            digest = initialize_from(network, self.cfg.model.init_from, config)
+            self.init_metadata = {"init_from": self.cfg.model.init_from, "init_sha256": digest}
+        return network
 
     def network_group(self, name: str, module: nn.Module, w_bits: int, a_bits: int, lr_mult: float = 1.0) -> dict:
         wd = self.cfg.optim.weight_decay
@@ -113,6 +121,9 @@ class Method(nn.Module):
     def metadata(self) -> dict:
         """Extra entries for metrics.json (e.g. teacher checkpoint hashes)."""
         return {}
+
+    # metrics.json entries of model.init_from (set by build_network)
+    init_metadata: dict = {}
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ rule plots:
             name: report(f"results/plots/{name}.png", caption=f"../report/{name}.rst", category="Plots")
             for name in PLOT_NAMES
         },
+        # the same figures as vector PDFs, for papers
+        **{f"{name}_pdf": f"results/plots/{name}.pdf" for name in PLOT_NAMES},
     log:
         f"{LOGS}/plots.log",
     conda:

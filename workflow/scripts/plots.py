@@ -2,6 +2,10 @@
 
     plots.py --runs results/runs.csv --histories results/histories.csv --out-dir results/plots
 
+Every figure is written twice: ``NAME.pdf`` (vector, for papers) and ``NAME.png`` (200 dpi, for the
+report). Legends sit outside the axes (one per figure, right of the panels); each method has the same
+colour in every figure (:func:`method_color`), full precision is always black and dashed.
+
 - ``accuracy_vs_bits.png``: top-1 vs student bit-width, one line per method (mean, error bar = std
   over seeds), one panel per dataset x architecture; full precision as a dashed line;
 - ``training_curves.png``: validation top-1 of the student per epoch (mean over seeds), one panel
@@ -27,6 +31,35 @@ from grid import CELL as KEY
 from grid import FULL_PRECISION, METHODS, NO_TEACHERS, bits_label, teacher_list
 
 VAL_COLUMN = "val_top1_student"
+PNG_DPI = 200
+# tab20 minus its light halves' clashes: one fixed colour per method of the grid, in METHODS order.
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+            "#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5"]
+
+
+def method_color(method: str) -> str:
+    """The colour of ``method`` in every plot (methods outside the grid, e.g. imported ones: grey)."""
+    if method == "fp":
+        return "black"
+    names = [m for m in METHODS if m != "fp"]
+    return _PALETTE[names.index(method) % len(_PALETTE)] if method in names else "#7f7f7f"
+
+
+def save_figure(fig, png_path: Path) -> None:
+    """``NAME.png`` at PNG_DPI and ``NAME.pdf`` (vector) next to it."""
+    fig.savefig(png_path, dpi=PNG_DPI, bbox_inches="tight")
+    fig.savefig(png_path.with_suffix(".pdf"), bbox_inches="tight")
+    plt.close(fig)
+
+
+def legend_outside(fig, axes) -> None:
+    """One legend for the whole figure, right of the panels (never over the data)."""
+    entries: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="outside right upper", fontsize=8, frameon=False)
 
 
 def method_label(method: str, teacher_bits: str) -> str:
@@ -40,7 +73,7 @@ def method_rank(method: str) -> int:
 def panel_grid(n: int, width: float = 4.2, height: float = 3.2):
     cols = min(n, 3) or 1
     rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat)
@@ -50,8 +83,7 @@ def empty_figure(path: Path, message: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 2))
     ax.axis("off")
     ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def accuracy_vs_bits(runs: pd.DataFrame, path: Path) -> None:
@@ -75,24 +107,23 @@ def accuracy_vs_bits(runs: pd.DataFrame, path: Path) -> None:
             rows = part[(part["method"] == method) & (part["teacher_bits"] == tset)]
             if (rows["w_bits"] == FULL_PRECISION).all():
                 mean = rows["mean"].mean()
-                ax.axhline(mean, linestyle="--", color="black", linewidth=1, label=f"{method_label(method, tset)}")
+                ax.axhline(mean, linestyle="--", color=method_color(method), linewidth=1,
+                           label=f"{method_label(method, tset)}")
                 continue
             rows = rows[rows["w_bits"] != FULL_PRECISION].sort_values(["w_bits", "a_bits"])
             # Dodge the lines sideways a little so that error bars at one bit-width stay readable.
             offset = 0.3 * (quantized_lines.index((method, tset)) / max(len(quantized_lines) - 1, 1) - 0.5)
             xs = [x_of[(w, a)] + offset for w, a in zip(rows["w_bits"], rows["a_bits"])]
             ax.errorbar(xs, rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3,
-                        label=method_label(method, tset))
+                        color=method_color(method), label=method_label(method, tset))
         ax.set_xticks(range(len(order)), [bits_label(w, a) for w, a in order])
         ax.set_xlim(-0.5, max(len(order) - 0.5, 0.5))
         ax.set_title(f"{dataset} / {arch}")
         ax.set_xlabel("student bit-width")
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    legend_outside(fig, axes)
+    save_figure(fig, path)
 
 
 def training_curves(histories: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None:
@@ -109,16 +140,15 @@ def training_curves(histories: pd.DataFrame, runs: pd.DataFrame, path: Path) -> 
         for (method, tset), rows in sorted(part.groupby(["method", "teacher_bits"]),
                                            key=lambda item: (method_rank(item[0][0]), item[0])):
             curve = rows.groupby("epoch")[VAL_COLUMN].mean()
-            ax.plot(curve.index, curve.values, marker=".", label=method_label(method, tset))
+            ax.plot(curve.index, curve.values, marker=".", color=method_color(method),
+                    linestyle="--" if method == "fp" else "-", label=method_label(method, tset))
         ax.set_title(f"{dataset} / {arch} / {bits_label(w, a)}")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("val top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    legend_outside(fig, axes)
+    save_figure(fig, path)
 
 
 def importance_columns(histories: pd.DataFrame) -> dict[str, list[tuple[int, str]]]:
@@ -145,7 +175,8 @@ def importance_weights(histories: pd.DataFrame, path: Path) -> None:
         return empty_figure(path, "no importance weights logged yet")
     runs = sorted(set(zip(hist["method"], hist["dataset"], hist["arch"], hist["w_bits"], hist["a_bits"],
                           hist["teacher_bits"])))
-    fig, axes = plt.subplots(len(runs), len(points), figsize=(3.6 * len(points), 2.8 * len(runs)), squeeze=False)
+    fig, axes = plt.subplots(len(runs), len(points), figsize=(3.6 * len(points), 2.8 * len(runs)), squeeze=False,
+                             layout="constrained")
     for r, (method, dataset, arch, w, a, tset) in enumerate(runs):
         part = hist[(hist["method"] == method) & (hist["dataset"] == dataset) & (hist["arch"] == arch)
                     & (hist["w_bits"] == w) & (hist["a_bits"] == a) & (hist["teacher_bits"] == tset)]
@@ -170,10 +201,8 @@ def importance_weights(histories: pd.DataFrame, path: Path) -> None:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("importance weight π")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    legend_outside(fig, list(axes.flat))
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy_vs_bits(runs, out / "accuracy_vs_bits.png")
     training_curves(histories, runs, out / "training_curves.png")
     importance_weights(histories, out / "importance_weights.png")
-    print(f"{out}: accuracy_vs_bits.png, training_curves.png, importance_weights.png")
+    print(f"{out}: accuracy_vs_bits, training_curves, importance_weights (.pdf and .png)")
     return 0
 
 

@@ -1,0 +1,6 @@
+"""``python -m cmtkd ...`` is the ``cmtkd`` command."""
+import sys
+
+from cmtkd.cli import main
+
+sys.exit(main())
