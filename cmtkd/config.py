@@ -48,7 +48,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    device: str = "cpu"           # cpu | cuda | auto
+    device: str = "auto"          # auto (CUDA when present, else CPU; resolved and recorded) | cpu | cuda
     threads: int = 0              # torch intra-op threads; 0 = torch's default. Match Snakemake threads.
     amp: str = "none"             # none | bf16 | fp16 (fp16 on CUDA only); fp32 is the exact reference
     channels_last: bool = False
@@ -240,6 +240,11 @@ def resolve(cfg: RunConfig) -> RunConfig:
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}; got {flat[key]!r}")
+    if cfg.train.device == "auto":
+        # Resolved here, so config.yaml and the config hash name the device a run really used.
+        import torch
+
+        cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
     if not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.train.select == "best_val" and cfg.data.val_fraction == 0:

@@ -212,6 +212,14 @@ def dataset_problem() -> str | None:
             + ". (Data visible only on the compute nodes? export CMTKD_SKIP_DATA_CHECK=1.)")
 
 
+def uses_conda() -> bool:
+    """`--sdm conda`: jobs run in workflow/envs/cmtkd.yaml, and Snakemake's own environment needs neither
+    torch nor cmtkd (pandas, pyyaml and jsonschema suffice)."""
+    from snakemake.settings.types import DeploymentMethod
+
+    return DeploymentMethod.CONDA in (workflow.deployment_settings.deployment_method or ())
+
+
 def cmtkd_problems(runs: list[dict]) -> list[str]:
     """What the installed cmtkd itself rejects: unregistered methods, bad recipe keys or method options."""
     try:
@@ -219,8 +227,10 @@ def cmtkd_problems(runs: list[dict]) -> list[str]:
         from cmtkd.errors import UserError
         from cmtkd.registry import get_method, method_names
     except ImportError as exc:
+        if uses_conda():
+            return []  # the jobs' own environment has cmtkd: each `cmtkd train` checks its config at start
         return [f"cannot import cmtkd with {sys.executable} ({exc}); install the project (`make install`) and "
-                f"run the Snakemake of that environment (.venv/bin/snakemake)"]
+                f"run the Snakemake of that environment (.venv/bin/snakemake), or use --sdm conda"]
     problems = []
     registered = set(method_names())
     for method in sorted({r["method"] for r in runs} - registered):
