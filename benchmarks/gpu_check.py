@@ -207,7 +207,8 @@ def install_command(wheels: Path, requirements: list[str], target: Path | None =
     return command + list(requirements)
 
 
-def install_missing(wheels: Path, requirements=REQUIREMENTS, target: Path | None = None) -> tuple[list[str], str]:
+def install_missing(wheels: Path, requirements=REQUIREMENTS, target: Path | None = None,
+                    into_env: bool = True) -> tuple[list[str], str]:
     """Install the requirements this interpreter lacks from ``wheels``; returns (installed, where).
 
     Into the running environment when pip may write there (pip then takes from the folder only what is
@@ -218,9 +219,9 @@ def install_missing(wheels: Path, requirements=REQUIREMENTS, target: Path | None
     missing = [r for r in requirements if not requirement_met(r)]
     if not missing:
         return [], "nothing missing"
-    done = subprocess.run(install_command(wheels, missing), capture_output=True, text=True)
+    done = subprocess.run(install_command(wheels, missing), capture_output=True, text=True) if into_env else None
     where = "this environment"
-    if done.returncode != 0:
+    if done is None or done.returncode != 0:
         target = target or Path(tempfile.gettempdir()) / "cmtkd-gpu-site"
         done = subprocess.run(install_command(wheels, missing, target), capture_output=True, text=True)
         where = str(target)
