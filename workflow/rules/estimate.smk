@@ -14,8 +14,8 @@ rule estimate:
         flags=estimate_flags,
     log:
         f"{LOGS}/estimate.log",
-    # No conda env: estimate_cost.py --grid needs only pandas and tabulate, which Snakemake's own
-    # environment has (so `--sdm conda` builds no torch environment for it).
+    conda:
+        "../envs/estimate.yaml"  # pandas + tabulate: `--sdm conda` builds no torch environment for it
     shell:
         'python "$CMTKD_SCRIPTS/estimate_cost.py" --grid {input.grid:q} {params.flags}'
         " > {log:q} 2>&1; status=$?; cat {log:q}; exit $status"
