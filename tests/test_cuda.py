@@ -64,10 +64,11 @@ TIMING = ("time_s", "images_per_s")
 # logits 2e-6 (fp) / 1e-7 (W2A2), gradient cosine 1.0000. The W2A2 network in bf16 is NOT comparable step
 # by step: values within bf16 rounding of a 2-bit activation threshold land on the next level and the
 # flips propagate (logits 29 %, gradient cosine 0.03 on CPU), so for it the test holds channels_last +
-# compile to fp32 and bf16 only to the loss value; bf16 QAT's end result is an accuracy question
-# (digits, W2A2: 90.2 % bf16 vs 91.4 % fp32), outside a unit test.
+# compile to fp32 and bf16 only to the loss value (measured 0.04-0.3 %); bf16 QAT's end result is an
+# accuracy question (digits, W2A2: 90.2 % bf16 vs 91.4 % fp32), outside a unit test. The bounds leave
+# a margin for the full-width network on CUDA, which no GPU has measured yet.
 FAST_PATH_TOLERANCE = {
-    ("fp", "bf16"): {"logits_rel_l2": 0.04, "loss_rel": 0.01, "grad_cosine_min": 0.90},
+    ("fp", "bf16"): {"logits_rel_l2": 0.05, "loss_rel": 0.01, "grad_cosine_min": 0.80},
     ("qat", "none"): {"logits_rel_l2": 1e-3, "loss_rel": 1e-4, "grad_cosine_min": 0.999},
     ("qat", "bf16"): {"logits_rel_l2": float("inf"), "loss_rel": 0.05, "grad_cosine_min": -1.0},
 }
