@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cmtkd-installed
 CORES  ?= 2
 
-.PHONY: all test install tables bench
+.PHONY: all test install tables bench gpu-check gpu-wheels
 
 all: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
@@ -24,6 +24,17 @@ tables: $(STAMP)
 # Training-step throughput of every method (CPU, 2 threads); see benchmarks/suite.py --help.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/suite.py --threads $(CORES)
+
+# The one GPU check (benchmarks/gpu_check.py): cuda tests, a Snakemake grid on the GPU, throughput and
+# projections -> benchmarks/results/gpu-<device>-<date>.csv. Runs with the machine's own python3 (GPU
+# images bring torch; no venv is made); WHEELS=DIR installs what is missing from a folder of wheels.
+WHEELS ?=
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS))
+
+# On a machine with a package index: the wheels gpu-check needs on a Python 3.12 GPU machine, into .whl/.
+gpu-wheels:
+	$(PYTHON) benchmarks/gpu_check.py --download-wheels .whl
 
 # torch/torchvision have lower bounds only (pyproject.toml): an installed newer torch is kept.
 $(STAMP): pyproject.toml

@@ -1,17 +1,23 @@
 """Benchmark suite: images/s of one training step for every method, side by side, with ratio columns.
 
 Each case runs in a fresh child process (one after another, never two at once) so that its peak
-memory is its own; all cases of one invocation share the machine state, so the ratios compare like
-with like. Printed as one Markdown table; ``--csv`` also writes it.
+memory is its own. On a shared machine the load changes while the cases run, so the cases are
+interleaved over ``--rounds`` rounds (each round runs every case once, starting at a different case)
+and every ratio is computed within a round, then reported as the median and the minimum over the
+rounds. The machine's measured matmul peak is printed beside the throughput, with each case's
+fraction of it (FLOPs of one step counted by ``torch.utils.flop_counter``). Printed as one Markdown
+table; ``--csv`` also writes it.
 
     python benchmarks/suite.py                                  # CPU, ResNet-18 + AlexNet (CIFAR variants)
     python benchmarks/suite.py --archs resnet18 --width 0.5 --steps 3
     python benchmarks/suite.py --device cuda --amp bf16 --channels-last   # on a GPU machine
 
-Columns: img/s and ms per step (median over --steps timed steps after --warmup), peak memory above the
-idle process (CPU: max RSS; CUDA: max allocated), ``vs FP`` (step time / FP step time),
+Columns: img/s and ms per step (median over the rounds of each round's median over --steps timed steps
+after --warmup), peak memory above the idle process (CPU: max RSS; CUDA: max allocated; the largest
+over the rounds), ``vs FP`` (step time / FP step time of the same round: median, and min..max),
 ``vs members`` (CMT-KD and DML: step time / sum of the QAT step times of the student and each
-teacher at its bit-width), ``data %`` (time to produce one augmented CIFAR batch / (that + step)).
+teacher at its bit-width, same round), ``% peak`` (FLOPs per step / step time / measured peak of the
+dtype the step computes in), ``data %`` (time to produce one augmented CIFAR batch / (that + step)).
 """
 from __future__ import annotations
 
@@ -104,7 +110,11 @@ def run_case(args: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(args["warmup"]):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # one (warm-up) step, counted
+        step()
+    for _ in range(max(0, args["warmup"] - 1)):
         step()
     times = []
     for _ in range(args["steps"]):
@@ -116,7 +126,27 @@ def run_case(args: dict) -> dict:
         mem = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
-    return {"ms": ms, "img_s": args["batch"] / (ms / 1000), "mem_mib": mem}
+    return {"ms": ms, "img_s": args["batch"] / (ms / 1000), "mem_mib": mem, "flops": counter.get_total_flops()}
+
+
+def matmul_peak_tflops(device: str, dtype_name: str, threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """Measured dense matrix-product rate (TFLOP/s) of this machine: the fastest of ``repeats`` timed products."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(repeats + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times) / 1e12  # the best: a peak, least disturbed by other load
 
 
 def data_batch_ms(batch: int, device: str, threads: int) -> float:
@@ -158,52 +188,93 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each method's forward_train")
     p.add_argument("--only", nargs="+", help="run only these case labels (e.g. fp qat cmtkd)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (every case once per round)")
     p.add_argument("--csv", help="also write the table as CSV here")
     a = p.parse_args(argv)
 
     import torch
 
+    if a.rounds < 1:
+        p.error("--rounds must be >= 1")
     ctx = mp.get_context("spawn")
     rows = []
+    members_of = ["qat", *[f"qat@{b}" for b in TEACHER_BITS]]
     with tempfile.TemporaryDirectory() as tmp:
         with ctx.Pool(1) as pool:
             data_ms = pool.apply(data_batch_ms, (a.batch, a.device, a.threads))
+            dtype = "bfloat16" if a.amp == "bf16" else ("float16" if a.amp == "fp16" else "float32")
+            peaks = {name: pool.apply(matmul_peak_tflops, (a.device, name, a.threads))
+                     for name in dict.fromkeys(["float32", dtype])}
         for arch in a.archs:
             with ctx.Pool(1) as pool:
                 teachers = pool.apply(_make_teachers, (arch, a.width, 100, Path(tmp)))
-            results = {}
+            selected = []
             for label, method, bits, margs in cases(teachers):
-                members_needed = (label == "qat" or label.startswith("qat@")) and {"cmtkd", "dml"} & set(a.only or [])
+                members_needed = label in members_of and {"cmtkd", "dml"} & set(a.only or [])
                 if a.only and label not in a.only and not members_needed:
                     continue
-                args = dict(method=method, arch=arch, bits=bits, method_args=margs, width=a.width, batch=a.batch,
-                            threads=a.threads, steps=a.steps, warmup=a.warmup, device=a.device, amp=a.amp,
-                            channels_last=a.channels_last, compile=a.compile)
-                with ctx.Pool(1, maxtasksperchild=1) as pool:  # fresh process: its own peak memory
-                    results[label] = pool.apply(run_case, (args,))
-                print(f"  {arch:9s} {label:8s} {results[label]['img_s']:9.1f} img/s", file=sys.stderr, flush=True)
-            members = sum(results[k]["ms"] for k in ["qat", *[f"qat@{b}" for b in TEACHER_BITS]] if k in results)
-            for label, r in results.items():
-                row = {"arch": arch, "case": label, "img/s": round(r["img_s"], 1), "ms/step": round(r["ms"], 1),
-                       "peak MiB": round(r["mem_mib"], 1)}
-                if "fp" in results:
-                    row["vs FP"] = round(r["ms"] / results["fp"]["ms"], 3)
-                if label in ("cmtkd", "dml") and len([k for k in results if k.startswith("qat")]) == 1 + len(TEACHER_BITS):
-                    row["vs members"] = round(r["ms"] / members, 3)
-                row["data %"] = round(100 * data_ms / (data_ms + r["ms"]), 2)
+                selected.append((label, dict(method=method, arch=arch, bits=bits, method_args=margs, width=a.width,
+                                             batch=a.batch, threads=a.threads, steps=a.steps, warmup=a.warmup,
+                                             device=a.device, amp=a.amp, channels_last=a.channels_last,
+                                             compile=a.compile)))
+            rounds: list[dict[str, dict]] = []
+            for r in range(a.rounds):
+                shift = r % len(selected)  # each round starts at another case: none always runs first
+                results = {}
+                for label, args in selected[shift:] + selected[:shift]:
+                    with ctx.Pool(1, maxtasksperchild=1) as pool:  # fresh process: its own peak memory
+                        results[label] = pool.apply(run_case, (args,))
+                    print(f"  round {r + 1}/{a.rounds} {arch:9s} {label:8s} {results[label]['img_s']:9.1f} img/s",
+                          file=sys.stderr, flush=True)
+                rounds.append(results)
+
+            def per_round(fn) -> list[float]:
+                return [fn(res) for res in rounds]
+
+            for label, _ in selected:
+                ms = per_round(lambda res: res[label]["ms"])
+                flops = rounds[0][label]["flops"]
+                med_ms = statistics.median(ms)
+                row = {"arch": arch, "case": label, "img/s": round(a.batch / (med_ms / 1000), 1),
+                       "ms/step": round(med_ms, 1), "peak MiB": round(max(per_round(lambda res: res[label]["mem_mib"])), 1),
+                       "GFLOP/img": round(flops / a.batch / 1e9, 2),
+                       "% peak": round(100 * flops / (med_ms / 1000) / 1e12 / peaks[dtype], 1)}
+                if "fp" in rounds[0]:
+                    ratios = per_round(lambda res: res[label]["ms"] / res["fp"]["ms"])
+                    row["vs FP"] = round(statistics.median(ratios), 3)
+                    row["vs FP min..max"] = f"{min(ratios):.2f}..{max(ratios):.2f}"
+                if label in ("cmtkd", "dml") and all(k in rounds[0] for k in members_of):
+                    ratios = per_round(lambda res: res[label]["ms"] / sum(res[k]["ms"] for k in members_of))
+                    row["vs members"] = round(statistics.median(ratios), 3)
+                    row["vs members min..max"] = f"{min(ratios):.2f}..{max(ratios):.2f}"
+                row["data %"] = round(100 * data_ms / (data_ms + med_ms), 2)
                 rows.append(row)
     import pandas as pd
 
     table = pd.DataFrame(rows)
-    device = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {a.threads} threads"
+    device = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({_cpu_model()}), {a.threads} threads"
     print(f"\n# training-step benchmark: {device}, batch {a.batch}, width {a.width}, amp {a.amp}, "
           f"channels_last {a.channels_last}, compile {a.compile}, torch {torch.__version__}")
+    print("# measured matmul peak: " + ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in peaks.items())
+          + f"; {a.rounds} interleaved rounds (ratios within a round: median, min..max)")
     print(f"# student W{STUDENT_BITS}A{STUDENT_BITS}, teachers {TEACHER_BITS}; data batch {data_ms:.2f} ms\n")
     print(table.astype(object).fillna("").to_markdown(index=False))
     if a.csv:
         table.to_csv(a.csv, index=False)
-    print(json.dumps({"device": device, "data_batch_ms": data_ms}), file=sys.stderr)
+    print(json.dumps({"device": device, "data_batch_ms": data_ms, "matmul_peak_tflops": peaks}), file=sys.stderr)
     return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: Literal["cpu", "cuda", "auto"] = "auto"  # auto: CUDA when present, else CPU (resolved and recorded)
     threads: int = 0              # torch intra-op threads; 0 = torch's default. Match Snakemake threads.
     amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 on CUDA only; fp32 (none) is the exact reference
     channels_last: bool = False
@@ -195,6 +195,11 @@ def resolve(cfg: RunConfig) -> RunConfig:
             raise UserError(f"{name}: {exc}") from None
     if cfg.epochs < 1:
         raise UserError(f"epochs must be >= 1, got {cfg.epochs}")
+    if cfg.train.device == "auto":
+        # Resolved here, so config.yaml and the config hash name the device a run really used.
+        import torch
+
+        cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
     if not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.train.select == "best_val" and cfg.data.val_fraction == 0:

@@ -118,6 +118,8 @@ class TensorBundle(DataBundle):
             padding = self.augmentation.crop_padding
             offsets = torch.randint(0, 2 * padding + 1, (count, 2), generator=augment_generator)
             flips = torch.rand(count, generator=augment_generator) < 0.5
+            # Moved to the images' device once per epoch: no host-to-device copy inside the steps.
+            offsets, flips = offsets.to(self.storage_device), flips.to(self.storage_device)
         order_on_storage = order.to(self.storage_device)
         batch_size = self.cfg.batch_size
         for step in range(self.steps_per_epoch()):

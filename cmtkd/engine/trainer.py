@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import sys
 import time
@@ -51,10 +52,21 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_label(device: torch.device) -> str:
+    """What a run says it trained on: ``cuda:0 (NVIDIA H100 80GB HBM3)`` or ``cpu (2 threads)``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
 def setup_runtime(cfg: RunConfig) -> torch.device:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made,
+        # so this must precede any CUDA matrix product (a value the user set is kept).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     device = select_device(cfg.train.device)
@@ -371,15 +383,15 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
         if main:
             # A kill between the checkpoint and the history write leaves history.csv one epoch behind.
             atomic_write_text(out / "history.csv", _history_csv(history))
-        log(f"{out}: resuming after epoch {start_epoch}/{cfg.epochs}")
+        log(f"{out}: resuming after epoch {start_epoch}/{cfg.epochs} on {device_label(device)}")
         if ckpt.get("world_size", 1) != world:
             log(f"{out}: the checkpoint was written by {ckpt.get('world_size', 1)} process(es), this run has "
                 f"{world}: the result will differ slightly from an uninterrupted run")
     else:
         processes = f" x {world} processes" if world > 1 else ""
         log(f"{out}: training {cfg.method} {cfg.arch} W{cfg.w_bits}A{cfg.a_bits} on {cfg.data.name} "
-            f"({data.info.num_train} train / {data.info.num_val} val images, {steps} steps/epoch, {device}"
-            f"{processes})")
+            f"({data.info.num_train} train / {data.info.num_val} val images, {steps} steps/epoch) on "
+            f"{device_label(device)}{processes}")
     ddp = distributed.wrap_for_training(method, device)  # None in a single process
     trackers = Trackers(cfg.train.loggers, out, config=cfg_dict, config_hash=chash,
                         start_epoch=start_epoch) if main else None

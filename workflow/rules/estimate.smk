@@ -1,4 +1,4 @@
-# Cost of a grid before launching it: GPU-hours from measured throughput x epochs x training images x
+# Cost of a grid before launching it (`snakemake estimate --cores 1 --configfile config/<suite>.yaml`): GPU-hours from measured throughput x epochs x training images x
 # networks per step. Same as `python workflow/scripts/estimate_cost.py --config config/<suite>.yaml`.
 
 
@@ -19,7 +19,7 @@ rule estimate:
     log:
         f"{LOGS}/estimate.log",
     conda:
-        "../envs/cmtkd.yaml"
+        "../envs/estimate.yaml"  # pandas + tabulate: `--sdm conda` builds no torch environment for it
     shell:
         'python "$CMTKD_SCRIPTS/estimate_cost.py" --grid {input.grid:q} {params.flags}'
         " > {log:q} 2>&1; status=$?; cat {log:q}; exit $status"

@@ -1,0 +1,698 @@
+"""The one prepared GPU check (``make gpu-check``): everything the GPU path needs, in one command that
+fits a short GPU lease (<= 8 minutes on one H100 by default, its phases each under a time limit).
+
+    python benchmarks/gpu_check.py                       # on the GPU machine
+    python benchmarks/gpu_check.py --wheels .whl         # first install what is missing from a wheel folder
+    python benchmarks/gpu_check.py --download-wheels .whl   # (on a machine with a package index) fill it
+    python benchmarks/gpu_check.py --tiny --device cpu   # the same phases at toy sizes, on CPU (a self-test)
+    python benchmarks/gpu_check.py --dry-run             # print the plan, run nothing
+
+Phases, in order (a phase that fails or runs out of time is recorded and the next one still runs):
+
+1. ``env``: the environment fingerprint and the measured bf16 matrix-product peak (8192^3 on CUDA).
+2. ``tests``: ``pytest -m cuda tests/test_cuda.py`` (passed / failed / skipped counts).
+3. ``grid``: a 2-epoch grid (fp, qat, kd, cmtkd; ResNet-18 at width 1/4) through Snakemake with
+   ``gpu: true`` and ``profiles/local-gpu`` on a synthetic dataset in the real cifar-100-python format.
+4. ``throughput``: img/s of one training step of fp, qat and cmtkd (3 teachers) on the CIFAR ResNet-18,
+   batch 256, bf16 + channels_last, without and with torch.compile, and on AlexNet; each case in its own
+   process; FLOPs per step counted with ``torch.utils.flop_counter`` -> the fraction of the measured
+   peak; the data pipeline's time per batch against the step.
+5. ``projection``: the wall time of one 200-epoch CIFAR-100 CMT-KD run and of the whole CIFAR-100 grid
+   (workflow/scripts/estimate_cost.py with the measured throughputs), against the targets.
+
+Every row goes to ``benchmarks/results/gpu-<device>-<date>.csv`` as soon as it is measured (a cut-off
+run still leaves its evidence), each with the fingerprint; a missed target says by how much. One
+summary is printed last. Exit status 0 when every phase ran and every check passed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+PHASES = ("env", "tests", "grid", "throughput", "projection")
+# What the check needs beyond torch/torchvision/numpy/pandas/pyyaml/matplotlib/tqdm/pytest (present on
+# the usual GPU images): Snakemake for the grid phase, jsonschema for the suite-config validation.
+REQUIREMENTS = ("snakemake>=8", "jsonschema")
+WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                   "manylinux2014_x86_64", "manylinux1_x86_64")
+TEACHER_BITS = [8, 6, 4]
+CIFAR100_TRAIN = 45000  # 50,000 minus the 10 % held out for model selection
+# Targets of the GPU path (issue 13), measured here rather than in timed tests.
+TARGET_PEAK_FRACTION = 0.35  # ResNet-18 CIFAR CMT-KD (student + 3 teachers), of the bf16 matmul peak
+TARGET_DATA_SHARE = 0.05     # data pipeline / training step
+TARGET_RUN_HOURS = 1.0       # one 200-epoch CIFAR-100 CMT-KD run on one GPU
+CSV_COLUMNS = ("phase", "name", "value", "unit", "target", "verdict", "note", "date", "device", "device_name",
+               "torch", "cuda", "python", "git_commit", "cpus")
+
+
+@dataclass
+class Sizes:
+    """What the phases run: full (GPU) or tiny (a CPU self-test of this script)."""
+    matmul_n: int = 8192
+    batch: int = 256
+    width: float = 1.0
+    steps: int = 20
+    warmup: int = 5
+    repeats: int = 3
+    amp: str = "bf16"
+    channels_last: bool = True
+    grid_width: float = 0.25
+    grid_train: int = 5000
+    grid_test: int = 1000
+    grid_epochs: int = 2
+    grid_methods: list[str] = field(default_factory=lambda: ["fp", "qat", "kd", "cmtkd"])
+    budgets: dict[str, float] = field(default_factory=lambda: {
+        "env": 45, "tests": 200, "grid": 110, "throughput": 200, "projection": 20})
+
+    @classmethod
+    def tiny(cls) -> "Sizes":
+        return cls(matmul_n=512, batch=16, width=0.125, steps=1, warmup=0, repeats=1, amp="none",
+                   channels_last=False, grid_width=0.125, grid_train=400,
+                   grid_test=100, grid_epochs=2, grid_methods=["qat", "cmtkd"],
+                   budgets={"env": 60, "tests": 120, "grid": 400, "throughput": 400, "projection": 60})
+
+
+# ------------------------------------------------------------------------------------ the record
+class Record:
+    """The CSV, written row by row (flushed), plus what the summary needs."""
+
+    def __init__(self, path: Path, fingerprint: dict):
+        self.path = path
+        self.fingerprint = fingerprint
+        self.rows: list[dict] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(path, "w", newline="")
+        self._writer = csv.DictWriter(self._handle, fieldnames=CSV_COLUMNS)
+        self._writer.writeheader()
+        self._handle.flush()
+
+    def add(self, phase: str, name: str, value, unit: str = "", target: str = "", verdict: str = "",
+            note: str = "") -> dict:
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        row = {"phase": phase, "name": name, "value": value, "unit": unit, "target": target, "verdict": verdict,
+               "note": note, **{k: self.fingerprint.get(k, "") for k in CSV_COLUMNS[7:]}}
+        self._writer.writerow(row)
+        self._handle.flush()
+        self.rows.append(row)
+        shown = f"{value} {unit}".strip()
+        print(f"[{phase}] {name}: {shown}" + (f"  ({verdict}{'; ' + note if note else ''})" if verdict else
+                                             (f"  ({note})" if note else "")), flush=True)
+        return row
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def verdict_at_least(value: float, target: float) -> tuple[str, str]:
+    if value >= target:
+        return "met", ""
+    return "missed", f"{100 * (target - value) / target:.0f} % below the target"
+
+
+def verdict_at_most(value: float, target: float) -> tuple[str, str]:
+    if value <= target:
+        return "met", ""
+    return "missed", f"{value / target:.2f}x the target"
+
+
+# ------------------------------------------------------------------------------ the environment
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def fingerprint(device: str) -> dict:
+    import torch
+
+    from cmtkd.engine.env import git_commit
+
+    name = torch.cuda.get_device_name(0) if device == "cuda" else (platform.processor() or platform.machine())
+    if device == "cpu":
+        try:
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+                if line.startswith("Model name:"):
+                    name = line.split(":", 1)[1].strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "device": device,
+            "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda or "",
+            "python": platform.python_version(), "git_commit": git_commit(), "cpus": os.cpu_count() or 0}
+
+
+def default_csv_path(fp: dict) -> Path:
+    return RESULTS / f"gpu-{slug(fp['device_name'])}-{fp['date'][:10]}.csv"
+
+
+def matmul_peak_tflops(device: str, n: int, dtype_name: str = "bfloat16", repeats: int = 10) -> float:
+    """Measured dense matrix-product rate (TFLOP/s) on random data, the median of ``repeats`` timed products."""
+    import statistics
+
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(repeats + 3):
+        if device == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b)
+            stop.record()
+            stop.synchronize()
+            seconds = start.elapsed_time(stop) / 1000
+        else:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            seconds = time.perf_counter() - t0
+        if i >= 3:  # warm-up: handle creation, algorithm choice
+            times.append(seconds)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+# ------------------------------------------------------------------------------------ wheels
+def requirement_met(requirement: str) -> bool:
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    req = Requirement(requirement)
+    try:
+        installed = metadata.version(req.name)
+    except metadata.PackageNotFoundError:
+        return False
+    return not req.specifier or req.specifier.contains(installed, prereleases=True)
+
+
+def install_command(wheels: Path, requirements: list[str], target: Path | None = None) -> list[str]:
+    """pip from the wheel folder alone (no index): into this environment, or ``--target`` a folder."""
+    command = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels),
+               "--no-cache-dir", "--disable-pip-version-check", "--quiet"]
+    if target is not None:
+        command += ["--target", str(target), "--upgrade"]
+    return command + list(requirements)
+
+
+def install_missing(wheels: Path, requirements=REQUIREMENTS, target: Path | None = None,
+                    into_env: bool = True) -> tuple[list[str], str]:
+    """Install the requirements this interpreter lacks from ``wheels``; returns (installed, where).
+
+    Into the running environment when pip may write there (pip then takes from the folder only what is
+    missing); else into ``target`` (default /tmp/cmtkd-gpu-site), which is put on sys.path and
+    PYTHONPATH (the folder must then hold every dependency: a target install ignores installed ones)."""
+    if not wheels.is_dir():
+        raise SystemExit(f"gpu_check: error: --wheels {wheels}: no such folder (fill it with --download-wheels)")
+    missing = [r for r in requirements if not requirement_met(r)]
+    if not missing:
+        return [], "nothing missing"
+    done = subprocess.run(install_command(wheels, missing), capture_output=True, text=True) if into_env else None
+    where = "this environment"
+    if done is None or done.returncode != 0:
+        target = target or Path(tempfile.gettempdir()) / "cmtkd-gpu-site"
+        done = subprocess.run(install_command(wheels, missing, target), capture_output=True, text=True)
+        where = str(target)
+        if done.returncode == 0:
+            sys.path.insert(0, str(target))
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
+            bin_dir = target / "bin"
+            os.environ["PATH"] = os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise SystemExit(f"gpu_check: error: installing {', '.join(missing)} from {wheels} failed: {' | '.join(tail)}")
+    import importlib
+
+    importlib.invalidate_caches()
+    return missing, where
+
+
+def download_commands(folder: Path, python_version: str = "3.12") -> list[list[str]]:
+    """Two pip runs that fill ``folder`` for a CPython ``python_version`` x86-64 Linux machine: ``pip wheel``
+    builds the dependencies published only as source (pure Python) here; ``pip download`` then fetches the
+    binary wheels of the target Python for the rest (it finds the built ones in the folder)."""
+    native = [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(folder), *REQUIREMENTS]
+    target = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--python-version",
+              python_version, "--implementation", "cp", "--find-links", str(folder), "-d", str(folder)]
+    for plat in WHEEL_PLATFORMS:
+        target += ["--platform", plat]
+    return [native, target + ["--platform", "any", *REQUIREMENTS]]
+
+
+def drop_foreign_wheels(folder: Path, python_version: str = "3.12") -> list[str]:
+    """Delete the wheels no CPython ``python_version`` x86-64 Linux can install (left by ``pip wheel``)."""
+    from packaging import tags
+    from packaging.utils import parse_wheel_filename
+
+    version = tuple(int(v) for v in python_version.split("."))
+    platforms = [*WHEEL_PLATFORMS, "manylinux_2_5_x86_64", "manylinux_2_12_x86_64", "manylinux2010_x86_64",
+                 "manylinux_2_24_x86_64", "linux_x86_64"]
+    wanted = set(tags.cpython_tags(version, platforms=platforms)) | set(
+        tags.compatible_tags(version, "cp" + "".join(map(str, version)), platforms=platforms))
+    dropped = []
+    for wheel in sorted(folder.glob("*.whl")):
+        if not set(parse_wheel_filename(wheel.name)[3]) & wanted:
+            wheel.unlink()
+            dropped.append(wheel.name)
+    return dropped
+
+
+def download_wheels(folder: Path, python_version: str = "3.12") -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    for command in download_commands(folder, python_version):
+        print(shlex.join(command), flush=True)
+        if subprocess.run(command).returncode != 0:
+            print(f"gpu_check: error: {command[3]} failed; is a package index reachable from here?", file=sys.stderr)
+            return 1
+    dropped = drop_foreign_wheels(folder, python_version)
+    wheels = sorted(folder.glob("*.whl"))
+    size = sum(w.stat().st_size for w in wheels) / 2**20
+    print(f"{len(wheels)} wheels for CPython {python_version} x86-64 in {folder} ({size:.0f} MiB; "
+          f"dropped {len(dropped)} for this machine's Python). On the GPU machine: make gpu-check WHEELS={folder}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- running
+class Clock:
+    def __init__(self, budget_s: float):
+        self.start = time.monotonic()
+        self.budget = budget_s
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def limit(self, phase_budget: float, reserve: float = 10.0) -> float:
+        return max(1.0, min(phase_budget, self.left() - reserve))
+
+
+def run(command: list[str], timeout: float, cwd: Path = REPO_ROOT, log: Path | None = None) -> tuple[int | None, str]:
+    """(exit status or None on timeout, output tail); the whole output goes to ``log`` if given."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    try:
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                              start_new_session=True)
+        output, status = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        output += (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        status = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(output)
+    return status, output[-4000:]
+
+
+# -------------------------------------------------------------------------------------- phases
+def phase_env(rec: Record, args, sizes: Sizes) -> dict:
+    import torch
+
+    tflops = matmul_peak_tflops(args.device, sizes.matmul_n, "bfloat16")
+    rec.add("env", "matmul_peak_bf16", tflops, "TFLOP/s", note=f"{sizes.matmul_n}^3 bf16 torch.mm, median of 10")
+    if args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        rec.add("env", "gpu_memory", props.total_memory / 2**30, "GiB", note=f"{props.multi_processor_count} SMs")
+    return {"peak_tflops": tflops}
+
+
+def phase_tests(rec: Record, args, sizes: Sizes, clock: Clock) -> bool:
+    limit = clock.limit(sizes.budgets["tests"])
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider",
+               "-rfEs"]
+    status, tail = run(command, limit, log=args.work / "logs" / "tests.log")
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)\b", tail)}
+    note = ", ".join(f"{v} {k}" for k, v in counts.items()) or tail.strip().splitlines()[-1:] and tail.strip().splitlines()[-1]
+    if status is None:
+        rec.add("tests", "cuda_tests", "timeout", verdict="failed", note=f"over {limit:.0f} s; {note}")
+        return False
+    ok = status == 0
+    rec.add("tests", "cuda_tests", counts.get("passed", 0), "passed", verdict="passed" if ok else "failed",
+            note=note)
+    for line in tail.splitlines():
+        if line.startswith(("FAILED", "ERROR")):
+            rec.add("tests", "failure", line[:300], verdict="failed")
+    return ok
+
+
+def grid_config(root: Path, sizes: Sizes, gpu: bool) -> dict:
+    return {
+        "description": "gpu-check: 2-epoch grid on a synthetic CIFAR-100 (real file format)",
+        "dataset": {"name": "cifar100", "root": str(root), "batch_size": 128},
+        "gpu": gpu,
+        "report": False,
+        "recipe": {"epochs": sizes.grid_epochs, "model": {"width": sizes.grid_width},
+                   "train": {"amp": "bf16" if gpu else "none", "channels_last": gpu}},
+        "experiments": {"check": {"methods": sizes.grid_methods, "archs": ["resnet18"], "bits": ["W2A2"],
+                                  "teacher_sets": [[8, 4]], "seeds": [0]}},
+    }
+
+
+def phase_grid(rec: Record, args, sizes: Sizes, clock: Clock) -> bool:
+    import yaml
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from synthetic_cifar import write_synthetic_cifar100
+
+    work = args.work / "grid"
+    root = write_synthetic_cifar100(work / "data", sizes.grid_train, sizes.grid_test, seed=0)
+    config = work / "config.yaml"
+    gpu = args.device == "cuda"
+    config.write_text(yaml.safe_dump(grid_config(root, sizes, gpu), sort_keys=False))
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(work),
+               "--configfile", str(config), "--cores", str(min(16, os.cpu_count() or 1))]
+    if gpu:
+        command += ["--profile", str(REPO_ROOT / "profiles" / "local-gpu"), "--resources", "gpu=1"]
+    limit = clock.limit(sizes.budgets["grid"])
+    t0 = time.monotonic()
+    status, tail = run(command, limit, log=args.work / "logs" / "grid.log")
+    seconds = time.monotonic() - t0
+    runs = sorted((work / "results" / "runs").glob("method~*/**/eval.json"))
+    expected = len(sizes.grid_methods) + (1 if "kd" in sizes.grid_methods else 0)  # kd's fp teacher
+    devices = set()
+    for path in (work / "results" / "runs").glob("method~*/**/metrics.json"):
+        devices.add(json.loads(path.read_text()).get("env", {}).get("device"))
+    ok = status == 0 and (work / "results" / "tables" / "main.csv").exists()
+    note = (f"{len(runs)} evaluated runs (of >= {expected}), devices {sorted(d for d in devices if d)}; "
+            f"{'timeout' if status is None else f'exit {status}'}")
+    if gpu and devices != {"cuda"}:
+        ok = False
+        note += "; a run did not train on CUDA"
+    if not ok:
+        note += " | " + " ".join(tail.strip().splitlines()[-3:])[:400]
+    rec.add("grid", "snakemake_grid", seconds, "s", verdict="passed" if ok else "failed", note=note)
+    return ok
+
+
+def throughput_cases(sizes: Sizes, device: str, only: str | None = None) -> list[dict]:
+    fast = {"amp": sizes.amp, "channels_last": sizes.channels_last}
+    # Compiled cases last: compilation takes the longest, and a phase cut short keeps the others.
+    cases = [{"arch": arch, "label": label, "compile": compile_, **fast}
+             for arch, compile_ in (("resnet18", False), ("alexnet", False), ("resnet18", True))
+             for label in ("fp", "qat", "cmtkd")]
+    if device == "cpu":  # the CPU self-test skips compilation (minutes on a small CPU)
+        cases = [c for c in cases if not c["compile"]]
+    if only:
+        cases = [c for c in cases if any(part in case_name(c) for part in only.split(","))]
+    return cases
+
+
+def case_name(case: dict) -> str:
+    precision = "bf16" if case["amp"] == "bf16" else "fp32"
+    return (f"{case['arch']}/{case['label']}/{precision}" + ("+cl" if case["channels_last"] else "")
+            + ("+compile" if case["compile"] else ""))
+
+
+def measure_case(case: dict, sizes: Sizes, device: str) -> dict:
+    """Child process: img/s and FLOPs per step of one method's training step (the engine's train_step)."""
+    import statistics
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cmtkd.config import build_config
+    from cmtkd.data import DataInfo
+    from cmtkd.engine.trainer import build_optimizer, setup_runtime, train_step
+    from cmtkd.registry import get_method
+
+    bits = 32 if case["label"] == "fp" else 2
+    method_args = {"teacher_bits": TEACHER_BITS} if case["label"] == "cmtkd" else {}
+    cfg = build_config([{"method": case["label"], "arch": case["arch"], "w_bits": bits, "a_bits": bits,
+                         "model": {"width": sizes.width}, "method_args": method_args,
+                         "train": {"device": device, "amp": case["amp"], "channels_last": case["channels_last"],
+                                   "deterministic": False}}])
+    dev = setup_runtime(cfg)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # speed, as a long run would choose
+    info = DataInfo("cifar100", 100, 3, 32, "cifar", 50000, 0, 0)
+    torch.manual_seed(0)
+    method = get_method(cfg.method)(cfg, info).to(dev)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    method.train()
+    optimizer = build_optimizer(method, cfg)
+    scaler = torch.amp.GradScaler(dev.type, enabled=False)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(sizes.batch, 3, 32, 32, generator=g).to(dev)
+    targets = torch.randint(0, 100, (sizes.batch,), generator=g).to(dev)
+    with FlopCounterMode(display=False) as counter:  # eager, before compiling: the same arithmetic
+        train_step(method, optimizer, scaler, images, targets, cfg, dev)
+    flops = counter.get_total_flops()
+    t_compile = 0.0
+    if case["compile"]:
+        method.forward_train = torch.compile(method.forward_train)
+        t0 = time.perf_counter()
+        train_step(method, optimizer, scaler, images, targets, cfg, dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t_compile = time.perf_counter() - t0
+    for _ in range(sizes.warmup):
+        train_step(method, optimizer, scaler, images, targets, cfg, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(sizes.repeats):  # timings of `steps` steps each; the median
+        t0 = time.perf_counter()
+        for _ in range(sizes.steps):
+            train_step(method, optimizer, scaler, images, targets, cfg, dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / sizes.steps)
+    step_s = statistics.median(times)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0
+    return {"step_ms": 1000 * step_s, "img_s": sizes.batch / step_s, "flops_per_step": flops,
+            "compile_s": t_compile, "mem_gib": mem}
+
+
+def data_batch_ms(sizes: Sizes, device: str) -> float:
+    """Child process: one augmented, normalized CIFAR batch from the in-memory pipeline (GPU-resident on CUDA)."""
+    import torch
+
+    from cmtkd.data import DataConfig, DataInfo
+    from cmtkd.data.in_memory import Augmentation, TensorBundle, TensorSplit
+
+    n = 40 * sizes.batch
+    g = torch.Generator().manual_seed(0)
+    split = TensorSplit(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                        torch.randint(0, 100, (n,), generator=g))
+    info = DataInfo("cifar100", 100, 3, 32, "cifar", n, 0, 0)
+    cfg = DataConfig(name="cifar100", batch_size=sizes.batch, val_fraction=0.0)
+    bundle = TensorBundle(info, split, split, split, (0.5,) * 3, (0.25,) * 3, Augmentation(4, True), cfg, device)
+    for _ in bundle.train_batches(0, 0):
+        pass
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    steps = sum(1 for _ in bundle.train_batches(1, 0))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0) / steps
+
+
+def _child(kind: str, payload: dict, sizes: Sizes, device: str) -> dict:
+    if kind == "case":
+        return measure_case(payload, sizes, device)
+    return {"data_ms": data_batch_ms(sizes, device)}
+
+
+def run_child(kind: str, payload: dict, args, timeout: float) -> tuple[dict | None, str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(
+        {"kind": kind, "payload": payload, "tiny": args.tiny, "device": args.device})]
+    status, tail = run(command, timeout)
+    if status is None:
+        return None, f"timeout after {timeout:.0f} s"
+    for line in reversed(tail.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:]), ""
+    return None, f"exit {status}: " + " ".join(tail.strip().splitlines()[-2:])[:300]
+
+
+def phase_throughput(rec: Record, args, sizes: Sizes, clock: Clock, peak_tflops: float | None) -> dict:
+    phase_end = time.monotonic() + clock.limit(sizes.budgets["throughput"])
+    results: dict[str, dict] = {}
+    got, note = run_child("data", {}, args, max(1.0, min(60.0, phase_end - time.monotonic())))
+    data_ms = got["data_ms"] if got else None
+    rec.add("throughput", "data_batch", data_ms if got else "n/a", "ms", note=note or f"batch {sizes.batch}")
+    for case in throughput_cases(sizes, args.device, args.cases):
+        name = case_name(case)
+        left = phase_end - time.monotonic()
+        if left < 5:
+            rec.add("throughput", name, "not run", verdict="skipped", note="throughput phase out of time")
+            continue
+        got, note = run_child("case", case, args, left)
+        if got is None:
+            rec.add("throughput", name, "n/a", "img/s", verdict="failed", note=note)
+            continue
+        results[name] = {**got, **case}
+        tflops = got["flops_per_step"] / (got["step_ms"] / 1000) / 1e12
+        frac = tflops / peak_tflops if peak_tflops else float("nan")
+        rec.add("throughput", name, got["img_s"], "img/s",
+                note=f"{got['step_ms']:.1f} ms/step, {got['flops_per_step'] / sizes.batch / 1e9:.2f} GFLOP/img, "
+                     f"{tflops:.1f} TFLOP/s = {100 * frac:.1f} % of peak, {got['mem_gib']:.1f} GiB"
+                     + (f", compiled in {got['compile_s']:.0f} s" if case["compile"] else ""))
+    # The targets, on the fastest measured ResNet-18 CMT-KD variant.
+    cmtkd = [r for n, r in results.items() if r["arch"] == "resnet18" and r["label"] == "cmtkd"]
+    if cmtkd and peak_tflops:
+        best = max(cmtkd, key=lambda r: r["img_s"])
+        frac = best["flops_per_step"] / (best["step_ms"] / 1000) / 1e12 / peak_tflops
+        verdict, how = verdict_at_least(frac, TARGET_PEAK_FRACTION)
+        rec.add("throughput", "target_cmtkd_peak_fraction", frac, "of bf16 peak", f">= {TARGET_PEAK_FRACTION}",
+                verdict, f"{case_name(best)}; {how}".strip("; "))
+    if data_ms is not None and cmtkd:
+        best = max(cmtkd, key=lambda r: r["img_s"])
+        share = data_ms / (data_ms + best["step_ms"])
+        verdict, how = verdict_at_most(share, TARGET_DATA_SHARE)
+        rec.add("throughput", "target_data_share", share, "of the step", f"< {TARGET_DATA_SHARE}", verdict,
+                f"vs {case_name(best)}; {how}".strip("; "))
+    return results
+
+
+def best_img_s(results: dict, arch: str, label: str) -> float | None:
+    values = [r["img_s"] for r in results.values() if r["arch"] == arch and r["label"] == label]
+    return max(values) if values else None
+
+
+def project(results: dict, config: Path = REPO_ROOT / "config" / "cifar100.yaml") -> tuple[float | None, float | None, str]:
+    """(hours of one 200-epoch CMT-KD run, GPU-hours of the whole CIFAR-100 grid, note) from measured img/s."""
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO_ROOT / "workflow" / "scripts"))
+    import estimate_cost
+
+    cmtkd = best_img_s(results, "resnet18", "cmtkd")
+    run_hours = 200 * CIFAR100_TRAIN / cmtkd / 3600 if cmtkd else None
+    throughput = {arch: best_img_s(results, arch, "qat") for arch in ("resnet18", "alexnet")}
+    throughput = {k: v for k, v in throughput.items() if v}
+    measured_rows = [{"method": r["label"], "dataset": "cifar100", "arch": r["arch"], "images_per_s": r["img_s"]}
+                     for r in results.values() if r["label"] == "cmtkd"]
+    measured = pd.DataFrame(measured_rows, columns=["method", "dataset", "arch", "images_per_s"])
+    runs, config_throughput = estimate_cost.load_grid(str(config), None)
+    costs = estimate_cost.estimate(runs, {**config_throughput, **throughput}, measured)
+    known = costs["gpu_hours"].notna().all()
+    grid_hours = float(costs["gpu_hours"].sum()) if known else None
+    note = (f"{len(costs)} runs; qat img/s {', '.join(f'{k}={v:.0f}' for k, v in throughput.items())}; "
+            f"cmtkd measured directly; other methods: qat x networks per step")
+    return run_hours, grid_hours, note
+
+
+def phase_projection(rec: Record, results: dict) -> bool:
+    run_hours, grid_hours, note = project(results)
+    if run_hours is None:
+        rec.add("projection", "cmtkd_200_epochs", "n/a", "h", verdict="failed", note="no ResNet-18 CMT-KD throughput")
+        return False
+    verdict, how = verdict_at_most(run_hours, TARGET_RUN_HOURS)
+    rec.add("projection", "cmtkd_200_epochs", run_hours, "h", f"<= {TARGET_RUN_HOURS}", verdict,
+            f"ResNet-18 CIFAR-100 CMT-KD (3 teachers), {CIFAR100_TRAIN} images x 200 epochs; {how}".strip("; "))
+    if grid_hours is None:
+        rec.add("projection", "cifar100_grid", "n/a", "GPU-h", verdict="failed", note="a throughput is missing; " + note)
+        return False
+    rec.add("projection", "cifar100_grid", grid_hours, "GPU-h", note=note + f"; {grid_hours / 24:.1f} GPU-days")
+    return True
+
+
+# ------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--wheels", type=Path, metavar="DIR",
+                   help="install what this Python lacks (" + ", ".join(REQUIREMENTS) + ") from this folder of "
+                        "wheels, with no package index (pip --no-index --find-links DIR)")
+    p.add_argument("--download-wheels", type=Path, metavar="DIR",
+                   help="only download the wheels --wheels needs (Python 3.12, manylinux x86-64) into DIR, then exit")
+    p.add_argument("--python-version", default="3.12", help="the GPU machine's Python, for --download-wheels")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--tiny", action="store_true", help="toy sizes (with --device cpu: a self-test of this script)")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--cases", help="throughput: only the cases whose name contains one of these (comma-separated)")
+    p.add_argument("--budget-s", type=float, default=470, help="total time limit in seconds (default 470)")
+    p.add_argument("--csv", type=Path, help="output CSV (default benchmarks/results/gpu-<device>-<date>.csv)")
+    p.add_argument("--work", type=Path, help="scratch folder (default: a new temporary folder)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        p.error(f"unknown phase(s) {', '.join(unknown)}; choose from {', '.join(PHASES)}")
+    args.phases = phases
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPO_ROOT))
+    if args.child:
+        spec = json.loads(args.child)
+        sizes = Sizes.tiny() if spec["tiny"] else Sizes()
+        print("RESULT " + json.dumps(_child(spec["kind"], spec["payload"], sizes, spec["device"])), flush=True)
+        return 0
+    if args.download_wheels:
+        return download_wheels(args.download_wheels, args.python_version)
+    sizes = Sizes.tiny() if args.tiny else Sizes()
+    if args.dry_run:
+        print(f"gpu_check plan: device {args.device}, budget {args.budget_s:.0f} s, phases {', '.join(args.phases)}")
+        if args.wheels:
+            print(f"  install missing of {', '.join(REQUIREMENTS)}: {shlex.join(install_command(args.wheels, list(REQUIREMENTS)))}")
+        for phase in args.phases:
+            print(f"  {phase}: at most {sizes.budgets[phase]:.0f} s")
+        for case in throughput_cases(sizes, args.device, args.cases):
+            print(f"    throughput case {case_name(case)}, batch {sizes.batch}, width {sizes.width}")
+        return 0
+    clock = Clock(args.budget_s)
+    installed, where = install_missing(args.wheels) if args.wheels else ([], "")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: error: no CUDA device visible (torch.cuda.is_available() is False); "
+              "run on a GPU machine, or --device cpu --tiny for a self-test", file=sys.stderr)
+        return 2
+    args.work = args.work or Path(tempfile.mkdtemp(prefix="cmtkd-gpu-check-"))
+    fp = fingerprint(args.device)
+    rec = Record(args.csv or default_csv_path(fp), fp)
+    print(f"gpu_check: {fp['device_name']}, torch {fp['torch']} (CUDA {fp['cuda'] or '-'}), Python {fp['python']}, "
+          f"commit {fp['git_commit']}; CSV {rec.path}; scratch {args.work}", flush=True)
+    if args.wheels:
+        rec.add("env", "installed_from_wheels", ", ".join(installed) or "nothing missing", note=where)
+    ok, results, peak = True, {}, None
+    try:
+        if "env" in args.phases:
+            peak = phase_env(rec, args, sizes)["peak_tflops"]
+        if "tests" in args.phases:
+            ok &= phase_tests(rec, args, sizes, clock)
+        if "grid" in args.phases:
+            ok &= phase_grid(rec, args, sizes, clock)
+        if "throughput" in args.phases:
+            if peak is None:
+                peak = matmul_peak_tflops(args.device, sizes.matmul_n)
+            results = phase_throughput(rec, args, sizes, clock, peak)
+            ok &= bool(results)
+        if "projection" in args.phases:
+            ok &= phase_projection(rec, results)
+    finally:
+        rec.add("env", "wall_time", time.monotonic() - clock.start, "s", f"<= {args.budget_s:.0f}")
+        rec.close()
+    print("\n# gpu-check summary: " + f"{fp['device_name']}, torch {fp['torch']}, {fp['date']}")
+    for row in rec.rows:
+        if row["verdict"] or row["phase"] in ("projection",) or row["name"] == "matmul_peak_bf16":
+            print(f"  {row['phase']:10s} {row['name']:34s} {row['value']:>10} {row['unit']:14s} "
+                  f"{row['verdict']:8s} {row['note'][:90]}")
+    targets = [r for r in rec.rows if r["name"].startswith("target_") or r["target"] and r["verdict"]]
+    missed = [r["name"] for r in targets if r["verdict"] == "missed"]
+    print(f"  checks: {'all passed' if ok else 'SOME FAILED'}; targets missed: {', '.join(missed) or 'none'}")
+    print(f"  CSV: {rec.path}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
