@@ -40,7 +40,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     # None = by bit-width, per network: 2.5e-5 when both weights and activations are <= 2 bits,
-    # 1e-4 otherwise (PAPER.md §6, SECONDARY).
+    # 1e-4 otherwise (docs/method.md §6, SECONDARY).
     weight_decay: float | None = None
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     milestones: list[int] = field(default_factory=list)  # epochs, for schedule=step

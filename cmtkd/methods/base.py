@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def default_weight_decay(w_bits: int, a_bits: int) -> float:
-    """PAPER.md §6 (SECONDARY): 2.5e-5 for 1-2-bit models, 1e-4 otherwise. We call a network
+    """docs/method.md §6 (SECONDARY): 2.5e-5 for 1-2-bit models, 1e-4 otherwise. We call a network
     "1-2-bit" when both its weights and its activations have at most 2 bits (ASSUMPTIONS.md)."""
     return 2.5e-5 if max(w_bits, a_bits) <= 2 else 1e-4
 

@@ -1,6 +1,6 @@
 """``cmtkd``: Collaborative Multi-Teacher KD (Pham, Hoang, Do; WACV 2023) — jointly trained quantized teachers, importance-aware shared knowledge, mutual learning, attention transfer.
 
-Read next to PAPER.md (equation numbers are the paper's, via the SECONDARY source):
+Read next to docs/method.md §4-§5 (equation numbers are the paper's, via the SECONDARY source):
 
 * n teachers share the student's architecture, teacher i at ``b_i`` bits (weights and activations),
   and all n + 1 networks train jointly from scratch in one stage (PAPER §1).

@@ -31,7 +31,7 @@ POLICIES = {
     p.name: p
     for p in [
         QuantPolicy("fp-first-last", FULL_PRECISION, FULL_PRECISION,
-                    "first conv and last FC full precision (PAPER.md §2, the usual HWGQ/LQ-Nets setting)"),
+                    "first conv and last FC full precision (docs/method.md §2, the usual HWGQ/LQ-Nets setting)"),
         QuantPolicy("8bit-first-last", 8, 8, "first conv and last FC at 8-bit weights"),
         QuantPolicy("all", None, None, "every layer at the network's bit-width"),
     ]

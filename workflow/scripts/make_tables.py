@@ -31,7 +31,7 @@ from grid import CELL as KEY
 from grid import METHODS, NO_TEACHERS, bits_label
 
 METHOD_ORDER = list(METHODS)
-ABLATION_VARIANTS = {  # the paper's Table 1 rows first, then the natural further switches (PAPER.md §7)
+ABLATION_VARIANTS = {  # the paper's Table 1 rows first, then the natural further switches (docs/method.md §7)
     "cmtkd": "Full CMT-KD",
     "cmtkd-noml": "w/o mutual learning",
     "cmtkd-avg": "Average teacher (equal weights)",
