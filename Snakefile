@@ -5,7 +5,7 @@
 #   snakemake --cores 2 --configfile config/cifar100.yaml  the paper's CIFAR-100 grid
 #   snakemake --cores 2 --config recipe='{epochs: 1}'      any key overridden (config/README.md)
 #   snakemake tables --cores 1                             tables + plots from finished runs, no training
-#   snakemake estimate --configfile config/imagenet.yaml   GPU-hours before launching a paper grid
+#   snakemake estimate --cores 1 --configfile config/imagenet.yaml   GPU-hours before a paper grid
 #
 # The grid (config/*.yaml layered over config/config.yaml, validated against
 # workflow/schemas/config.schema.yaml) is a Paramspace of method x dataset x arch x W/A x teacher

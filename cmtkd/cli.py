@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import textwrap
@@ -104,8 +105,8 @@ def cmd_export(args) -> int:
     import torch
 
     from cmtkd.config import load_run_config
-    from cmtkd.engine.io import sha256_file
     from cmtkd.engine.trainer import load_student
+    from cmtkd.files import atomic_write_bytes, sha256_file
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir)
@@ -117,13 +118,14 @@ def cmd_export(args) -> int:
         return _export_onnx(run_dir, model, blob, example, Path(args.out or run_dir / "student.onnx"))
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     out = Path(args.out or run_dir / "student.pt2")
-    tmp = out.with_name(f".{out.stem}.tmp.pt2")  # torch.export wants the .pt2 suffix
-    torch.export.save(program, tmp)
-    reloaded = torch.export.load(tmp).module()
+    # Serialised and checked in memory, then written atomically (a kill or a full disk leaves nothing).
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    data = buffer.getvalue()
+    reloaded = torch.export.load(io.BytesIO(data)).module()
     if not torch.equal(reloaded(example), model(example)):
-        tmp.unlink()
         raise UserError(f"the exported program of {run_dir} does not reproduce the model; please report this")
-    tmp.replace(out)
+    atomic_write_bytes(out, data)
     print(json.dumps({"exported": str(out), "sha256": sha256_file(out), "input": list(example.shape[1:]),
                       "arch": blob["arch_config"]["arch"], "w_bits": blob["arch_config"]["w_bits"],
                       "a_bits": blob["arch_config"]["a_bits"]}))

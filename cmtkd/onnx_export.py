@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmtkd.errors import UserError
+from cmtkd.files import atomic_write_bytes, os_error
 from cmtkd.quant import HWGQ, PACT, BinaryWeight, DoReFaActivation, DoReFaWeight, GaussianWeight, LSQActivation, \
     LSQWeight, QConv2d, QLinear, gaussian_scale
 
@@ -217,16 +219,20 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> dict:
     max_diff = float((reference - mine).abs().max())
     if max_diff > 1e-4 * max(1.0, float(reference.abs().max())):
         raise UserError(f"the QDQ rewrite of the student differs from it by {max_diff:.3g}; please report this")
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        program = torch.onnx.export(rewritten, (example,), dynamo=True, custom_translation_table=translations,
-                                    input_names=["images"], output_names=["logits"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
-                                    external_data=False)
-        program.save(str(tmp))
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    program = torch.onnx.export(rewritten, (example,), dynamo=True, custom_translation_table=translations,
+                                input_names=["images"], output_names=["logits"],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                                external_data=False)
+    # Saved in a scratch directory, then written atomically next to the run (nothing partial on a
+    # kill or a full disk, and no stray temporary file in the run directory).
+    with tempfile.TemporaryDirectory(prefix="cmtkd-onnx-") as scratch:
+        staged = Path(scratch) / "student.onnx"
+        try:
+            program.save(str(staged))
+            data = staged.read_bytes()
+        except OSError as exc:
+            raise os_error(staged, exc) from None
+    atomic_write_bytes(out, data)
     return {"weights_int8": forms["int8"], "weights_float_quantized": forms["float"], "weights_fp": forms["fp"],
             "torch_rewrite_max_abs_diff": max_diff if math.isfinite(max_diff) else None}
 

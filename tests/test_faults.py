@@ -246,6 +246,15 @@ def test_disk_full_during_training_is_one_line_and_leaves_nothing_partial(tmp_pa
         assert not (out / CHECKPOINT_FILE).exists() and not own_temp_files(out)
 
 
+def test_disk_full_during_export_is_one_line_and_leaves_nothing_partial(reference_run, tmp_path):
+    with tmpfs(tmp_path / "tiny", "64k") as disk:  # a ResNet-18 program (~0.5 MB) does not fit
+        out = disk / "student.pt2"
+        line = one_line_error(run_cli("export", str(reference_run), "--out", str(out)))
+        assert "no space left on device" in line and str(out) in line
+        assert list(disk.iterdir()) == []
+    assert not own_temp_files(reference_run)
+
+
 def test_read_only_run_directory_is_one_line(reference_run, tmp_path):
     with tmpfs(tmp_path / "ro", "16m") as disk:
         run = disk / "run"
