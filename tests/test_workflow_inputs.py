@@ -151,7 +151,7 @@ def test_a_bad_method_option_is_rejected_by_cmtkd_train_itself():
     runs = [run_key("mtkd", seed=0), run_key("mtkd", seed=1), run_key("qat", tset="none")]
     problems = checks.cmtkd_problems(config, runs, argv_maker(config))
     assert len(problems) == 1, problems
-    assert "method_args.aggregation must be one of" in problems[0] and "'bogus'" in problems[0]
+    assert "config key 'method_args.aggregation' must be one of" in problems[0] and "'bogus'" in problems[0]
     assert "mtkd digits alexnet W2A2 teachers 8-4 seed 0 and 1 more run(s)" in problems[0]
     assert "method_args.mtkd" in problems[0]
 
@@ -163,7 +163,7 @@ def test_bad_method_option_stops_the_workflow_before_any_job(tmp_path):
     assert snakemake(tmp_path, "-n", config=path).returncode == 0  # a dry run does not import cmtkd
     done = snakemake(tmp_path, config=path, timeout=300)
     assert done.returncode != 0
-    assert "method_args.aggregation must be one of" in done.stderr and "bogus" in done.stderr, output_of(done)
+    assert "config key 'method_args.aggregation' must be one of" in done.stderr and "bogus" in done.stderr, output_of(done)
     assert not list(tmp_path.glob("results/runs/method~*/**/train.log"))  # no job started
 
 
