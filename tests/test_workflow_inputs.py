@@ -132,7 +132,7 @@ def run_key(method, w=2, a=2, tset="8-4", seed=0) -> dict:
 
 def argv_maker(config):
     def train_argv(key):
-        dirs = [f"/nonexistent/teacher-{t['w_bits']}" for t in grid.teacher_runs(
+        dirs = [f"/nonexistent/teacher-{t['w_bits']}" for t in grid.loaded_runs(
             key["method"], key["dataset"], key["arch"], key["teacher_bits"], key["seed"])]
         return grid.train_argv(config, key, dirs)
     return train_argv
