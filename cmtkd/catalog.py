@@ -2,20 +2,22 @@
 
 One line per method says where its class lives (``"module:Class"``, imported only when the method is
 used) and how its teachers are wired: none, pre-trained frozen teacher runs (and which option takes
-their run directories, one or all of a teacher set), or teachers trained jointly inside the run (then
-``teacher_bits`` gives their bit-widths). Both the library (:mod:`cmtkd.registry`: name -> class) and
-the workflow (``workflow/scripts/grid.py``: which teacher runs a run needs) read it, so this module
-must stay importable without torch.
+their run directories, one or all of a teacher set), teachers trained jointly inside the run (then
+``teacher_bits`` gives their bit-widths), or the teacher set of one run of another method, a
+teachers-only stage (``stage``: that method; the option takes its run directory). Both the library
+(:mod:`cmtkd.registry`: name -> class) and the workflow (``workflow/scripts/grid.py``: which teacher
+runs a run needs) read it, so this module must stay importable without torch.
 
 A method outside this package: put the same line in a YAML file and name the file in the
 environment variable ``CMTKD_METHODS`` (several files separated by ``os.pathsep``)::
 
     my-kd:
       target: my_kd.py:MyKD    # a module name, or a .py file (relative to this YAML file)
-      teachers: pretrained     # none | pretrained | joint
+      teachers: pretrained     # none | pretrained | joint | stage
       use: one                 # all | one (the highest bit-width of a teacher set)
       path_option: teacher     # pretrained: the option that receives the teacher run directories
       bits_option: false       # true: the method takes teacher_bits
+      # stage: cmtkd-teachers  # teachers: stage only: the method of the run path_option receives
 
 ``cmtkd train --method my-kd`` and a workflow grid listing ``my-kd`` then find it.
 """
@@ -31,7 +33,7 @@ from typing import Literal
 from cmtkd.errors import UserError
 
 ENV_VAR = "CMTKD_METHODS"
-TeacherWiring = Literal["none", "pretrained", "joint"]
+TeacherWiring = Literal["none", "pretrained", "joint", "stage"]
 TeacherUse = Literal["all", "one"]
 
 
@@ -42,9 +44,10 @@ class MethodEntry:
     target: str
     teachers: TeacherWiring = "none"
     use: TeacherUse = "all"
-    path_option: str | None = None   # pretrained: the Options field given the teacher run directories
+    path_option: str | None = None   # pretrained/stage: the Options field given the teacher run directories
     bits_option: bool = False        # the Options field teacher_bits gets the teacher set's bit-widths
-    full_precision: bool = False     # trained at W32A32 only (the grid gives it no bit-widths)
+    full_precision: bool = False     # W32A32 only (fp; a run without a student): the grid gives it no bit-widths
+    stage: str | None = None         # teachers=stage: the method whose run (same teacher set) it loads
 
     def __post_init__(self):
         problems = []
@@ -54,8 +57,10 @@ class MethodEntry:
             allowed = typing.get_args(typing.get_type_hints(MethodEntry)[name])
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if (self.teachers == "pretrained") != (self.path_option is not None):
-            problems.append("path_option is given exactly when teachers is pretrained")
+        if (self.teachers in ("pretrained", "stage")) != (self.path_option is not None):
+            problems.append("path_option is given exactly when teachers is pretrained or stage")
+        if (self.teachers == "stage") != (self.stage is not None):
+            problems.append("stage (the teachers-only method) is given exactly when teachers is stage")
         if self.teachers == "none" and self.bits_option:
             problems.append("bits_option needs teachers (pretrained or joint)")
         if problems:
@@ -66,7 +71,7 @@ class MethodEntry:
         teacher's forward ~ 1/3). For cost estimates only."""
         if self.teachers == "none":
             return 1.0
-        if self.teachers == "pretrained":
+        if self.teachers in ("pretrained", "stage"):
             return 1.0 + n_teachers / 3.0
         return 1.0 + n_teachers
 
@@ -86,8 +91,9 @@ BUILTIN: dict[str, MethodEntry] = {
     "cmtkd-avg": MethodEntry("cmtkd.methods.cmtkd:CMTKDAverage", **_JOINT),
     "cmtkd-nofeat": MethodEntry("cmtkd.methods.cmtkd:CMTKDNoFeat", **_JOINT),
     "cmtkd-1t": MethodEntry("cmtkd.methods.cmtkd:CMTKDOneTeacher", teachers="joint", use="one", bits_option=True),
-    "cmtkd-frozen": MethodEntry("cmtkd.methods.cmtkd:CMTKDFrozen", teachers="pretrained",
-                                path_option="teacher_checkpoints", bits_option=True),
+    "cmtkd-frozen": MethodEntry("cmtkd.methods.cmtkd:CMTKDFrozen", teachers="stage", path_option="teachers_run",
+                                bits_option=True, stage="cmtkd-teachers"),
+    "cmtkd-teachers": MethodEntry("cmtkd.methods.cmtkd:CMTKDTeachers", **_JOINT, full_precision=True),
 }
 
 

@@ -24,6 +24,11 @@ Files of format 1 (cmtkd 0.1, plain ``torch.save`` without a hash) are refused w
 cannot be verified, and the old checkpoints cannot be loaded safely at all (numpy arrays inside).
 
 A teacher is identified by the SHA-256 of its whole ``model.pt`` (what ``sha256sum`` prints).
+
+A ``model.pt`` holds one network, except that of a teachers-only run (``cmtkd-teachers``): its
+``arch_config`` then lists the arch config of every teacher under ``fused_teachers`` (plus the fusion
+points), and its ``state_dict`` holds all of them and θ (:func:`is_network_set`,
+:func:`build_network_set`). Same container, same checks.
 """
 from __future__ import annotations
 
@@ -137,20 +142,61 @@ def load_model(path: str | Path, fix: str, what: str = "model file") -> dict:
 
 def build_network(blob: dict, path: str | Path, fix: str, what: str = "model file") -> nn.Module:
     """Rebuild the network of a loaded ``model.pt`` and load its weights (strictly)."""
-    from cmtkd.models import build_model
-
     if not isinstance(blob["arch_config"], dict):
         raise UserError(f"{what} {path} has no arch_config mapping; {fix}")
+    if is_network_set(blob["arch_config"]):
+        n = len(blob["arch_config"][NETWORK_SET_KEY])
+        raise UserError(f"{what} {path} holds the {n} fused teachers of a teachers-only run (method "
+                        f"{blob['method']}), not one network; pass it to cmtkd-frozen as method_args.teachers_run, "
+                        f"or give a run that trained one network")
+    return _load_weights(_build(blob["arch_config"], path, fix, what), blob["state_dict"], path, fix, what)
+
+
+def _build(arch_config, path, fix: str, what: str) -> nn.Module:
+    from cmtkd.models import build_model
+
+    if not isinstance(arch_config, dict):
+        raise UserError(f"{what} {path} has an arch_config that is not a mapping; {fix}")
     try:
-        model = build_model(**blob["arch_config"])
+        return build_model(**arch_config)
     except (TypeError, UserError) as exc:
         raise UserError(f"{what} {path} has an arch_config this version cannot build ({exc}); {fix}") from None
+
+
+def _load_weights(model: nn.Module, state_dict, path, fix: str, what: str) -> nn.Module:
     try:
-        model.load_state_dict(blob["state_dict"])
+        model.load_state_dict(state_dict)
     except (RuntimeError, TypeError, AttributeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{what} {path}: weights do not fit its own arch_config ({first}); {fix}") from None
     return model
+
+
+# A teachers-only run's model.pt: arch_config[NETWORK_SET_KEY] lists one arch config per network.
+NETWORK_SET_KEY = "fused_teachers"
+
+
+def is_network_set(arch_config) -> bool:
+    """Whether a model file's ``arch_config`` describes several networks (a teachers-only run)."""
+    return isinstance(arch_config, dict) and NETWORK_SET_KEY in arch_config
+
+
+def build_network_set(blob: dict, path: str | Path, fix: str,
+                      assemble: Callable[[list[nn.Module], dict], nn.Module], what: str = "model file") -> nn.Module:
+    """Rebuild the networks of a teachers-only ``model.pt``: each from its own arch config, put
+    together by ``assemble(networks, arch_config)`` (the caller's module, e.g. the fused teachers with
+    θ), then every weight loaded strictly."""
+    config = blob["arch_config"]
+    members = config.get(NETWORK_SET_KEY) if isinstance(config, dict) else None
+    if not isinstance(members, list) or not members:
+        raise UserError(f"{what} {path} does not list its networks (arch_config.{NETWORK_SET_KEY}); {fix}")
+    networks = [_build(member, path, fix, what) for member in members]
+    try:
+        model = assemble(networks, config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UserError(f"{what} {path} has a network-set arch_config this version cannot build ({exc}); "
+                        f"{fix}") from None
+    return _load_weights(model, blob["state_dict"], path, fix, what)
 
 
 # ----------------------------------------------------------------------------- checkpoint.pt

@@ -111,6 +111,9 @@ def cmd_export(args) -> int:
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir)
     model, blob = load_student(run_dir, torch.device("cpu"))
+    if "w_bits" not in blob["arch_config"]:
+        raise UserError(f"{run_dir} is a teachers-only run ({blob['method']}: fused teachers, no student); "
+                        f"export a run that trained a student")
     model.eval()
     size = args.image_size or EXPORT_IMAGE_SIZE.get(cfg.data.name, 32)
     example = torch.zeros(2, blob["arch_config"]["in_channels"], size, size)

@@ -44,8 +44,12 @@ def test_every_entry_imports_and_matches_its_options(name):
     types = option_types(cls)
     if entry.path_option:
         assert entry.path_option in types, f"{name}: path_option {entry.path_option} is not an option"
-        expected = str if entry.use == "one" else list[str]  # one run directory, or a list of them
+        one = entry.use == "one" or entry.teachers == "stage"  # one run directory, or a list of them
+        expected = str if one else list[str]
         assert types[entry.path_option] == expected, (name, types[entry.path_option])
+    if entry.teachers == "stage":  # a teachers-only method of the catalog, with the same teacher set
+        stage = BUILTIN[entry.stage]
+        assert stage.teachers == "joint" and stage.use == "all" and stage.bits_option, name
     assert ("teacher_bits" in types) == entry.bits_option, name
     if entry.bits_option:
         assert types["teacher_bits"] == list[int]
@@ -66,8 +70,12 @@ def test_the_workflow_reads_the_same_catalog():
 def test_catalog_entries_are_checked():
     with pytest.raises(ValueError, match="path_option"):
         MethodEntry("m:C", teachers="pretrained")
-    with pytest.raises(ValueError, match="teachers must be one of none, pretrained, joint"):
+    with pytest.raises(ValueError, match="teachers must be one of none, pretrained, joint, stage"):
         MethodEntry("m:C", teachers="frozen")
+    with pytest.raises(ValueError, match="stage .* is given exactly when teachers is stage"):
+        MethodEntry("m:C", teachers="stage", path_option="run")
+    with pytest.raises(ValueError, match="stage .* is given exactly when teachers is stage"):
+        MethodEntry("m:C", teachers="pretrained", path_option="run", stage="cmtkd-teachers")
     with pytest.raises(ValueError, match="module:Class"):
         MethodEntry("m.C")
 
@@ -134,11 +142,11 @@ def test_literal_does_not_confuse_bool_and_int():
     ("cmtkd-avg", {"learn_theta": False, "theta_init": "uniform"}, ("theta_init", "random")),
     ("cmtkd-noml", {"beta": 0.0}, ("beta", 0.25)),
     ("cmtkd-nofeat", {"gamma": 0.0}, ("gamma", 10.0)),
-    ("cmtkd-frozen", {"freeze_teachers": True}, None),  # its only other value is the default
+    ("cmtkd-frozen", {"freeze_teachers": True, "learn_theta": False}, None),  # their only other values: defaults
 ])
 def test_ablations_pin_options_without_changing_the_callers_config(method, pinned, conflict):
     assert get_method(method).pinned == pinned
-    given = {"teacher_checkpoints": ["a", "b", "c"]} if method == "cmtkd-frozen" else {}
+    given = {"teachers_run": "runs/teachers"} if method == "cmtkd-frozen" else {}
     cfg = RunConfig(method=method, method_args=copy.deepcopy(given))
     before = asdict(cfg)
     resolved = resolve(cfg)

@@ -26,7 +26,7 @@ INFO = DataInfo(name="digits", num_classes=10, in_channels=1, image_size=28, var
 
 def make(method="cmtkd", seed=0, **args):
     sets = {"method": method, "arch": args.pop("arch", "resnet18"), "model": {"width": 0.125},
-            "method_args": args}
+            **{k: args.pop(k) for k in ("w_bits", "a_bits") if k in args}, "method_args": args}
     cfg = build_config([sets])
     torch.manual_seed(seed)
     return get_method(cfg.method)(cfg, INFO)
@@ -251,7 +251,7 @@ def test_bad_options_are_rejected():
         make(teacher_logit="median")
     with pytest.raises(UserError, match="unknown config key 'method_args.tau'"):
         make(tau=1.0)
-    with pytest.raises(UserError, match="teacher_checkpoints"):
+    with pytest.raises(UserError, match="teachers_run"):
         make("cmtkd-frozen")
     with pytest.raises(UserError, match="fixes method_args.beta"):
         make("cmtkd-noml", beta=0.3)
@@ -310,36 +310,146 @@ def _teacher_file(folder, bits, arch="resnet18"):
     return str(path)
 
 
-def test_frozen_teachers_stay_fixed_while_theta_learns(tmp_path):
-    paths = [_teacher_file(tmp_path, b) for b in (8, 6, 4)]
-    m = make("cmtkd-frozen", teacher_checkpoints=paths)
+def _teachers_only_file(folder, bits=(8, 6, 4), arch="resnet18", seed=0, **args):
+    """The model.pt a teachers-only run (cmtkd-teachers) writes, of an untrained (random theta) set."""
+    from cmtkd.checkpoint import save_model
+
+    m = make("cmtkd-teachers", seed=seed, arch=arch, teacher_bits=list(bits), theta_init="random", **args)
+    path = folder / "teachers" / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(path, arch_config=m.student_arch_config(), state_dict=m.student.state_dict(), method="cmtkd-teachers",
+               selected_epoch=1, config_hash="test")
+    return path, m
+
+
+def test_teachers_only_stage_trains_teachers_and_theta_without_a_student():
+    m = make("cmtkd-teachers", teacher_bits=[8, 4])
+    assert (m.cfg.w_bits, m.cfg.a_bits) == (32, 32)
+    assert not hasattr(m, "teachers") and len(m.student.teachers) == 2  # the fused set is the "student"
     opt = build_optimizer(m, m.cfg)
-    assert {g["name"] for g in opt.param_groups} == {"student", "importance_logits"}
-    before = {k: v.clone() for k, v in m.teachers.state_dict().items()}
-    theta = m.importance_logits.detach().clone()
+    assert {g["name"] for g in opt.param_groups} == {"teacher0_w8a8", "teacher1_w4a4", "importance_logits"}
+    before = {k: v.clone() for k, v in m.student.state_dict().items()}
+    m.train()
+    images, targets = batch()
+    logits, losses = m.forward_train(images, targets)
+    assert set(losses) == {"ce_teachers"}  # CE_T only: KL_T and the feature loss need a student
+    assert torch.equal(logits, m.student(images))  # z_T, the same forward evaluation uses
+    opt.zero_grad()
+    sum(losses.values()).backward()
+    opt.step()
+    after = m.student.state_dict()
+    assert not torch.equal(before["importance_logits"], after["importance_logits"])
+    for i in range(2):
+        assert not torch.equal(before[f"teachers.{i}.stages.stem.0.weight"], after[f"teachers.{i}.stages.stem.0.weight"])
+    with pytest.raises(UserError, match="trains no student"):
+        make("cmtkd-teachers", w_bits=2)
+
+
+def test_frozen_teachers_and_theta_come_from_the_teachers_only_run_and_stay_fixed(tmp_path):
+    path, source = _teachers_only_file(tmp_path)
+    m = make("cmtkd-frozen", teachers_run=str(path.parent))
+    src = source.student.state_dict()
+    assert all(torch.equal(v, src[f"teachers.{k}"]) for k, v in m.teachers.state_dict().items())
+    assert torch.equal(m.importance_logits, src["importance_logits"]) and not m.importance_logits.requires_grad
+    opt = build_optimizer(m, m.cfg)
+    assert {g["name"] for g in opt.param_groups} == {"student"}  # no teacher, no theta group
+    before = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("student.")}
+    student = {k: v.clone() for k, v in m.student.state_dict().items()}
     m.train()
     assert not any(t.training for t in m.teachers)  # eval-mode BN: statistics stay as loaded
     images, targets = batch()
     _, losses = m.forward_train(images, targets)
+    assert set(losses) == {"ce_student", "kl_student", "feat"}  # the teacher side trains nothing
     opt.zero_grad()
     sum(losses.values()).backward()
     opt.step()
-    after = m.teachers.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not torch.equal(m.importance_logits.detach(), theta)
-    meta = m.metadata()
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # teachers (BN stats too) and theta
+    assert not all(torch.equal(student[k], m.student.state_dict()[k]) for k in student)
+    m.eval()
+    torch.testing.assert_close(m.eval_models()["teachers"](images), source.student.eval()(images), rtol=0, atol=0)
     from cmtkd.engine.io import sha256_file
 
-    assert meta["teacher_sha256"] == [sha256_file(p) for p in paths]
-    # the hashes live in the state, so a resumed run reports the weights it really used
-    m2 = make("cmtkd")
-    assert m2.metadata().get("teacher_sha256") is None
+    assert m.metadata()["teachers_run_sha256"] == sha256_file(path)
 
 
-def test_frozen_teacher_with_wrong_bits_is_rejected(tmp_path):
-    paths = [_teacher_file(tmp_path, b) for b in (8, 8, 4)]
-    with pytest.raises(UserError, match="bits"):
+def test_frozen_refuses_independent_teachers(tmp_path):
+    """The old cmtkd-frozen fused n independently trained qat teachers (chance-level fused teachers):
+    neither per-teacher checkpoints nor a one-network run are accepted as its teachers."""
+    paths = [_teacher_file(tmp_path, b) for b in (8, 6, 4)]
+    with pytest.raises(UserError, match="teacher_checkpoints"):
         make("cmtkd-frozen", teacher_checkpoints=paths)
+    with pytest.raises(UserError, match="holds one network.*cmtkd-teachers"):
+        make("cmtkd-frozen", teachers_run=paths[0])
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"teacher_bits": [8, 4]}, r"teacher bits \[8, 6, 4\], this run \[8, 4\]"),
+    ({"fusion_points": ["layer2"]}, "fusion_points"),
+    ({"arch": "alexnet"}, "arch"),
+])
+def test_frozen_refuses_a_teachers_only_run_of_other_teachers(tmp_path, change, needle):
+    path, _ = _teachers_only_file(tmp_path)
+    with pytest.raises(UserError, match=needle):
+        make("cmtkd-frozen", teachers_run=str(path), **change)
+
+
+def test_teachers_only_model_file_is_not_one_network(tmp_path):
+    from cmtkd.teachers import load_teacher
+
+    path, _ = _teachers_only_file(tmp_path, bits=(8, 4))
+    with pytest.raises(UserError, match="2 fused teachers of a teachers-only run.*method_args.teachers_run"):
+        load_teacher(path, arch="resnet18", num_classes=10)
+
+
+FROZEN_TINY = ["--arch", "alexnet", "--dataset", "digits", "--threads", "1", "--set", "model.width=0.0625",
+               "--set", "data.batch_size=256", "--set", "train.progress=none", "--set", "method_args.teacher_bits=[8,4]"]
+
+
+@pytest.mark.slow
+def test_frozen_fused_teachers_keep_the_accuracy_of_their_own_training(tmp_path):
+    """A teachers-only run, then cmtkd-frozen on it: the fused teachers the frozen run evaluates every
+    epoch have exactly the validation accuracy their teachers-only run selected them with, and exactly
+    its test accuracy (the old cmtkd-frozen fused independent teachers that fell to chance)."""
+    import json
+
+    import pandas as pd
+
+    from conftest import run_cli
+
+    teachers, frozen = tmp_path / "teachers", tmp_path / "frozen"
+    done = run_cli("train", "--method", "cmtkd-teachers", "--epochs", "2", "--seed", "0", *FROZEN_TINY,
+                   "--out", str(teachers))
+    assert done.returncode == 0, done.stderr
+    done = run_cli("train", "--method", "cmtkd-frozen", "--epochs", "2", "--seed", "0", *FROZEN_TINY,
+                   "--set", f"method_args.teachers_run={teachers}", "--out", str(frozen))
+    assert done.returncode == 0, done.stderr
+    stage = pd.read_csv(teachers / "history.csv")
+    stage_metrics = json.loads((teachers / "metrics.json").read_text())
+    selected = stage.set_index("epoch").loc[stage_metrics["best_val_epoch"]]
+    history = pd.read_csv(frozen / "history.csv")
+    assert len(history) == 2
+    assert (history["val_top1_teachers"] == selected["val_top1_student"]).all()  # exactly, every epoch
+    for head in ("teacher0_w8a8", "teacher1_w4a4"):
+        assert (history[f"val_top1_{head}"] == selected[f"val_top1_{head}"]).all()
+    assert selected["val_top1_student"] > 50  # 10 classes: chance is 10 %
+    assert "loss_ce_teachers" not in history and "loss_kl_teachers" not in history
+    # the test split: the frozen run's teachers (rebuilt as that run built them) vs the stage's own evaluation
+    from cmtkd.checkpoint import read_content
+    from cmtkd.config import load_run_config
+    from cmtkd.data import build_data
+    from cmtkd.engine.trainer import evaluate_model
+
+    cfg = load_run_config(frozen)
+    data = build_data(cfg.data, torch.device("cpu"))
+    method = get_method(cfg.method)(cfg, data.info)
+    method.load_state_dict(read_content(frozen / "checkpoint.pt")["method"])
+    test = evaluate_model(method.eval_models()["teachers"], data.eval_batches("test"), cfg, torch.device("cpu"))
+    assert test["top1"] == stage_metrics["top1"]
+    assert json.loads((frozen / "metrics.json").read_text())["teachers_run"] == str((teachers / "model.pt").resolve())
+    # cmtkd evaluate rebuilds the stage's fused teachers from its model.pt: the same number again
+    done = run_cli("evaluate", str(teachers), "--threads", "1")
+    assert done.returncode == 0 and json.loads((teachers / "eval.json").read_text())["top1"] == stage_metrics["top1"]
 
 
 def test_teacher_init_from_one_checkpoint_is_broadcast_and_trained(tmp_path):

@@ -110,7 +110,7 @@ def test_crafted_files_run_no_code_and_fail_in_one_line(path_kind, level, refere
             extra = ["--method", "kd", "--set", f"method_args.teacher={teacher.parent}"]
         else:
             extra = ["--method", "cmtkd-frozen", "--set", "method_args.teacher_bits=[8,4]",
-                     "--set", f"method_args.teacher_checkpoints=[{teacher},{teacher}]"]
+                     "--set", f"method_args.teachers_run={teacher.parent}"]
         args = tiny_args(epochs=1)
         args[args.index("--method") + 1] = extra[1]
         proc = run_cli("train", *args, *extra[2:], "--out", str(tmp_path / "student"))

@@ -27,9 +27,10 @@ GOLDEN = FIXTURE / "golden"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 # How methods use teachers (from the method docs): frozen pre-trained teacher runs, one or all of
-# the set; jointly trained teachers; none.
+# the set; jointly trained teachers; none; the teacher set of a teachers-only stage run.
 PRETRAINED_ONE = {"kd", "kd-at"}
-PRETRAINED_ALL = {"mtkd", "cmtkd-frozen"}
+PRETRAINED_ALL = {"mtkd"}
+STAGE = {"cmtkd-frozen": "cmtkd-teachers"}  # loads one cmtkd-teachers run (W32A32) of its teacher set
 JOINT_ONE = {"cmtkd-1t"}
 NO_TEACHER = {"fp", "qat"}
 
@@ -77,7 +78,8 @@ def planned_jobs(output: str, rule: str) -> list[str]:
 def expected_runs(config: dict) -> set[tuple]:
     """Every run of a suite config, derived independently: the grid cells of all experiments
     (fp only at W32A32; teacherless methods with teacher set "none"; single-teacher methods with
-    the highest bit-width of the set) plus the qat/fp teacher runs the frozen-teacher methods load."""
+    the highest bit-width of the set) plus the qat/fp teacher runs the frozen-teacher methods load
+    and the teachers-only stage runs the stage methods load."""
     dataset = config["dataset"]["name"]
     runs = set()
     for exp in config["experiments"].values():
@@ -94,6 +96,8 @@ def expected_runs(config: dict) -> set[tuple]:
         if method in PRETRAINED_ONE | PRETRAINED_ALL:
             for b in map(int, tset.split("-")):
                 runs.add(("fp" if b == 32 else "qat", dataset_, arch, b, b, "none", seed))
+        if method in STAGE:
+            runs.add((STAGE[method], dataset_, arch, 32, 32, tset, seed))
     return runs
 
 
@@ -134,14 +138,15 @@ def test_dry_run_plans_every_run_of_the_grid_once(tmp_path, name):
 def test_default_suite_size():
     # Derivation of the default suite: per seed, comparison = fp (W32A32) + 5 methods x 2 bit-widths
     # = 11; ablation adds cmtkd-noml, -avg, -nofeat, -1t, -frozen at W2A2 (cmtkd is shared) = 5;
-    # frozen teachers qat W8A8, W6A6, W4A4 = 3. 19 runs per seed, 2 seeds.
+    # frozen teachers qat W8A8, W6A6, W4A4 = 3; cmtkd-frozen's teachers-only stage (8-6-4) = 1.
+    # 20 runs per seed, 2 seeds.
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    assert len(expected_runs(config)) == (1 + 5 * 2 + 5 + 3) * 2 == 38
+    assert len(expected_runs(config)) == (1 + 5 * 2 + 5 + 3 + 1) * 2 == 40
 
 
 def test_paper_grids_cover_every_method_and_ablation():
     methods = {"fp", "qat", "kd", "kd-at", "mtkd", "dml", "cmtkd", "cmtkd-noml", "cmtkd-avg", "cmtkd-nofeat",
-               "cmtkd-1t", "cmtkd-frozen"}
+               "cmtkd-1t", "cmtkd-frozen", "cmtkd-teachers"}
     cifar = yaml.safe_load((ROOT / "config" / "cifar100.yaml").read_text())
     runs = expected_runs(cifar)
     assert {r[0] for r in runs} == methods
@@ -236,6 +241,18 @@ def test_deleting_one_run_retrains_only_it_and_what_depends_on_it(tmp_path):
         "results/runs/method~kd/dataset~digits/arch~alexnet/w_bits~2/a_bits~2/teacher_bits~8/seed~0",
         "results/runs/method~mtkd/dataset~digits/arch~alexnet/w_bits~2/a_bits~2/teacher_bits~8-4/seed~0",
     ])
+
+
+def test_frozen_runs_share_one_teachers_only_stage(tmp_path):
+    """cmtkd-frozen of two student bit-widths loads one cmtkd-teachers run of its teacher set and seed."""
+    config = tiny_config(methods=["cmtkd-frozen"], bits=["W2A2", "W1A2"], seeds=[0])
+    done = snakemake(tmp_path, "-n", "-p", config=write_config(tmp_path / "frozen.yaml", config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    stage = "results/runs/method~cmtkd-teachers/dataset~digits/arch~alexnet/w_bits~32/a_bits~32/teacher_bits~8-4/seed~0"
+    frozen = "results/runs/method~cmtkd-frozen/dataset~digits/arch~alexnet/w_bits~{}/a_bits~2/teacher_bits~8-4/seed~0"
+    assert planned_jobs(done.stdout, "train") == sorted([stage, frozen.format(1), frozen.format(2)])
+    assert done.stdout.count(f"method_args.teachers_run={stage}") == 2
+    assert "method_args.teacher_bits=[8, 4]" in done.stdout
 
 
 def test_tables_target_never_trains(tmp_path):

@@ -42,10 +42,10 @@ def test_a_partial_configfile_layers_over_the_default_suite(tmp_path):
     suite = suite_config.layer_suite([layer])
     assert suite["recipe"] == {**DEFAULT["recipe"], "epochs": 1}  # the rest of the recipe is the default's
     assert suite["experiments"] == DEFAULT["experiments"] and suite["dataset"] == DEFAULT["dataset"]
-    # Through Snakemake: the default grid (38 runs), no complaint about missing keys.
+    # Through Snakemake: the default grid (40 runs), no complaint about missing keys.
     done = snakemake(tmp_path, "-n", config=layer)
     assert done.returncode == 0, output_of(done)
-    assert job_counts(done.stdout)["train"] == len(expected_runs(DEFAULT)) == 38
+    assert job_counts(done.stdout)["train"] == len(expected_runs(DEFAULT)) == 40
 
 
 def test_a_configfile_with_experiments_brings_its_own_grid(tmp_path):
@@ -132,7 +132,7 @@ def run_key(method, w=2, a=2, tset="8-4", seed=0) -> dict:
 
 def argv_maker(config):
     def train_argv(key):
-        dirs = [f"/nonexistent/teacher-{t['w_bits']}" for t in grid.teacher_runs(
+        dirs = [f"/nonexistent/teacher-{t['w_bits']}" for t in grid.loaded_runs(
             key["method"], key["dataset"], key["arch"], key["teacher_bits"], key["seed"])]
         return grid.train_argv(config, key, dirs)
     return train_argv

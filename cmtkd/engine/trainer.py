@@ -180,9 +180,13 @@ def evaluate_model(model: nn.Module, batches, cfg: RunConfig, device: torch.devi
 
 
 def load_student(run_dir: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """The run's selected student from its verified ``model.pt`` (see :mod:`cmtkd.checkpoint`)."""
+    """The run's selected student from its verified ``model.pt`` (see :mod:`cmtkd.checkpoint`); for a
+    teachers-only run, its fused teachers (rebuilt by the method that saved them)."""
     blob = checkpoint.load_model(run_dir / MODEL, REBUILD_MODEL)
-    model = checkpoint.build_network(blob, run_dir / MODEL, REBUILD_MODEL)
+    if checkpoint.is_network_set(blob["arch_config"]):
+        model = get_method(str(blob["method"])).network_from_model_file(blob, run_dir / MODEL, REBUILD_MODEL)
+    else:
+        model = checkpoint.build_network(blob, run_dir / MODEL, REBUILD_MODEL)
     return model.to(device), blob
 
 

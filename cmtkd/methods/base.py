@@ -112,7 +112,16 @@ class Method(nn.Module):
         return {"student": self.student}
 
     def student_arch_config(self) -> dict:
+        """What model.pt stores to rebuild the selected network (``student``)."""
         return self.arch_config(self.cfg.w_bits, self.cfg.a_bits)
+
+    @classmethod
+    def network_from_model_file(cls, blob: dict, path, fix: str, what: str = "model file") -> nn.Module:
+        """The network of a checked model.pt of this method (``cmtkd evaluate``); one network unless
+        the method saves several (:func:`cmtkd.checkpoint.is_network_set`)."""
+        from cmtkd.checkpoint import build_network
+
+        return build_network(blob, path, fix, what)
 
     def log_scalars(self) -> dict[str, float]:
         """Extra per-epoch values for history.csv (e.g. importance weights)."""

@@ -14,7 +14,9 @@ Read next to docs/method.md §4-§5 (equation numbers are the paper's, via the S
 
 Every choice the paper leaves open is an option below; ASSUMPTIONS.md says what we chose and why.
 The ablations (``cmtkd-avg``, ``-noml``, ``-nofeat``, ``-1t``, ``-frozen``) are this class with one
-switch changed.
+switch changed. ``cmtkd-frozen`` loads its teachers and θ from a teachers-only run (``cmtkd-teachers``,
+:class:`CMTKDTeachers`: the n teachers trained together with fusion and θ, without a student) and
+freezes them, so it differs from CMT-KD in one thing only: no joint training with the student.
 """
 from __future__ import annotations
 
@@ -54,9 +56,10 @@ def network_units(model: nn.Module, split_blocks: bool) -> list[tuple[str, nn.Mo
 
 
 class _TeacherView:
-    """Teacher i as seen at evaluation: the fused forward of all teachers, head i's logits."""
+    """Teacher i as seen at evaluation: the fused forward of all teachers, head i's logits (index
+    None: z_T, the teachers' combined logit)."""
 
-    def __init__(self, method: "CMTKD", index: int):
+    def __init__(self, method: "CMTKD | FusedTeachers", index: int | None):
         self.method, self.index = method, index
 
     @property
@@ -71,7 +74,8 @@ class _TeacherView:
         return self.train(False)
 
     def __call__(self, images):
-        return self.method.teachers_forward(images)[0][self.index]
+        logits = self.method.teachers_forward(images)[0]
+        return self.method.teacher_logit(logits) if self.index is None else logits[self.index]
 
 
 class CMTKD(Method):
@@ -92,7 +96,8 @@ class CMTKD(Method):
         teacher_loss: Literal["combined", "per_teacher"] = "combined"  # CE_T/KL_T on z_T | mean over heads
         teacher_init: Literal["scratch", "checkpoints"] = "scratch"  # checkpoints: loaded, then trained jointly
         teacher_checkpoints: list[str] = field(default_factory=list)  # 1 (broadcast) or n run dirs/model.pt
-        freeze_teachers: bool = False   # cmtkd-frozen: pre-trained teachers, no updates, fusion kept
+        freeze_teachers: bool = False   # cmtkd-frozen: teachers and theta of teachers_run, no updates
+        teachers_run: str = ""          # cmtkd-frozen: a cmtkd-teachers run directory (or its model.pt)
 
     @classmethod
     def check_options(cls, o, cfg):
@@ -103,14 +108,19 @@ class CMTKD(Method):
             raise UserError(f"method_args.theta_lr_mult must be >= 0, got {o.theta_lr_mult}")
         if cfg.arch not in FUSION_PRESETS:
             raise UserError(f"cmtkd has no fusion-point presets for arch '{cfg.arch}'")
-        needs_ckpt = o.teacher_init == "checkpoints" or o.freeze_teachers
+        needs_ckpt = o.teacher_init == "checkpoints"
         n_ckpt = len(o.teacher_checkpoints)
         if needs_ckpt and n_ckpt not in (1, len(bits)) or (n_ckpt and not needs_ckpt):
             raise UserError(f"method_args.teacher_checkpoints has {n_ckpt} entries; with teacher_init=checkpoints "
-                            f"or frozen teachers give 1 or {len(bits)} (one per teacher), otherwise none")
-        if o.freeze_teachers and n_ckpt != len(bits):
-            raise UserError(f"frozen teachers need one checkpoint per teacher: method_args.teacher_checkpoints "
-                            f"has {n_ckpt}, teacher_bits has {len(bits)}")
+                            f"give 1 or {len(bits)} (one per teacher), otherwise none (frozen teachers come from "
+                            f"method_args.teachers_run)")
+        if o.freeze_teachers and (needs_ckpt or not o.teachers_run):
+            raise UserError("frozen teachers are loaded, with theta, from one teachers-only run: set "
+                            "method_args.teachers_run to a `cmtkd train --method cmtkd-teachers` run directory "
+                            "with the same teacher_bits (and leave teacher_init at scratch)")
+        if o.teachers_run and not o.freeze_teachers:
+            raise UserError("method_args.teachers_run is read by cmtkd-frozen only; remove it (or use "
+                            "teacher_init=checkpoints to start joint training from pre-trained teachers)")
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
@@ -122,11 +132,8 @@ class CMTKD(Method):
         # SHA-256 of each teacher checkpoint, as a buffer so a resumed run reports the hash of the
         # weights it really started from (even if the file was replaced since).
         self.register_buffer("teacher_digests", torch.zeros(0, 32, dtype=torch.uint8))
-        if o.teacher_init == "checkpoints" or o.freeze_teachers:
+        if o.teacher_init == "checkpoints":
             self._load_teachers(o.teacher_checkpoints)
-        if o.freeze_teachers:
-            for p in self.teachers.parameters():
-                p.requires_grad_(False)
 
         split_blocks = o.fusion_points == ["blocks"]
         self.unit_names = [name for name, _ in network_units(self.student, split_blocks)]
@@ -138,6 +145,8 @@ class CMTKD(Method):
             init.normal_(0.0, 0.01)
         # theta_k: one learnable logit per teacher per fusion point (Eq. 1); rows follow fusion_points.
         self.importance_logits = nn.Parameter(init, requires_grad=o.learn_theta)
+        if o.freeze_teachers:
+            self._load_teacher_set(o.teachers_run)
 
     # -- construction helpers ----------------------------------------------------------------
     def _resolve_fusion_points(self, spec: list[str]) -> list[str]:
@@ -160,11 +169,9 @@ class CMTKD(Method):
 
         if len(paths) == 1:
             paths = paths * len(self.teacher_bits)
-        frozen = self.options.freeze_teachers
         digests = []
         for teacher, bits, path in zip(self.teachers, self.teacher_bits, paths):
-            source, digest = load_teacher(path, arch=self.cfg.arch, num_classes=self.info.num_classes,
-                                          w_bits=bits if frozen else None, a_bits=bits if frozen else None)
+            source, digest = load_teacher(path, arch=self.cfg.arch, num_classes=self.info.num_classes)
             missing, unexpected = teacher.load_state_dict(source.state_dict(), strict=False)
             if unexpected or [m for m in missing if "quantizer" not in m]:
                 raise UserError(f"teacher checkpoint {path} does not fit a {self.cfg.arch} at {bits} bits "
@@ -172,6 +179,37 @@ class CMTKD(Method):
             self.teacher_paths.append(str(path))
             digests.append(digest_tensor(digest))
         self.teacher_digests = torch.stack(digests)
+
+    def _load_teacher_set(self, path: str) -> None:
+        """cmtkd-frozen: teachers and theta from a teachers-only run, checked to be the networks and
+        fusion points this run would build, then frozen (no gradients; eval-mode BN in train())."""
+        from cmtkd import checkpoint
+        from cmtkd.files import sha256_bytes
+        from cmtkd.teachers import teacher_file
+
+        file = teacher_file(path)
+        what = "teachers-only run model file"
+        fix = (f"train it with `cmtkd train --method cmtkd-teachers` (same dataset, --arch, model.* and "
+               f"method_args.teacher_bits={self.teacher_bits}) and pass its run directory")
+        data = checkpoint.read_bytes(file, what, fix)
+        blob = checkpoint.decode(data, file, "model", fix, what)
+        if not checkpoint.is_network_set(blob["arch_config"]):
+            raise UserError(f"method_args.teachers_run: {file} holds one network (method {blob['method']}), not "
+                            f"the fused teachers of a teachers-only run; {fix}")
+        fused = FusedTeachers.from_model_file(blob, file, fix, what)
+        expected = {checkpoint.NETWORK_SET_KEY: [self.arch_config(b, b) for b in self.teacher_bits],
+                    "fusion_points": self.fusion_points, "split_blocks": self.split_blocks}
+        found = {k: blob["arch_config"].get(k) for k in expected}
+        if found != expected:
+            raise UserError(f"method_args.teachers_run: {file} holds other teachers than this run uses "
+                            f"({_set_difference(found, expected)}); {fix}")
+        self.teachers.load_state_dict(fused.teachers.state_dict())
+        with torch.no_grad():
+            self.importance_logits.copy_(fused.importance_logits)
+        self.teachers.requires_grad_(False)
+        self.importance_logits.requires_grad_(False)  # theta frozen too: no joint training of any part
+        self.teacher_paths = [str(file.resolve())]
+        self.teacher_digests = checkpoint.digest_tensor(sha256_bytes(data))[None]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -232,7 +270,8 @@ class CMTKD(Method):
         else:
             ce_t = torch.stack([cross_entropy(z, targets) for z in teacher_logits]).mean()
         losses["ce_student"] = o.alpha * ce_s
-        losses["ce_teachers"] = o.alpha * ce_t
+        if not o.freeze_teachers:  # frozen teachers and theta: the teacher-side terms train nothing
+            losses["ce_teachers"] = o.alpha * ce_t
         # Mutual learning, KDCL-MinLogit (Eq. 6-9)
         if o.beta > 0:
             members = [z_t, z_s] if o.teacher_logit == "mean" else [*teacher_logits, z_s]
@@ -243,7 +282,8 @@ class CMTKD(Method):
             else:
                 kl_t = torch.stack([kd_kl(z, target, o.temperature) for z in teacher_logits]).mean()
             losses["kl_student"] = o.beta * kl_s
-            losses["kl_teachers"] = o.beta * kl_t
+            if not o.freeze_teachers:
+                losses["kl_teachers"] = o.beta * kl_t
         # Attention transfer towards the shared knowledge (Eq. 4-5)
         if o.gamma > 0:
             feat = sum(attention_loss(student_feats[p], shared[p].detach() if o.detach_shared else shared[p],
@@ -266,6 +306,9 @@ class CMTKD(Method):
     def eval_models(self):
         models = {"student": self.student}
         models.update({f"teacher{i}_w{b}a{b}": _TeacherView(self, i) for i, b in enumerate(self.teacher_bits)})
+        if self.options.freeze_teachers:
+            # z_T of the frozen fused teachers: must equal what their teachers-only run logged
+            models["teachers"] = _TeacherView(self, None)
         return models
 
     def log_scalars(self):
@@ -276,10 +319,29 @@ class CMTKD(Method):
         from cmtkd.checkpoint import digest_hex
 
         meta = {"teacher_bits": self.teacher_bits, "fusion_points": self.fusion_points}
-        if len(self.teacher_digests):
+        if self.options.freeze_teachers:
+            meta["teachers_run"] = self.teacher_paths[0]
+            meta["teachers_run_sha256"] = digest_hex(self.teacher_digests[0])
+        elif len(self.teacher_digests):
             meta["teacher_checkpoints"] = self.teacher_paths
             meta["teacher_sha256"] = [digest_hex(d) for d in self.teacher_digests]
         return meta
+
+
+def _set_difference(found: dict, expected: dict) -> str:
+    """The first difference between two teacher-set descriptions, short enough for one error line."""
+    from cmtkd.checkpoint import NETWORK_SET_KEY
+
+    have, want = found[NETWORK_SET_KEY], expected[NETWORK_SET_KEY]
+    if have != want:
+        bits = lambda members: [m.get("w_bits") if isinstance(m, dict) else None for m in members or []]  # noqa: E731
+        if bits(have) != bits(want):
+            return f"teacher bits {bits(have)}, this run {bits(want)}"
+        keys = sorted({k for h, w in zip(have, want) for k in {*h, *w} if h.get(k) != w.get(k)})
+        key = keys[0]
+        return f"{key} {[h.get(key) for h in have]}, this run {[w.get(key) for w in want]}"
+    key = next(k for k in expected if found[k] != expected[k])
+    return f"{key} {found[key]}, this run {expected[key]}"
 
 
 # ----------------------------------------------------------------------------------- ablations
@@ -301,8 +363,8 @@ class CMTKDNoFeat(CMTKD):
 
 
 class CMTKDFrozen(CMTKD):
-    """independently pre-trained, frozen teachers; fusion still used"""
-    pinned = {"freeze_teachers": True}
+    """teachers and theta of a teachers-only run (cmtkd-teachers), frozen: CMT-KD without joint training"""
+    pinned = {"freeze_teachers": True, "learn_theta": False}
 
 
 class CMTKDOneTeacher(CMTKD):
@@ -312,3 +374,138 @@ class CMTKDOneTeacher(CMTKD):
     def derive_options(cls, options, cfg):
         return replace(options, teacher_bits=options.teacher_bits[:1],
                        teacher_checkpoints=options.teacher_checkpoints[:1])
+
+
+# ---------------------------------------------------------------------- teachers-only stage
+class FusedTeachers(nn.Module):
+    """n teachers and theta as one network: the fused forward of Eq. 1 (CMT-KD's own code), logits z_T.
+
+    What a teachers-only run (``cmtkd-teachers``) trains and saves as its ``model.pt`` (state: the
+    teachers' ``teachers.<i>.*`` and ``importance_logits``, the names CMT-KD uses), what ``cmtkd
+    evaluate`` rebuilds from it and what ``cmtkd-frozen`` loads."""
+
+    def __init__(self, teachers: list[nn.Module], fusion_points: list[str], split_blocks: bool):
+        super().__init__()
+        self.teachers = nn.ModuleList(teachers)
+        self.split_blocks = split_blocks
+        self.unit_names = [name for name, _ in network_units(self.teachers[0], split_blocks)]
+        unknown = [p for p in fusion_points if p not in self.unit_names[:-1]]
+        if unknown or not fusion_points:
+            raise ValueError(f"fusion points {fusion_points} are not interior units of {self.unit_names}")
+        self.fusion_points = list(fusion_points)
+        self.importance_logits = nn.Parameter(torch.zeros(len(fusion_points), len(teachers)))
+
+    # One implementation of the fused forward: CMT-KD's methods, which read only the attributes above.
+    importance = CMTKD.importance
+    fuse = staticmethod(CMTKD.fuse)
+    _units = CMTKD._units
+    teachers_forward = CMTKD.teachers_forward
+    teacher_logit = CMTKD.teacher_logit
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher_logit(self.teachers_forward(images)[0])
+
+    @classmethod
+    def from_model_file(cls, blob: dict, path, fix: str, what: str = "model file") -> "FusedTeachers":
+        from cmtkd.checkpoint import build_network_set
+
+        def assemble(networks, config):
+            if not isinstance(config.get("fusion_points"), list) or not isinstance(config.get("split_blocks"), bool):
+                raise ValueError("no fusion_points list / split_blocks flag")
+            return cls(networks, config["fusion_points"], config["split_blocks"])
+
+        return build_network_set(blob, path, fix, assemble, what)
+
+
+class CMTKDTeachers(Method):
+    """teachers-only stage of CMT-KD: n fused teachers + theta, no student (what cmtkd-frozen loads)"""
+
+    default_bits = 32  # there is no student: W/A of the run are 32, the teachers' are teacher_bits
+
+    @dataclass
+    class Options:
+        teacher_bits: list[int] = field(default_factory=lambda: [8, 6, 4])  # as CMT-KD
+        fusion_points: list[str] = field(default_factory=lambda: ["stage-ends"])
+        theta_init: Literal["uniform", "random"] = "uniform"
+        theta_lr_mult: float = 0.1
+        learn_theta: bool = True
+        teacher_loss: Literal["combined", "per_teacher"] = "combined"  # CE on z_T | mean CE over heads
+
+    @classmethod
+    def check_options(cls, o, cfg):
+        from cmtkd.quant import FULL_PRECISION, check_bits
+
+        if (cfg.w_bits, cfg.a_bits) != (FULL_PRECISION, FULL_PRECISION):
+            raise UserError(f"method cmtkd-teachers trains no student, but w_bits/a_bits are {cfg.w_bits}/"
+                            f"{cfg.a_bits}; drop --w-bits/--a-bits (the teachers' bits are method_args.teacher_bits)")
+        if not o.teacher_bits:
+            raise UserError("method_args.teacher_bits is empty; give at least one teacher bit-width, e.g. [8, 6, 4]")
+        for b in o.teacher_bits:
+            try:
+                check_bits(b)
+            except UserError as exc:
+                raise UserError(f"method_args.teacher_bits: {exc}") from None
+        if o.theta_lr_mult < 0:
+            raise UserError(f"method_args.theta_lr_mult must be >= 0, got {o.theta_lr_mult}")
+        if cfg.arch not in FUSION_PRESETS:
+            raise UserError(f"cmtkd-teachers has no fusion-point presets for arch '{cfg.arch}'")
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        o = self.options
+        self.teacher_bits = list(o.teacher_bits)
+        teachers = [self.build_network(b, b) for b in self.teacher_bits]
+        # fusion points resolved exactly as CMT-KD resolves them (the same spec gives the same points)
+        self.split_blocks = o.fusion_points == ["blocks"]
+        self.unit_names = [name for name, _ in network_units(teachers[0], self.split_blocks)]
+        points = CMTKD._resolve_fusion_points(self, o.fusion_points)
+        self.student = FusedTeachers(teachers, points, self.split_blocks)  # the network this run trains
+        if o.theta_init == "random":
+            with torch.no_grad():
+                self.student.importance_logits.normal_(0.0, 0.01)
+        self.student.importance_logits.requires_grad_(o.learn_theta)
+
+    @classmethod
+    def network_from_model_file(cls, blob, path, fix, what="model file"):
+        return FusedTeachers.from_model_file(blob, path, fix, what)
+
+    def forward_train(self, images, targets):
+        """CMT-KD's teacher-side cross-entropy (Eq. 10, CE_T) only: KL_T needs the student's logit in its
+        MinLogit target and the feature loss is the student's, so neither exists without a student."""
+        teacher_logits = self.student.teachers_forward(images)[0]
+        z_t = self.student.teacher_logit(teacher_logits)
+        if self.options.teacher_loss == "combined":
+            ce_t = cross_entropy(z_t, targets)
+        else:
+            ce_t = torch.stack([cross_entropy(z, targets) for z in teacher_logits]).mean()
+        return z_t, {"ce_teachers": ce_t}
+
+    def param_groups(self):
+        groups = [self.network_group(f"teacher{i}_w{b}a{b}", t, b, b)
+                  for i, (t, b) in enumerate(zip(self.student.teachers, self.teacher_bits))]
+        theta = self.student.importance_logits
+        if theta.requires_grad:
+            groups.append({"name": "importance_logits", "params": [theta], "weight_decay": 0.0,
+                           "lr_mult": self.options.theta_lr_mult})
+        return groups
+
+    def eval_models(self):
+        # "student" is the fused ensemble (z_T): the run selects its epoch by the teachers' accuracy
+        models = {"student": self.student}
+        models.update({f"teacher{i}_w{b}a{b}": _TeacherView(self.student, i) for i, b in enumerate(self.teacher_bits)})
+        return models
+
+    def student_arch_config(self):
+        from cmtkd.checkpoint import NETWORK_SET_KEY
+
+        return {"arch": self.cfg.arch, "num_classes": self.info.num_classes, "in_channels": self.info.in_channels,
+                NETWORK_SET_KEY: [self.arch_config(b, b) for b in self.teacher_bits],
+                "fusion_points": self.student.fusion_points, "split_blocks": self.student.split_blocks}
+
+    def log_scalars(self):
+        pi = self.student.importance().detach().cpu()
+        points = self.student.fusion_points
+        return {f"pi_{p}_{i}": float(pi[k, i]) for k, p in enumerate(points) for i in range(pi.shape[1])}
+
+    def metadata(self):
+        return {"teacher_bits": self.teacher_bits, "fusion_points": self.student.fusion_points}

@@ -66,8 +66,8 @@ def run_dir(key) -> str:
     return f"results/runs/{PARAMS.wildcard_pattern.format(**{c: key[c] for c in grid.COLUMNS})}"
 
 
-def teacher_dirs(key) -> list[str]:  # the frozen teachers the run `key` loads (none for most methods)
-    runs = grid.teacher_runs(key["method"], key["dataset"], key["arch"], key["teacher_bits"], key["seed"])
+def teacher_dirs(key) -> list[str]:  # the teacher runs (or teachers-only stage) the run `key` loads
+    runs = grid.loaded_runs(key["method"], key["dataset"], key["arch"], key["teacher_bits"], key["seed"])
     return [run_dir(t) for t in runs]
 
 

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     table = grid.expand(config)
     runs = table[list(grid.COLUMNS)].to_dict("records")
     run_dir = lambda key: "results/runs/" + "/".join(f"{c}~{key[c]}" for c in grid.COLUMNS)  # noqa: E731
-    argv_of = lambda key: grid.train_argv(config, key, [run_dir(k) for k in grid.teacher_runs(  # noqa: E731
+    argv_of = lambda key: grid.train_argv(config, key, [run_dir(k) for k in grid.loaded_runs(  # noqa: E731
         key["method"], key["dataset"], key["arch"], key["teacher_bits"], key["seed"])])
     problems = [] if args.no_data_check else [p for p in [dataset_problem(config, name)] if p]
     problems += cmtkd_problems(config, runs, argv_of)

@@ -7,7 +7,9 @@ stays fast.
 A row is one ``cmtkd train`` run: method x dataset x arch x W/A x teacher set x seed. Teachers that
 the distillation methods need are ordinary ``qat`` runs (``fp`` for a 32-bit teacher) at W=A=b,
 added to the grid with role ``teacher`` unless the grid already has them; every (dataset, arch,
-bits, seed) is trained once and shared by every method that uses it.
+bits, seed) is trained once and shared by every method that uses it. A method whose teachers come
+from a teachers-only stage (catalog ``teachers: stage``, e.g. ``cmtkd-frozen``) loads one run of that
+stage's method (``cmtkd-teachers``) per (dataset, arch, teacher set, seed), added and shared the same way.
 """
 from __future__ import annotations
 
@@ -168,6 +170,10 @@ def expand(config: dict) -> pd.DataFrame:
         if METHODS[method].teachers == "pretrained":
             for b in teacher_list(tset):
                 rows.setdefault((teacher_method(b), dataset_, arch, b, b, NO_TEACHERS, seed), "teacher")
+    # The teachers-only stages the stage methods load: shared, once per (arch, teacher set, seed).
+    for key in list(rows):
+        for stage in stage_runs(*key[:3], key[5], key[6]):
+            rows.setdefault(tuple(stage[c] for c in COLUMNS), "teacher")
     frame = pd.DataFrame([(*key, role) for key, role in rows.items()], columns=[*COLUMNS, "role"])
     frame = frame.astype({"w_bits": int, "a_bits": int, "seed": int, "teacher_bits": str})
     frame = frame.sort_values(list(COLUMNS), kind="stable").reset_index(drop=True)
@@ -191,6 +197,22 @@ def teacher_runs(method: str, dataset: str, arch: str, teacher_bits: str, seed) 
              "teacher_bits": NO_TEACHERS, "seed": int(seed)} for b in teacher_list(teacher_bits)]
 
 
+def stage_runs(method: str, dataset: str, arch: str, teacher_bits: str, seed) -> list[dict]:
+    """Key of the teachers-only run a stage-teacher run loads (its catalog ``stage`` method with the
+    same teacher set and seed, at W32A32: it has no student); empty for the other methods."""
+    spec = METHODS[method]
+    if spec.teachers != "stage":
+        return []
+    return [{"method": spec.stage, "dataset": dataset, "arch": arch, "w_bits": FULL_PRECISION,
+             "a_bits": FULL_PRECISION, "teacher_bits": teacher_bits, "seed": int(seed)}]
+
+
+def loaded_runs(method: str, dataset: str, arch: str, teacher_bits: str, seed) -> list[dict]:
+    """Keys of every run whose files the run loads: frozen teacher runs and teachers-only stages."""
+    return teacher_runs(method, dataset, arch, teacher_bits, seed) + stage_runs(method, dataset, arch,
+                                                                                teacher_bits, seed)
+
+
 def train_sets(config: dict, method: str, arch: str, teacher_bits: str, teacher_dirs: list[str]) -> list[str]:
     """The ``--set key=value`` overrides of one run: data settings, recipe, per-arch recipe,
     method options and the teacher wiring."""
@@ -203,7 +225,8 @@ def train_sets(config: dict, method: str, arch: str, teacher_bits: str, teacher_
     if spec.bits_option:
         values["method_args.teacher_bits"] = teacher_list(teacher_bits)
     if spec.path_option:
-        values[f"method_args.{spec.path_option}"] = teacher_dirs[0] if spec.use == "one" else list(teacher_dirs)
+        one = spec.use == "one" or spec.teachers == "stage"  # one run directory, or one per teacher
+        values[f"method_args.{spec.path_option}"] = teacher_dirs[0] if one else list(teacher_dirs)
     return [f"{k}={set_value(v)}" for k, v in values.items()]
 
 
