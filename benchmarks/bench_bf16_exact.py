@@ -8,6 +8,10 @@ Per config, the modes are timed interleaved in every round (fp32, bf16-exact, bf
 ...) so load from other processes on a shared machine hits all alike; the ratio bf16-exact/fp32 is
 taken per round and its minimum and median are reported.  ``bf16-lossy`` is the plain autocast
 path the exact one replaced (quantized operands cast to bf16); ``--no-lossy`` skips it.
+
+``--fidelity`` measures the effect instead of the cost: one training-mode forward pass of each
+config on a fixed batch, and per mode the share of HWGQ activation codes that differ from the
+fp32 pass and the largest logit difference relative to the largest fp32 logit.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_step import make_step, time_steps  # noqa: E402
 
-from cmtkd.quant import QConv2d, QLinear  # noqa: E402
+from cmtkd.models import build_model  # noqa: E402
+from cmtkd.quant import HWGQ, QConv2d, QLinear  # noqa: E402
 
 CONFIGS = {"W2A2": (2, 2), "W8A8": (8, 8), "W6A6": (6, 6), "W4A4": (4, 4)}
 """The QAT student of the default suite and CMT-KD's default teachers (method_args.teacher_bits)."""
@@ -88,6 +93,40 @@ def print_config(config: str, by_mode: dict[str, list[float]], batch: int) -> No
         print(line, flush=True)
 
 
+def fidelity(args) -> None:
+    """Share of activation codes that differ from fp32, and relative logit error, per mode."""
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, 3, 32, 32)
+    print(f"{'config':5s} {'mode':11s} {'codes != fp32':>14s} {'max |logit - fp32| / max |fp32|':>32s}")
+    for config in args.configs:
+        w_bits, a_bits = CONFIGS[config]
+        torch.manual_seed(0)
+        model = build_model(args.arch, 100, w_bits, a_bits, variant="cifar", width=args.width,
+                            policy=args.policy).train()
+        codes: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda m, i, o: codes.append(torch.round(o.detach() / m.step)))
+                 for m in model.modules() if isinstance(m, HWGQ)]
+
+        def run(amp: str, exact: bool):
+            codes.clear()
+            with exact_path(exact), torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=amp == "bf16"):
+                # BN in training mode normalises with batch statistics; keep the running ones unchanged.
+                state = {k: v.clone() for k, v in model.state_dict().items()}
+                logits = model(images).float()
+                model.load_state_dict(state)
+            return logits, [c.clone() for c in codes]
+
+        reference, reference_codes = run("none", True)
+        for mode, exact in (("bf16-exact", True), ("bf16-lossy", False)):
+            logits, mode_codes = run("bf16", exact)
+            differ = sum(int((a != b).sum()) for a, b in zip(mode_codes, reference_codes))
+            total = sum(c.numel() for c in reference_codes)
+            error = float((logits - reference).abs().max() / reference.abs().max())
+            print(f"{config:5s} {mode:11s} {differ / total:14.2e} {error:32.2e}", flush=True)
+        for hook in hooks:
+            hook.remove()
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,6 +139,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--no-lossy", dest="lossy", action="store_false", help="skip the plain (lossy) bf16 path")
+    p.add_argument("--fidelity", action="store_true", help="measure the numerical effect, not the time")
+    p.add_argument("--policy", default="fp-first-last",
+                   help="model.policy for --fidelity (fp-first-last keeps the stem conv and the FC in bf16)")
     args = p.parse_args(argv)
     for name in ("batch", "threads", "steps", "rounds"):
         if getattr(args, name) < 1:
@@ -114,6 +156,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"# {args.arch} (cifar variant, width {args.width}, 100 classes, 32x32x3), batch {args.batch}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU: {cpu_model_name()}")
+    if args.fidelity:
+        fidelity(args)
+        return 0
     print(f"# {args.rounds} interleaved rounds x {args.steps} steps, after {args.warmup} warm-up steps per mode")
     measure(args)
     return 0
