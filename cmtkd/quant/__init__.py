@@ -2,9 +2,10 @@
 plus PACT, LSQ and DoReFa for the plain-quantization baselines.
 
 Plain PyTorch; straight-through estimators are tensor identities so ``torch.compile`` can fuse
-them.  Every quantizer can also give its output as integer codes and a scale (``grid``), which the
-quantized layers use to stay exact under bf16/fp16 autocast (:mod:`cmtkd.quant.layers`).  ``bits == 32`` (:data:`FULL_PRECISION`) means not quantized.  Bad names or bit-widths raise
-:class:`cmtkd.errors.UserError`.
+them.  ``bits == 32`` (:data:`FULL_PRECISION`) means not quantized.  Bad names or bit-widths raise
+:class:`cmtkd.errors.UserError`.  Every quantizer can also give its output as integer codes and a
+scale (``grid``), which the quantized layers use to stay exact under bf16/fp16 autocast
+(:mod:`cmtkd.quant.layers`).
 """
 
 from cmtkd.quant.activations import (
