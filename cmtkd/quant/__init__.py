@@ -3,7 +3,9 @@ plus PACT, LSQ and DoReFa for the plain-quantization baselines.
 
 Plain PyTorch; straight-through estimators are tensor identities so ``torch.compile`` can fuse
 them.  ``bits == 32`` (:data:`FULL_PRECISION`) means not quantized.  Bad names or bit-widths raise
-:class:`cmtkd.errors.UserError`.
+:class:`cmtkd.errors.UserError`.  Every quantizer can also give its output as integer codes and a
+scale (``grid``), which the quantized layers use to stay exact under bf16/fp16 autocast
+(:mod:`cmtkd.quant.layers`).
 """
 
 from cmtkd.quant.activations import (
@@ -14,7 +16,7 @@ from cmtkd.quant.activations import (
     LSQActivation,
     make_act_quantizer,
 )
-from cmtkd.quant.common import FULL_PRECISION, GAUSSIAN_WEIGHT_SCALES, HWGQ_STEPS, check_bits
+from cmtkd.quant.common import FULL_PRECISION, GAUSSIAN_WEIGHT_SCALES, HWGQ_STEPS, Grid, check_bits
 from cmtkd.quant.layers import QConv2d, QLinear
 from cmtkd.quant.weights import (
     WEIGHT_QUANTIZERS,
@@ -31,6 +33,7 @@ __all__ = [
     "ACT_QUANTIZERS",
     "FULL_PRECISION",
     "GAUSSIAN_WEIGHT_SCALES",
+    "Grid",
     "HWGQ",
     "HWGQ_STEPS",
     "PACT",

@@ -7,6 +7,10 @@
 
 Use :func:`make_act_quantizer` rather than the classes: it also handles 32-bit (plain ReLU)
 and validates names and bit-widths.
+
+Every quantizer also has ``grid(x)``: the same quantization as integer codes ``0 .. 2^b - 1`` and
+a step (:class:`cmtkd.quant.common.Grid`), with the same gradients.  A quantized layer that is
+given the quantizer as its ``input_quantizer`` uses it to compute on exact codes under autocast.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 from cmtkd.quant.common import (
     FULL_PRECISION,
     HWGQ_STEPS,
+    Grid,
     LazyStepMixin,
     check_bits,
     check_name,
@@ -53,6 +58,11 @@ class HWGQ(nn.Module):
         clipped = x.clamp(0.0, self.clip)  # clamp's gradient is exactly the in-range mask
         return straight_through(clipped, torch.round(clipped / self.step) * self.step)
 
+    def grid(self, x: torch.Tensor) -> Grid:
+        """``forward(x)`` as codes ``round(clamp(x, 0, clip) / s)`` and the fixed step ``s``."""
+        scaled = x.float().clamp(0.0, self.clip) / self.step
+        return Grid(straight_through(scaled, torch.round(scaled)), self.step)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, step={self.step}, clip={self.clip:.4g}"
 
@@ -84,6 +94,16 @@ class PACT(nn.Module):
         step = alpha.detach() / self.levels
         return straight_through(clipped, torch.round(clipped.detach() / step) * step)
 
+    def grid(self, x: torch.Tensor) -> Grid:
+        """``forward(x)`` as codes ``0 .. 2^b - 1`` and the step ``alpha / (2^b - 1)`` (detached:
+        alpha's gradient comes through the clipped values inside the codes, as in ``forward``)."""
+        x = x.float()
+        alpha = self.alpha.to(x.dtype)
+        clipped = torch.where(x < alpha, x.clamp_min(0.0), alpha)
+        step = alpha.detach() / self.levels
+        scaled = clipped / step
+        return Grid(straight_through(scaled, torch.round(scaled.detach())), step)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
@@ -111,6 +131,13 @@ class LSQActivation(LazyStepMixin, nn.Module):
         step = scale_grad(self.step, 1.0 / math.sqrt(x.numel() * self.qp)).to(x.dtype)
         return round_ste(torch.clamp(x / step, 0, self.qp)) * step
 
+    def grid(self, x: torch.Tensor) -> Grid:
+        """``forward(x)`` split into its codes and its learnable step (which keeps its gradient)."""
+        x = x.float()
+        self._maybe_init_step(x, self.qp)
+        step = scale_grad(self.step, 1.0 / math.sqrt(x.numel() * self.qp)).to(x.dtype)
+        return Grid(round_ste(torch.clamp(x / step, 0, self.qp)), step)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
@@ -131,6 +158,11 @@ class DoReFaActivation(nn.Module):
         x = x.float()  # exact grid under autocast (see HWGQ)
         clipped = x.clamp(0.0, 1.0)
         return straight_through(clipped, torch.round(clipped * self.levels) / self.levels)
+
+    def grid(self, x: torch.Tensor) -> Grid:
+        """``forward(x)`` as codes ``round(clamp(x, 0, 1) * n)`` and the step ``1 / n``."""
+        scaled = x.float().clamp(0.0, 1.0) * self.levels
+        return Grid(straight_through(scaled, torch.round(scaled)), 1.0 / self.levels)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -67,6 +68,20 @@ def check_name(name, allowed: tuple[str, ...], what: str) -> str:
     if not isinstance(name, str) or name not in allowed:
         raise UserError(f"unknown {what} {name!r}; choose one of {', '.join(allowed)}")
     return name
+
+
+class Grid(NamedTuple):
+    """A quantized tensor as small integers times a scale: its value is ``codes * scale``.
+
+    ``codes`` are integer-valued floats with ``|code| <= 2^b - 1`` (so exact in bf16 and TF32 for
+    ``b <= 8``) and carry the straight-through gradient; ``scale`` is a Python float, a 0-dim tensor,
+    or (weights only) one value per output channel, shape ``(out_channels,)``.  A learnable step
+    (PACT, LSQ) keeps its gradient in ``scale``, so ``codes * scale`` is the quantizer's forward
+    with the same autograd graph.  Used by the exact low-bit path of :mod:`cmtkd.quant.layers`.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor | float
 
 
 def straight_through(soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,11 @@
 
 ``"auto"`` (the project default) is binary at 1 bit and Gaussian at 2-8 bits, i.e. HWGQ/EdMIPS
 throughout.  Assumption: the CMT-KD paper does not say which weight quantizer it uses.
+
+Every quantizer also has ``grid(weight)``: the same quantized weight as integer codes with
+``|code| <= 2^b - 1`` and a scale, per output channel or per tensor
+(:class:`cmtkd.quant.common.Grid`), with the same straight-through gradients.  The quantized
+layers use it to compute on exact codes under autocast (:mod:`cmtkd.quant.layers`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from cmtkd.errors import UserError
 from cmtkd.quant.common import (
     FULL_PRECISION,
     GAUSSIAN_WEIGHT_SCALES,
+    Grid,
     LazyStepMixin,
     check_bits,
     check_name,
@@ -58,6 +64,14 @@ class BinaryWeight(nn.Module):
         scale = w.abs().reshape(w.shape[0], -1).mean(dim=1)
         scale = scale.reshape((-1,) + (1,) * (w.dim() - 1))
         return straight_through(weight, _sign_no_zero(w) * scale)
+
+    def grid(self, weight: torch.Tensor) -> Grid:
+        """Codes ``+-1`` and the per-channel scale ``mean|W|``, shape ``(out_channels,)``."""
+        w = weight.detach()
+        # Floored so the straight-through division below is finite for an all-zero channel.
+        scale = w.abs().reshape(w.shape[0], -1).mean(dim=1).clamp_min(_TINY)
+        per_channel = scale.reshape((-1,) + (1,) * (w.dim() - 1))
+        return Grid(straight_through(weight / per_channel, _sign_no_zero(w)), scale)
 
     def extra_repr(self) -> str:
         return "bits=1, per_output_channel=True"
@@ -102,6 +116,18 @@ class GaussianWeight(nn.Module):
         hard = gaussian_quantize(weight.detach(), gaussian_scale(weight, self.bits), self.bits)
         return straight_through(weight, hard)
 
+    def grid(self, weight: torch.Tensor) -> Grid:
+        """The half-integer levels ``(k - 0.5) * s_w`` as odd codes ``2k - 1`` times ``s_w / 2``.
+
+        ``|2k - 1| <= 2^b - 1``; halving ``s_w`` is exact, so ``codes * scale`` equals
+        :func:`gaussian_quantize` bit for bit.
+        """
+        half_step = gaussian_scale(weight, self.bits) / 2
+        odd_max = 2**self.bits - 1
+        scaled = weight / half_step  # = 2 W / s_w; its gradient is the identity STE of forward
+        codes = torch.clamp(2 * torch.round(scaled.detach() / 2 + 0.5) - 1, -odd_max, odd_max)
+        return Grid(straight_through(scaled, codes), half_step)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, g_b={GAUSSIAN_WEIGHT_SCALES[self.bits]}"
 
@@ -129,6 +155,12 @@ class LSQWeight(LazyStepMixin, nn.Module):
         step = scale_grad(self.step, 1.0 / math.sqrt(weight.numel() * self.qp)).to(weight.dtype)
         return round_ste(torch.clamp(weight / step, -self.qn, self.qp)) * step
 
+    def grid(self, weight: torch.Tensor) -> Grid:
+        """``forward(weight)`` split into codes ``-2^(b-1) .. 2^(b-1) - 1`` and the learnable step."""
+        self._maybe_init_step(weight, self.qp)
+        step = scale_grad(self.step, 1.0 / math.sqrt(weight.numel() * self.qp)).to(weight.dtype)
+        return Grid(round_ste(torch.clamp(weight / step, -self.qn, self.qp)), step)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
@@ -155,6 +187,19 @@ class DoReFaWeight(nn.Module):
         unit = squashed / (2 * squashed.abs().max().clamp_min(_TINY)) + 0.5
         quantized = straight_through(unit, torch.round(unit.detach() * self.levels) / self.levels)
         return 2 * quantized - 1
+
+    def grid(self, weight: torch.Tensor) -> Grid:
+        """``2 round(u n) / n - 1`` as odd codes ``2 round(u n) - n`` times ``1 / n`` (b > 1); at
+        1 bit, codes ``+-1`` times ``mean|W|``."""
+        if self.bits == 1:
+            w = weight.detach()
+            scale = w.abs().mean().clamp_min(_TINY)
+            return Grid(straight_through(weight / scale, _sign_no_zero(w)), scale)
+        squashed = torch.tanh(weight)
+        unit = squashed / (2 * squashed.abs().max().clamp_min(_TINY)) + 0.5
+        scaled = unit * self.levels
+        levels = straight_through(scaled, torch.round(scaled.detach()))
+        return Grid(2 * levels - self.levels, 1.0 / self.levels)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
