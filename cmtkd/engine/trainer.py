@@ -5,6 +5,10 @@ Exactness: all randomness of epoch ``e`` (batch order, augmentation, dropout) is
 that already holds a checkpoint is resumed from it, so a killed run rerun with the same command
 finishes with bit-identical weights and metrics (CPU).
 
+Reading order: :func:`train` -> :func:`train_epoch` -> :func:`train_iter` (-> :func:`train_step`). A run
+is one :class:`Run` object; what changes from epoch to epoch is its :class:`TrainState`, and
+:meth:`Run.checkpoint_content` / :meth:`Run.restore` are the one place it meets ``checkpoint.pt``.
+
 Data-parallel training on several GPUs: ``torchrun --nproc_per_node=N -m cmtkd.cli train ...``; see
 :mod:`cmtkd.engine.distributed` for what differs from one process with the same global batch.
 """
@@ -16,8 +20,9 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -293,6 +298,75 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
+@dataclass
+class TrainState:
+    """What a run has accumulated after ``epoch`` finished epochs. With the method, optimizer,
+    scheduler, scaler and RNG states it is the content of ``checkpoint.pt`` (:meth:`Run.checkpoint_content`)."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)  # one row per epoch, as in history.csv
+    best: dict = field(default_factory=lambda: {"epoch": None, "val_top1": -1.0, "student_state": None})
+    train_seconds: float = 0.0
+    train_images: int = 0  # over all ranks
+    peak_mem: float = 0.0  # MiB, the peak over all ranks
+
+
+@dataclass
+class Run:
+    """One training run: its configuration and directory, what trains, and its :class:`TrainState`."""
+
+    cfg: RunConfig
+    cfg_dict: dict  # the configuration as it was when the run started (config.yaml, checkpoint)
+    chash: str  # its hash
+    out: Path
+    device: torch.device
+    log: Callable[[str], None]
+    data: Any  # a cmtkd.data dataset (train/eval batches and info)
+    steps: int  # optimizer steps per epoch
+    method: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    state: TrainState = field(default_factory=TrainState)
+    forward: nn.Module | None = None  # the DistributedDataParallel wrapper; None in a single process
+    trackers: Trackers | None = None  # rank 0 only
+    replica_tensors: int = 0  # tensors the last cross-rank check compared (0: one process)
+    world: int = field(default_factory=distributed.world_size)
+    rank: int = field(default_factory=distributed.rank)
+    main: bool = field(default_factory=distributed.is_main)
+
+    def checkpoint_content(self) -> dict:
+        """The full state after ``state.epoch`` epochs: what resuming needs to continue bit-identically."""
+        s = self.state
+        return {"epoch": s.epoch, "config": self.cfg_dict, "config_hash": self.chash,
+                "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": _rng_state(),
+                "history": s.history, "best": s.best, "train_seconds": s.train_seconds,
+                "train_images": s.train_images, "peak_mem_mib": s.peak_mem, "world_size": self.world}
+
+    def restore(self, content: dict) -> None:
+        """Load :meth:`checkpoint_content` of an earlier process back into this run."""
+        self.method.load_state_dict(content["method"])
+        self.optimizer.load_state_dict(content["optimizer"])
+        self.scheduler.load_state_dict(content["scheduler"])
+        self.scaler.load_state_dict(content["scaler"])
+        # Every epoch reseeds, so the ranks need no CUDA generator states (restoring them would touch
+        # every GPU of the node from every rank).
+        _set_rng_state(content["rng"], cuda=self.world == 1)
+        self.state = TrainState(epoch=content["epoch"], history=content["history"], best=content["best"],
+                                train_seconds=content["train_seconds"], train_images=content["train_images"],
+                                peak_mem=content["peak_mem_mib"])
+
+
+@dataclass
+class EpochTotals:
+    """Sums over this rank's steps of one epoch, kept on the device: no host synchronisation per step."""
+
+    correct: torch.Tensor
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # loss terms, then the total "loss"
+    seen: int = 0
+
+
 def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
     """Train ``cfg`` into ``out_dir`` (resuming if it holds a checkpoint); returns metrics.json.
 
@@ -328,22 +402,38 @@ def _train(cfg: RunConfig, out: Path, device: torch.device, log) -> dict:
 
 
 def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: RunLock) -> dict:
-    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    """Train, resume, or (from a final checkpoint) only rebuild the results of the run in ``out``."""
     created = distributed.on_main(lambda: _prepare_run_dir(out, lock))
-    metrics_path = out / "metrics.json"
     ckpt_path = out / CHECKPOINT
-    cfg_dict = asdict(cfg)
-    chash = config_hash(cfg)
-
+    cfg_dict, chash = asdict(cfg), config_hash(cfg)
     # Every rank reads the checkpoint itself: files are written atomically, so none sees half of one.
-    ckpt = checkpoint.load_checkpoint(ckpt_path, lambda saved: config_diff(saved, cfg_dict)) if ckpt_path.exists() else None
+    ckpt = (checkpoint.load_checkpoint(ckpt_path, lambda saved: config_diff(saved, cfg_dict))
+            if ckpt_path.exists() else None)
     if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
         problem = finished_outputs_problem(out, chash)
         if problem is None:
             log(f"{out}: already complete (delete the directory to retrain)")
-            return read_sealed_json(metrics_path, REBUILD_METRICS)
+            return read_sealed_json(out / "metrics.json", REBUILD_METRICS)
         log(f"{out}: {problem}; rebuilding the results from the final checkpoint")
 
+    data = _load_data(cfg, cfg_dict, out, device, lock, created)
+    run = _build_run(cfg, out, device, data, log=log, cfg_dict=cfg_dict, chash=chash)
+    if ckpt is not None:
+        _resume(run, ckpt)
+    else:
+        _log_start(run)
+    run.forward = distributed.wrap_for_training(run.method, device)
+    if run.main:
+        run.trackers = Trackers(cfg.train.loggers, out, config=run.cfg_dict, config_hash=run.chash,
+                                start_epoch=run.state.epoch)
+    for epoch in range(run.state.epoch, cfg.epochs):
+        train_epoch(run, epoch)
+    return _finish(run)
+
+
+def _load_data(cfg: RunConfig, cfg_dict: dict, out: Path, device: torch.device, lock: RunLock, created: bool):
+    """The run's dataset, checked against the process count; then ``config.yaml`` is written."""
+    main = distributed.is_main()
     try:
         data = build_data(cfg.data, device)
     except UserError:
@@ -351,14 +441,18 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
             lock.release()
             out.rmdir()  # leave nothing behind for a run that could not start
         raise
-    check_data_parallel(cfg.data, world, data.info.num_train)
+    check_data_parallel(cfg.data, distributed.world_size(), data.info.num_train)
     if main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
-    steps = data.steps_per_epoch()
-    if steps < 1:
+    if data.steps_per_epoch() < 1:
         raise UserError(f"the training split has fewer images than one batch ({cfg.data.batch_size}); "
                         f"lower data.batch_size")
+    return data
 
+
+def _build_run(cfg: RunConfig, out: Path, device: torch.device, data, **run_fields) -> Run:
+    """The method with its optimizer, scheduler and gradient scaler, initialised from ``cfg.seed``."""
+    steps = data.steps_per_epoch()
     seed_everything(cfg.seed)  # the same on every rank: identical initial replicas
     method = get_method(cfg.method)(cfg, data.info).to(device)
     if cfg.train.sync_bn:
@@ -371,126 +465,141 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
     optimizer = build_optimizer(method, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    return Run(cfg=cfg, out=out, device=device, data=data, steps=steps, method=method,
+               optimizer=optimizer, scheduler=scheduler, scaler=scaler, **run_fields)
 
-    start_epoch, history, best = 0, [], {"epoch": None, "val_top1": -1.0, "student_state": None}
-    train_seconds, train_images, peak_mem = 0.0, 0, 0.0
-    if ckpt is not None:
-        method.load_state_dict(ckpt["method"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        # Every epoch reseeds, so the ranks need no CUDA generator states (restoring them would touch
-        # every GPU of the node from every rank).
-        _set_rng_state(ckpt["rng"], cuda=world == 1)
-        start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
-        train_seconds, train_images, peak_mem = ckpt["train_seconds"], ckpt["train_images"], ckpt["peak_mem_mib"]
-        if main:
-            # A kill between the checkpoint and the history write leaves history.csv one epoch behind.
-            atomic_write_text(out / "history.csv", _history_csv(history))
-        log(f"{out}: resuming after epoch {start_epoch}/{cfg.epochs} on {device_label(device)}")
-        if ckpt.get("world_size", 1) != world:
-            log(f"{out}: the checkpoint was written by {ckpt.get('world_size', 1)} process(es), this run has "
-                f"{world}: the result will differ slightly from an uninterrupted run")
-    else:
-        processes = f" x {world} processes" if world > 1 else ""
-        log(f"{out}: training {cfg.method} {cfg.arch} W{cfg.w_bits}A{cfg.a_bits} on {cfg.data.name} "
-            f"({data.info.num_train} train / {data.info.num_val} val images, {steps} steps/epoch) on "
-            f"{device_label(device)}{processes}")
-    ddp = distributed.wrap_for_training(method, device)  # None in a single process
-    trackers = Trackers(cfg.train.loggers, out, config=cfg_dict, config_hash=chash,
-                        start_epoch=start_epoch) if main else None
-    replica_tensors = 0
 
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout & any method-side randomness
-        method.train()
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        epoch_lr = optimizer.param_groups[0]["lr"]  # the rate the epoch starts with
-        bar = Progress(cfg, steps, f"epoch {epoch + 1}/{cfg.epochs}", enabled=main)
-        t0 = time.perf_counter()
-        for images, targets in data.train_batches(epoch, cfg.seed, rank=rank, world_size=world):
-            logits, losses, loss = train_step(method, optimizer, scaler, images, targets, cfg, device, forward=ddp)
-            scheduler.step()
-            # accumulate on the device: no host synchronisation inside the step
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            sums["loss"] = sums.get("loss", 0) + loss.detach().float()
-            correct += logits.detach().argmax(1).eq(targets).sum()
-            seen += targets.shape[0]
-            bar.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_time = distributed.max_over_ranks(time.perf_counter() - t0)
-        bar.close()
-        # Over all ranks: losses are means of the per-rank means (the global mean with equal slices),
-        # counts are sums, so images_per_s counts global images.
-        names = list(sums)
-        means = distributed.all_reduce_mean(torch.stack([sums[k] for k in names]) / steps)
-        correct, seen = distributed.all_reduce_sum(torch.stack([correct, torch.tensor(seen, device=device)])).tolist()
-        train_seconds += epoch_time
-        train_images += seen
-        row = {"epoch": epoch + 1, "lr": epoch_lr, "time_s": epoch_time,
-               "images_per_s": seen / epoch_time, "train_top1": 100.0 * correct / max(seen, 1)}
-        mean_of = dict(zip(names, means.tolist()))
-        row["loss"] = mean_of.pop("loss")
-        row.update({f"loss_{k}": v for k, v in mean_of.items()})
-        nonfinite = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
-        if nonfinite:
-            raise UserError(f"training diverged at epoch {epoch + 1} ({', '.join(nonfinite)} not finite); "
-                            f"lower optim.lr")
-        if world > 1:
-            # Rank 0's BatchNorm running statistics everywhere, then a checksum that nothing else drifted:
-            # validation below, and the state rank 0 saves, are then those of every rank.
-            distributed.broadcast_buffers(method)
-            replica_tensors = distributed.check_replicas_identical(method)
-        if data.info.num_val > 0:
-            for name, model in method.eval_models().items():
-                row[f"val_top1_{name}"] = evaluate_model(model, data.eval_batches("val"), cfg, device)["top1"]
-        row.update(method.log_scalars())
-        history.append(row)
-        val = row.get("val_top1_student", float("nan"))
-        if cfg.train.select == "last" or val > best["val_top1"]:
-            best = {"epoch": epoch + 1, "val_top1": val,
-                    "student_state": {k: v.detach().cpu().clone() for k, v in method.student.state_dict().items()}}
-        peak_mem = max(peak_mem, distributed.max_over_ranks(peak_memory_mib(device)))
-        if main:
-            ckpt = {"epoch": epoch + 1, "config": cfg_dict, "config_hash": chash,
-                    "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                    "history": history, "best": best, "train_seconds": train_seconds,
-                    "train_images": train_images, "peak_mem_mib": peak_mem, "world_size": world}
-            checkpoint.save_checkpoint(ckpt_path, ckpt)
-            atomic_write_text(out / "history.csv", _history_csv(history))
-            trackers.log_epoch(row)
-        shown = "  ".join(f"{k[5:] if k.startswith('loss_') else k} {v:.4g}" for k, v in row.items()
-                          if k.startswith("loss") or k.startswith("val_top1"))
-        log(f"epoch {epoch + 1}/{cfg.epochs}  {shown}  {epoch_time:.1f}s  {row['images_per_s']:.0f} img/s")
+def _log_start(run: Run) -> None:
+    cfg, info = run.cfg, run.data.info
+    processes = f" x {run.world} processes" if run.world > 1 else ""
+    run.log(f"{run.out}: training {cfg.method} {cfg.arch} W{cfg.w_bits}A{cfg.a_bits} on {cfg.data.name} "
+            f"({info.num_train} train / {info.num_val} val images, {run.steps} steps/epoch) on "
+            f"{device_label(run.device)}{processes}")
 
-    def finish() -> dict:
-        # Keep only the selected student; evaluate it exactly as `cmtkd evaluate` will.
-        checkpoint.save_model(out / MODEL, arch_config=method.student_arch_config(),
-                              state_dict=best["student_state"], method=cfg.method,
-                              selected_epoch=best["epoch"], config_hash=chash)
-        test = evaluate_run(out, "test", write=False, data=data)
-        metrics = {
-            "method": cfg.method, "arch": cfg.arch, "dataset": cfg.data.name, "w_bits": cfg.w_bits,
-            "a_bits": cfg.a_bits, "seed": cfg.seed, "epochs": cfg.epochs,
-            "top1": test["top1"], "top5": test["top5"], "test_images": test["n"],
-            "best_val_epoch": best["epoch"], "best_val_top1": best["val_top1"], "selection": cfg.train.select,
-            "train_seconds": train_seconds, "images_per_s": train_images / max(train_seconds, 1e-9),
-            "peak_mem_mib": peak_mem, "world_size": world, "env": fingerprint(device, chash), **method.metadata(),
-            **method.init_metadata,
-        }
-        return write_sealed_json(metrics_path, metrics)
 
-    metrics = distributed.on_main(finish)  # the other ranks wait for rank 0's files and get its metrics
-    if trackers is not None:
-        trackers.log_final(metrics, cfg.epochs)
-        trackers.close()
-    if replica_tensors:
-        log(f"{world} processes: all {replica_tensors} parameter and buffer tensors identical on every rank")
-    log(f"{out}: test top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-        f"(epoch {best['epoch']} selected by {cfg.train.select})")
+def _resume(run: Run, ckpt: dict) -> None:
+    run.restore(ckpt)
+    if run.main:
+        # A kill between the checkpoint and the history write leaves history.csv one epoch behind.
+        atomic_write_text(run.out / "history.csv", _history_csv(run.state.history))
+    run.log(f"{run.out}: resuming after epoch {run.state.epoch}/{run.cfg.epochs} on {device_label(run.device)}")
+    if ckpt.get("world_size", 1) != run.world:
+        run.log(f"{run.out}: the checkpoint was written by {ckpt.get('world_size', 1)} process(es), this run has "
+                f"{run.world}: the result will differ slightly from an uninterrupted run")
+
+
+def train_epoch(run: Run, epoch: int) -> dict:
+    """Train epoch ``epoch`` (0-based), validate, checkpoint; returns the epoch's history row."""
+    cfg = run.cfg
+    torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout & any method-side randomness
+    run.method.train()
+    totals = EpochTotals(correct=torch.zeros((), dtype=torch.long, device=run.device))
+    epoch_lr = run.optimizer.param_groups[0]["lr"]  # the rate the epoch starts with
+    bar = Progress(cfg, run.steps, f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.main)
+    t0 = time.perf_counter()
+    for images, targets in run.data.train_batches(epoch, cfg.seed, rank=run.rank, world_size=run.world):
+        train_iter(run, images, targets, totals)
+        bar.update()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    epoch_time = distributed.max_over_ranks(time.perf_counter() - t0)
+    bar.close()
+    row = _epoch_row(run, epoch, totals, epoch_lr, epoch_time)
+    if run.world > 1:
+        # Rank 0's BatchNorm running statistics everywhere, then a checksum that nothing else drifted:
+        # validation below, and the state rank 0 saves, are then those of every rank.
+        distributed.broadcast_buffers(run.method)
+        run.replica_tensors = distributed.check_replicas_identical(run.method)
+    if run.data.info.num_val > 0:
+        for name, model in run.method.eval_models().items():
+            row[f"val_top1_{name}"] = evaluate_model(model, run.data.eval_batches("val"), cfg, run.device)["top1"]
+    row.update(run.method.log_scalars())
+    _record_epoch(run, row)
+    shown = "  ".join(f"{k[5:] if k.startswith('loss_') else k} {v:.4g}" for k, v in row.items()
+                      if k.startswith("loss") or k.startswith("val_top1"))
+    run.log(f"epoch {epoch + 1}/{cfg.epochs}  {shown}  {epoch_time:.1f}s  {row['images_per_s']:.0f} img/s")
+    return row
+
+
+def train_iter(run: Run, images: torch.Tensor, targets: torch.Tensor, totals: EpochTotals) -> None:
+    """One optimizer step and learning-rate step; adds its losses and hits to ``totals``."""
+    logits, losses, loss = train_step(run.method, run.optimizer, run.scaler, images, targets, run.cfg, run.device,
+                                      forward=run.forward)
+    run.scheduler.step()
+    for k, v in losses.items():
+        totals.sums[k] = totals.sums.get(k, 0) + v.detach().float()
+    totals.sums["loss"] = totals.sums.get("loss", 0) + loss.detach().float()
+    totals.correct += logits.detach().argmax(1).eq(targets).sum()
+    totals.seen += targets.shape[0]
+
+
+def _epoch_row(run: Run, epoch: int, totals: EpochTotals, epoch_lr: float, epoch_time: float) -> dict:
+    """The epoch's training numbers over all ranks (adds them to the run's totals); refuses a diverged run.
+
+    Losses are means of the per-rank means (the global mean with equal slices), counts are sums, so
+    images_per_s counts global images."""
+    names = list(totals.sums)
+    means = distributed.all_reduce_mean(torch.stack([totals.sums[k] for k in names]) / run.steps)
+    counts = torch.stack([totals.correct, torch.tensor(totals.seen, device=run.device)])
+    correct, seen = distributed.all_reduce_sum(counts).tolist()
+    run.state.train_seconds += epoch_time
+    run.state.train_images += seen
+    row = {"epoch": epoch + 1, "lr": epoch_lr, "time_s": epoch_time,
+           "images_per_s": seen / epoch_time, "train_top1": 100.0 * correct / max(seen, 1)}
+    mean_of = dict(zip(names, means.tolist()))
+    row["loss"] = mean_of.pop("loss")
+    row.update({f"loss_{k}": v for k, v in mean_of.items()})
+    nonfinite = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if nonfinite:
+        raise UserError(f"training diverged at epoch {epoch + 1} ({', '.join(nonfinite)} not finite); "
+                        f"lower optim.lr")
+    return row
+
+
+def _record_epoch(run: Run, row: dict) -> None:
+    """Add the finished epoch ``row`` to the run's state and (rank 0) to its checkpoint, history and trackers."""
+    state = run.state
+    state.epoch = row["epoch"]
+    state.history.append(row)
+    val = row.get("val_top1_student", float("nan"))
+    if run.cfg.train.select == "last" or val > state.best["val_top1"]:
+        student = run.method.student.state_dict()
+        state.best = {"epoch": state.epoch, "val_top1": val,
+                      "student_state": {k: v.detach().cpu().clone() for k, v in student.items()}}
+    state.peak_mem = max(state.peak_mem, distributed.max_over_ranks(peak_memory_mib(run.device)))
+    if run.main:
+        checkpoint.save_checkpoint(run.out / CHECKPOINT, run.checkpoint_content())
+        atomic_write_text(run.out / "history.csv", _history_csv(state.history))
+        run.trackers.log_epoch(row)
+
+
+def _write_results(run: Run) -> dict:
+    """Rank 0: keep only the selected student; evaluate it exactly as `cmtkd evaluate` will."""
+    cfg, state = run.cfg, run.state
+    checkpoint.save_model(run.out / MODEL, arch_config=run.method.student_arch_config(),
+                          state_dict=state.best["student_state"], method=cfg.method,
+                          selected_epoch=state.best["epoch"], config_hash=run.chash)
+    test = evaluate_run(run.out, "test", write=False, data=run.data)
+    metrics = {
+        "method": cfg.method, "arch": cfg.arch, "dataset": cfg.data.name, "w_bits": cfg.w_bits,
+        "a_bits": cfg.a_bits, "seed": cfg.seed, "epochs": cfg.epochs,
+        "top1": test["top1"], "top5": test["top5"], "test_images": test["n"],
+        "best_val_epoch": state.best["epoch"], "best_val_top1": state.best["val_top1"], "selection": cfg.train.select,
+        "train_seconds": state.train_seconds, "images_per_s": state.train_images / max(state.train_seconds, 1e-9),
+        "peak_mem_mib": state.peak_mem, "world_size": run.world, "env": fingerprint(run.device, run.chash),
+        **run.method.metadata(), **run.method.init_metadata,
+    }
+    return write_sealed_json(run.out / "metrics.json", metrics)
+
+
+def _finish(run: Run) -> dict:
+    metrics = distributed.on_main(lambda: _write_results(run))  # the other ranks wait for rank 0's files
+    if run.trackers is not None:
+        run.trackers.log_final(metrics, run.cfg.epochs)
+        run.trackers.close()
+    if run.replica_tensors:
+        run.log(f"{run.world} processes: all {run.replica_tensors} parameter and buffer tensors identical "
+                f"on every rank")
+    run.log(f"{run.out}: test top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+            f"(epoch {run.state.best['epoch']} selected by {run.cfg.train.select})")
     return metrics
