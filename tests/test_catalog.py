@@ -106,7 +106,7 @@ def test_user_method_that_does_not_import_is_one_error_line(tmp_path, monkeypatc
     ("cmtkd", "teacher_init", "imagenet", "scratch, checkpoints"),
     ("kd-at", "attention_reduction", "max", "mean, sum"),
     ("mtkd", "aggregation", "max", "avg_probs, avg_kl, confidence"),
-    ("dml", "teacher_reduction", "max", "sum, mean"),
+    ("kdcl", "teacher_reduction", "max", "sum, mean"),
 ])
 def test_a_choice_is_checked_with_one_error_format(method, key, value, allowed):
     with pytest.raises(UserError) as info:
@@ -242,10 +242,10 @@ def test_readme_method_in_a_temporary_file_runs_through_cli_and_a_one_cell_grid(
 
 
 def test_environment_is_read_at_call_time(tmp_path, monkeypatch):
-    (tmp_path / "m.yaml").write_text("joint-thing: {target: 'cmtkd.baselines.dml:DML', teachers: joint, bits_option: true}\n")
+    (tmp_path / "m.yaml").write_text("joint-thing: {target: 'cmtkd.baselines.kdcl:KDCL', teachers: joint, bits_option: true}\n")
     assert "joint-thing" not in catalog()
     monkeypatch.setenv(ENV_VAR, os.pathsep.join([str(tmp_path / "m.yaml")]))
-    assert catalog()["joint-thing"].teachers == "joint" and get_method("joint-thing").__name__ == "DML"
+    assert catalog()["joint-thing"].teachers == "joint" and get_method("joint-thing").__name__ == "KDCL"
 
 
 def test_workflow_discards_a_checkpoint_only_when_the_config_changed(tmp_path, capsys):
