@@ -13,7 +13,7 @@ network exactly the gradient of its own ``L_k``. Logged as ``ce_student``, ``ce_
 :mod:`cmtkd.baselines.kdcl`, so the two mutual-learning baselines line up in ``history.csv``.
 
 As in the paper there are no loss weights and no temperature: nothing to set but the cohort.
-Deviation (ASSUMPTIONS.md B7): the paper's Algorithm 1 updates the networks one after another, each
+Deviation (ASSUMPTIONS.md B8): the paper's Algorithm 1 updates the networks one after another, each
 seeing its peers' predictions after their update; here all K networks update simultaneously from one
 forward pass per step (peer predictions of the same step), K forward/backward passes per step
 instead of K(K+1)/2 forwards.

@@ -10,7 +10,7 @@ with like. Printed as one Markdown table; ``--csv`` also writes it.
 
 Columns: img/s and ms per step (median over --steps timed steps after --warmup), peak memory above the
 idle process (CPU: max RSS; CUDA: max allocated), ``vs FP`` (step time / FP step time),
-``vs members`` (CMT-KD and DML: step time / sum of the QAT step times of the student and each
+``vs members`` (CMT-KD, DML and KDCL: step time / sum of the QAT step times of the student and each
 teacher at its bit-width), ``data %`` (time to produce one augmented CIFAR batch / (that + step)).
 """
 from __future__ import annotations
@@ -61,6 +61,7 @@ def cases(teachers: dict[int, str]) -> list[tuple[str, str, int, dict]]:
         ("kd", "kd", STUDENT_BITS, {"teacher": teachers[32]}),
         ("mtkd", "mtkd", STUDENT_BITS, {"teachers": [teachers[b] for b in TEACHER_BITS]}),
         ("dml", "dml", STUDENT_BITS, {"teacher_bits": TEACHER_BITS}),
+        ("kdcl", "kdcl", STUDENT_BITS, {"teacher_bits": TEACHER_BITS}),
         ("cmtkd", "cmtkd", STUDENT_BITS, {"teacher_bits": TEACHER_BITS}),
     ]
 
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
                 teachers = pool.apply(_make_teachers, (arch, a.width, 100, Path(tmp)))
             results = {}
             for label, method, bits, margs in cases(teachers):
-                members_needed = (label == "qat" or label.startswith("qat@")) and {"cmtkd", "dml"} & set(a.only or [])
+                members_needed = (label == "qat" or label.startswith("qat@")) and {"cmtkd", "dml", "kdcl"} & set(a.only or [])
                 if a.only and label not in a.only and not members_needed:
                     continue
                 args = dict(method=method, arch=arch, bits=bits, method_args=margs, width=a.width, batch=a.batch,
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
                        "peak MiB": round(r["mem_mib"], 1)}
                 if "fp" in results:
                     row["vs FP"] = round(r["ms"] / results["fp"]["ms"], 3)
-                if label in ("cmtkd", "dml") and len([k for k in results if k.startswith("qat")]) == 1 + len(TEACHER_BITS):
+                if label in ("cmtkd", "dml", "kdcl") and len([k for k in results if k.startswith("qat")]) == 1 + len(TEACHER_BITS):
                     row["vs members"] = round(r["ms"] / members, 3)
                 row["data %"] = round(100 * data_ms / (data_ms + r["ms"]), 2)
                 rows.append(row)

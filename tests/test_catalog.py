@@ -235,7 +235,7 @@ def test_readme_method_in_a_temporary_file_runs_through_cli_and_a_one_cell_grid(
     row = runs.set_index("method").loc["my-kd"]
     assert 0 <= row["top1"] <= 100 and row["teacher_bits"] == "8"
     saved = yaml.safe_load((work / row["run_dir"] / "config.yaml").read_text())
-    teacher_dir = "results/runs/method~qat/dataset~digits/arch~alexnet/w_bits~8/a_bits~8/teacher_bits~none/seed~0"
+    teacher_dir = "results/runs/method~qat/dataset~digits/arch~alexnet/w_bits~8/a_bits~8/teacher_bits~none/seed~8000"  # 1000 * bits + seed
     assert saved["method_args"] == {"teacher": teacher_dir, "distance": "mse", "weight": 1.0, "temperature": 4.0}
     assert (work / teacher_dir / "model.pt").exists()
     assert "my-kd" in (work / "results" / "tables" / "main.md").read_text()

@@ -246,6 +246,31 @@ def test_make_tables_refuses_duplicate_imported_rows(tmp_path):
     assert not (tmp_path / "results" / "tables" / "main.md").exists()
 
 
+def test_a_run_of_the_old_dml_is_not_collected_as_the_new_dml(tmp_path):
+    """dml was renamed kdcl (KDCL-MinLogit); a finished run directory of the old dml must not enter
+    the tables as Zhang et al.'s dml: collection stops with one line naming the run and the fix."""
+    from cmtkd.files import read_sealed_json, write_sealed_json
+
+    (tmp_path / "results").mkdir()
+    shutil.copytree(FIXTURE / "runs", tmp_path / "results" / "runs")
+    kd = "method~kd/dataset~cifar100/arch~alexnet/w_bits~2/a_bits~2/teacher_bits~8/seed~0"
+    old = "method~dml/dataset~cifar100/arch~alexnet/w_bits~2/a_bits~2/teacher_bits~8-6-4/seed~0"
+    shutil.copytree(tmp_path / "results" / "runs" / kd, tmp_path / "results" / "runs" / old)
+    metrics = read_sealed_json(tmp_path / "results" / "runs" / old / "metrics.json", "")
+    metrics = {k: v for k, v in metrics.items() if k not in ("sha256", "teacher_checkpoints", "teacher_sha256")}
+    write_sealed_json(tmp_path / "results" / "runs" / old / "metrics.json",
+                      {**metrics, "method": "dml", "teacher_bits": [8, 6, 4], "teacher_reduction": "sum"})
+    grid_csv = (FIXTURE / "grid.csv").read_text() + f"dml,cifar100,alexnet,2,2,8-6-4,0,grid,2,0.1,results/runs/{old}\n"
+    (tmp_path / "results" / "runs" / "grid.csv").write_text(grid_csv)
+    done = subprocess.run([sys.executable, str(SCRIPTS / "collect_runs.py"), "--grid", "results/runs/grid.csv",
+                           "--out", "results/runs.csv", "--histories", "results/runs/histories.csv",
+                           "--finished-only"], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert f"results/runs/{old} was trained by the method called dml before it was renamed kdcl" in line
+    assert "delete the run directory" in line and not (tmp_path / "results" / "runs.csv").exists()
+
+
 # ------------------------------------------------------------------------------------ LaTeX
 HOSTILE = "lq-nets,cifar_100 & co,alex#net^2,2,2,0,61.1,\"Smith & Jones, 50% {x}\"\n"
 
