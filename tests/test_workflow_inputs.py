@@ -111,7 +111,7 @@ def test_a_negative_seed_is_explained_in_words(tmp_path):
     output = output_of(done)
     assert done.returncode != 0
     assert "config key 'experiments.tiny.seeds[0]': -1 is less than the minimum of 0" in output, output
-    assert "random seeds, integers >= 0" in output and "{'type'" not in output, output
+    assert "random seeds, integers 0-999" in output and "{'type'" not in output, output
 
 
 def test_schema_hints_never_show_a_schema_mapping():
