@@ -1,50 +1,62 @@
-"""``dml``: mutual learning with jointly trained quantized peers, no fusion (Zhang et al., CVPR 2018; KDCL, CVPR 2020).
+"""``dml``: deep mutual learning of jointly trained quantized peers (Zhang, Xiang, Hospedales & Lu, CVPR 2018).
 
-CMT-KD without its importance-aware shared knowledge and feature loss: the student and n teachers
-of the student's architecture, teacher i at ``teacher_bits[i]`` bits (weights and activations),
-train jointly from scratch. Each network gets its cross-entropy and ``T^2 * KL(p || softmax(z/T))``
-to one constant target ``p = softmax(z_ens / T)``, where ``z_ens`` is the KDCL-MinLogit ensemble of
-ALL n + 1 networks' logits (:func:`cmtkd.losses.min_logit_ensemble`, :func:`cmtkd.losses.kd_kl`):
+The student and n teachers of the student's architecture, teacher i at ``teacher_bits[i]`` bits
+(weights and activations), train jointly from scratch as a cohort of K = n + 1 peers. With
+``p_k = softmax(z_k)`` (temperature 1) each network k minimises Zhang et al.'s K-network loss
 
-``L = alpha (CE_S + CE_T) + beta (KL_S + KL_T)`` — logged as ``ce_student``, ``ce_teachers``,
-``kl_student``, ``kl_teachers`` (each already weighted) — with ``CE_T = R_i CE_i``,
-``KL_T = R_i KL_i`` and ``R`` = ``teacher_reduction``:
+``L_k = CE(z_k, y) + 1/(K - 1) * sum_{l != k} KL(p_l || p_k)``
 
-* ``sum`` (default): the networks have disjoint parameters, so with the sum every teacher receives
-  exactly the gradient of its own loss ``alpha CE_i + beta KL_i``, the same objective as the student
-  (the DML/KDCL convention: each peer minimises its own loss).
-* ``mean``: the teachers' terms are divided by n, which for SGD scales each teacher's loss
-  gradient (not its weight decay) by 1/n.
+with the peers' predictions ``p_l`` constant targets (detached): a network learns from its peers,
+never pushes them. The networks have disjoint parameters, so the total ``sum_k L_k`` gives every
+network exactly the gradient of its own ``L_k``. Logged as ``ce_student``, ``ce_teachers``,
+``kl_student``, ``kl_teachers`` (teachers' terms summed over teachers), the columns of
+:mod:`cmtkd.baselines.kdcl`, so the two mutual-learning baselines line up in ``history.csv``.
 
-Defaults ``alpha = 1, beta = 0.5, T = 4, teacher_bits = [8, 6, 4]`` are CMT-KD's (PAPER §5, §2).
-Every teacher's validation accuracy is logged each epoch (``val_top1_teacher{i}_w{b}a{b}``).
+As in the paper there are no loss weights and no temperature: nothing to set but the cohort.
+Deviation (ASSUMPTIONS.md B8): the paper's Algorithm 1 updates the networks one after another, each
+seeing its peers' predictions after their update; here all K networks update simultaneously from one
+forward pass per step (peer predictions of the same step), K forward/backward passes per step
+instead of K(K+1)/2 forwards.
+
+Not to be confused with KDCL-MinLogit (Guo et al., CVPR 2020), which this package called ``dml``
+before this version and now calls ``kdcl`` (one shared ensemble target at T = 4 instead of pairwise
+KL). A run directory of the old ``dml`` fails to load with a line saying so (``retired_options``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cmtkd import losses
-from cmtkd.methods.base import Method, check_loss_weights, cross_entropy
+from cmtkd.methods.base import Method, cross_entropy
 from cmtkd.teachers import check_teacher_bits
+
+# Options of the method called ``dml`` before this version (now ``kdcl``): an old run's config.yaml
+# names them, and must not load as today's ``dml``.
+_RENAMED = ("`dml` was renamed `kdcl` in this version (KDCL-MinLogit mutual learning, which has this "
+            "option); `dml` is now Zhang et al.'s deep mutual learning, without it: use method kdcl "
+            "(an old `dml` run directory: set method: kdcl in its config.yaml)")
+
+
+def peer_kl(logits: torch.Tensor, peer_logits: list[torch.Tensor]) -> torch.Tensor:
+    """``1/(K-1) sum_l KL(p_l || softmax(logits))`` at T = 1 for the K - 1 peers (targets detached)."""
+    return torch.stack([losses.kd_kl(logits, F.softmax(z.detach().float(), dim=1), 1.0)
+                        for z in peer_logits]).mean()
 
 
 class DML(Method):
+    retired_options = {key: _RENAMED for key in ("teacher_reduction", "alpha", "beta", "temperature")}
+
     @dataclass
     class Options:
         teacher_bits: list[int] = field(default_factory=lambda: [8, 6, 4])  # W = A = b_i per teacher
-        teacher_reduction: Literal["sum", "mean"] = "sum"  # of the teachers' CE and KL terms
-        alpha: float = 1.0
-        beta: float = 0.5
-        temperature: float = 4.0
 
     @classmethod
     def check_options(cls, options, cfg):
         check_teacher_bits(options.teacher_bits, cfg)
-        check_loss_weights(options)
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
@@ -54,21 +66,15 @@ class DML(Method):
         # Same names as CMT-KD's teachers, so history.csv columns line up across methods.
         self.teacher_names = [f"teacher{i}_w{b}a{b}" for i, b in enumerate(self.teacher_bits)]
 
-    def _reduce(self, terms: list[torch.Tensor]) -> torch.Tensor:
-        stacked = torch.stack(terms)
-        return stacked.sum() if self.options.teacher_reduction == "sum" else stacked.mean()
-
     def loss_terms(self, student_logits: torch.Tensor, teacher_logits: list[torch.Tensor],
                    targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        o = self.options
-        ensemble = losses.min_logit_ensemble([*teacher_logits, student_logits], targets)  # detached
-        target_probs = losses.soft_targets(ensemble, o.temperature)
+        cohort = [student_logits, *teacher_logits]
+        kl = [peer_kl(z, cohort[:k] + cohort[k + 1:]) for k, z in enumerate(cohort)]
         return {
-            "ce_student": o.alpha * cross_entropy(student_logits, targets),
-            "ce_teachers": o.alpha * self._reduce([cross_entropy(z, targets) for z in teacher_logits]),
-            "kl_student": o.beta * losses.kd_kl(student_logits, target_probs, o.temperature),
-            "kl_teachers": o.beta * self._reduce([losses.kd_kl(z, target_probs, o.temperature)
-                                                  for z in teacher_logits]),
+            "ce_student": cross_entropy(student_logits, targets),
+            "ce_teachers": torch.stack([cross_entropy(z, targets) for z in teacher_logits]).sum(),
+            "kl_student": kl[0],
+            "kl_teachers": torch.stack(kl[1:]).sum(),
         }
 
     def forward_train(self, images, targets):
@@ -86,5 +92,5 @@ class DML(Method):
         return {"student": self.student, **dict(zip(self.teacher_names, self.teachers))}
 
     def metadata(self):
-        # No checkpoints: the teachers are trained here, from scratch.
-        return {"teacher_bits": self.teacher_bits, "teacher_reduction": self.options.teacher_reduction}
+        # No checkpoints: the peers are trained here, from scratch.
+        return {"teacher_bits": self.teacher_bits, "mutual_learning": "dml (Zhang et al., CVPR 2018)"}

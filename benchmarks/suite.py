@@ -15,7 +15,7 @@ table; ``--csv`` also writes it.
 Columns: img/s and ms per step (median over the rounds of each round's median over --steps timed steps
 after --warmup), peak memory above the idle process (CPU: max RSS; CUDA: max allocated; the largest
 over the rounds), ``vs FP`` (step time / FP step time of the same round: median, and min..max),
-``vs members`` (CMT-KD and DML: step time / sum of the QAT step times of the student and each
+``vs members`` (CMT-KD, DML and KDCL: step time / sum of the QAT step times of the student and each
 teacher at its bit-width, same round), ``% peak`` (FLOPs per step / step time / measured peak of the
 dtype the step computes in), ``data %`` (time to produce one augmented CIFAR batch / (that + step)).
 """
@@ -67,6 +67,7 @@ def cases(teachers: dict[int, str]) -> list[tuple[str, str, int, dict]]:
         ("kd", "kd", STUDENT_BITS, {"teacher": teachers[32]}),
         ("mtkd", "mtkd", STUDENT_BITS, {"teachers": [teachers[b] for b in TEACHER_BITS]}),
         ("dml", "dml", STUDENT_BITS, {"teacher_bits": TEACHER_BITS}),
+        ("kdcl", "kdcl", STUDENT_BITS, {"teacher_bits": TEACHER_BITS}),
         ("cmtkd", "cmtkd", STUDENT_BITS, {"teacher_bits": TEACHER_BITS}),
     ]
 
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
                 teachers = pool.apply(_make_teachers, (arch, a.width, 100, Path(tmp)))
             selected = []
             for label, method, bits, margs in cases(teachers):
-                members_needed = label in members_of and {"cmtkd", "dml"} & set(a.only or [])
+                members_needed = label in members_of and {"cmtkd", "dml", "kdcl"} & set(a.only or [])
                 if a.only and label not in a.only and not members_needed:
                     continue
                 selected.append((label, dict(method=method, arch=arch, bits=bits, method_args=margs, width=a.width,
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
                     ratios = per_round(lambda res: res[label]["ms"] / res["fp"]["ms"])
                     row["vs FP"] = round(statistics.median(ratios), 3)
                     row["vs FP min..max"] = f"{min(ratios):.2f}..{max(ratios):.2f}"
-                if label in ("cmtkd", "dml") and all(k in rounds[0] for k in members_of):
+                if label in ("cmtkd", "dml", "kdcl") and all(k in rounds[0] for k in members_of):
                     ratios = per_round(lambda res: res[label]["ms"] / sum(res[k]["ms"] for k in members_of))
                     row["vs members"] = round(statistics.median(ratios), 3)
                     row["vs members min..max"] = f"{min(ratios):.2f}..{max(ratios):.2f}"

@@ -86,6 +86,7 @@ BUILTIN: dict[str, MethodEntry] = {
     "kd-at": MethodEntry("cmtkd.baselines.kd_at:KDAT", teachers="pretrained", use="one", path_option="teacher"),
     "mtkd": MethodEntry("cmtkd.baselines.mtkd:MTKD", teachers="pretrained", path_option="teachers"),
     "dml": MethodEntry("cmtkd.baselines.dml:DML", **_JOINT),
+    "kdcl": MethodEntry("cmtkd.baselines.kdcl:KDCL", **_JOINT),
     "cmtkd": MethodEntry("cmtkd.methods.cmtkd:CMTKD", **_JOINT),
     "cmtkd-noml": MethodEntry("cmtkd.methods.cmtkd:CMTKDNoML", **_JOINT),
     "cmtkd-avg": MethodEntry("cmtkd.methods.cmtkd:CMTKDAverage", **_JOINT),

@@ -34,7 +34,7 @@ def _train_parser(sub) -> None:
             memory, environment fingerprint). Rerunning the same command after a crash resumes
             from the last finished epoch and gives the same result as an uninterrupted run."""),
         epilog=EPILOG)
-    p.add_argument("--method", help="training method (see `cmtkd list`): fp, qat, kd, mtkd, dml, kd-at, cmtkd, ...")
+    p.add_argument("--method", help="training method (see `cmtkd list`): fp, qat, kd, mtkd, dml, kdcl, kd-at, cmtkd, ...")
     p.add_argument("--arch", help="network: resnet18 | alexnet")
     p.add_argument("--dataset", help="digits (embedded, offline) | cifar100 | imagenet")
     p.add_argument("--data-root", help="dataset root (data.root)")

@@ -160,6 +160,9 @@ def method_options(method_cls: type, cfg: RunConfig):
     """The method's typed ``Options`` for ``cfg``: ``cfg.method_args`` coerced to the dataclass
     (defaults filled in), the options the method pins applied, then the method's own checks. The
     one place method options are validated; ``cfg`` is not changed."""
+    for key in cfg.method_args:
+        if key in method_cls.retired_options:
+            raise UserError(f"config key 'method_args.{key}': {method_cls.retired_options[key]}")
     options = from_dict(method_cls.Options, copy.deepcopy(cfg.method_args), prefix="method_args")
     defaults = method_cls.Options()
     for key, value in method_cls.pinned.items():

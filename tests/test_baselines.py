@@ -1,13 +1,14 @@
-"""Tests of the distillation baselines (kd, mtkd, dml, kd-at) and of cmtkd.teachers.
+"""Tests of the distillation baselines (kd, mtkd, dml, kdcl, kd-at) and of cmtkd.teachers.
 
 - golden values: every loss term on fixed small inputs against the formula written out in numpy;
-- frozen pre-trained teachers never change (kd, mtkd, kd-at); jointly trained ones do (dml);
+- frozen pre-trained teachers never change (kd, mtkd, kd-at); jointly trained ones do (dml, kdcl);
 - every load_teacher failure is a one-line UserError naming the file;
 - the shared losses of cmtkd.losses are what the methods call;
 - end to end through the CLI: tiny teachers, then each student, then `cmtkd evaluate`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -15,9 +16,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import cmtkd.losses
 from cmtkd.baselines.dml import DML
+from cmtkd.baselines.kdcl import KDCL
 from cmtkd.baselines.kd import KD
 from cmtkd.baselines.kd_at import KDAT
 from cmtkd.baselines.mtkd import MTKD, confidence_weights, multi_teacher_kd
@@ -165,9 +168,9 @@ def test_mtkd_loss_terms_weighting(teacher_files):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_dml_loss_terms_match_formula(reduction):
-    cfg = make_cfg("dml", teacher_bits=[8, 4], teacher_reduction=reduction, temperature=2.0)
-    terms = DML(cfg, DIGITS).loss_terms(t(S), [t(T1), t(T2)], torch.tensor(Y))
+def test_kdcl_loss_terms_match_formula(reduction):
+    cfg = make_cfg("kdcl", teacher_bits=[8, 4], teacher_reduction=reduction, temperature=2.0)
+    terms = KDCL(cfg, DIGITS).loss_terms(t(S), [t(T1), t(T2)], torch.tensor(Y))
     # KDCL-MinLogit over ALL models: shift so the true-class logit is 0, element-wise minimum
     rows = np.arange(3)
     ensemble = np.min([z - z[rows, Y][:, None] for z in (T1, T2, S)], axis=0)
@@ -180,6 +183,62 @@ def test_dml_loss_terms_match_formula(reduction):
     assert set(terms) == set(expected)
     for key, value in expected.items():
         assert terms[key].item() == pytest.approx(value, rel=1e-5), key
+
+
+def np_kl(p, q):
+    """KL(p || q) per sample, mean over the batch."""
+    return float((p * (np.log(p) - np.log(q))).sum(axis=1).mean())
+
+
+def test_dml_loss_terms_match_zhang_et_al():
+    # Zhang et al. (CVPR 2018), K networks: L_k = CE_k + 1/(K-1) sum_{l != k} KL(p_l || p_k), T = 1.
+    terms = DML(make_cfg("dml", teacher_bits=[8, 4]), DIGITS).loss_terms(t(S), [t(T1), t(T2)], torch.tensor(Y))
+    p = {name: np_softmax(z) for name, z in (("S", S), ("T1", T1), ("T2", T2))}
+    expected = {
+        "ce_student": np_ce(S, Y),
+        "ce_teachers": np_ce(T1, Y) + np_ce(T2, Y),
+        "kl_student": (np_kl(p["T1"], p["S"]) + np_kl(p["T2"], p["S"])) / 2,
+        "kl_teachers": (np_kl(p["S"], p["T1"]) + np_kl(p["T2"], p["T1"])) / 2
+                       + (np_kl(p["S"], p["T2"]) + np_kl(p["T1"], p["T2"])) / 2,
+    }
+    assert set(terms) == set(expected)
+    for key, value in expected.items():
+        assert terms[key].item() == pytest.approx(value, rel=1e-5), key
+
+
+def test_dml_two_networks_closed_form_and_gradients():
+    # K = 2: each network gets CE + KL(p_peer || p_self); the peer is a constant target, so the
+    # KL gradient w.r.t. a network's logits is p_self - p_peer (T = 1), and nothing flows to the peer.
+    method = DML(make_cfg("dml", teacher_bits=[8]), DIGITS)
+    student = torch.zeros(1, 4, requires_grad=True)                              # uniform
+    teacher = torch.tensor([[math.log(3.0), 0.0, 0.0, 0.0]], requires_grad=True)  # (1/2, 1/6, 1/6, 1/6)
+    terms = method.loss_terms(student, [teacher], torch.tensor([0]))
+    assert terms["kl_student"].item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), rel=1e-6)
+    assert terms["kl_teachers"].item() == pytest.approx(-math.log(4) + 0.25 * math.log(2) + 0.75 * math.log(6),
+                                                        rel=1e-6)  # KL(uniform || p_T)
+    terms["kl_student"].backward()
+    assert teacher.grad is None
+    p_teacher = torch.tensor([[0.5, 1 / 6, 1 / 6, 1 / 6]])
+    torch.testing.assert_close(student.grad, torch.full((1, 4), 0.25) - p_teacher)
+
+
+def test_old_dml_run_config_fails_with_one_line_naming_kdcl(tmp_path):
+    """A run directory of the method called dml before it was renamed kdcl: its config.yaml holds
+    KDCL options; loading it as today's dml must fail, saying what happened and the fix."""
+    from cmtkd.config import load_run_config
+
+    old = build_config([{"method": "kdcl", "arch": "alexnet", "model": {"width": WIDTH},
+                         "method_args": {"teacher_bits": [8, 4]}}])
+    config = dataclasses.asdict(old)
+    config["method"] = "dml"  # what the old version wrote
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    with pytest.raises(UserError) as info:
+        load_run_config(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "renamed `kdcl`" in message and "method_args.teacher_reduction" in message
+    config["method"] = "kdcl"  # the fix the message names
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert load_run_config(tmp_path).method_args["teacher_reduction"] == "sum"
 
 
 def test_kd_at_attention_term_matches_formula(teacher_files):
@@ -214,12 +273,14 @@ def test_methods_call_the_shared_losses(teacher_files, monkeypatch):
     assert calls == {"kd_kl": 1, "soft_targets": 1}
     MTKD(make_cfg("mtkd", teachers=[str(teacher_files["w4"])] * 2), DIGITS).loss_terms(t(S), [t(T1), t(T2)], y)
     assert calls == {"kd_kl": 2, "soft_targets": 3}
-    DML(make_cfg("dml", teacher_bits=[8, 4]), DIGITS).loss_terms(t(S), [t(T1), t(T2)], y)
+    KDCL(make_cfg("kdcl", teacher_bits=[8, 4]), DIGITS).loss_terms(t(S), [t(T1), t(T2)], y)
     assert calls == {"kd_kl": 5, "soft_targets": 4, "min_logit_ensemble": 1}
+    DML(make_cfg("dml", teacher_bits=[8, 4]), DIGITS).loss_terms(t(S), [t(T1), t(T2)], y)
+    assert calls == {"kd_kl": 11, "soft_targets": 4, "min_logit_ensemble": 1}  # 3 networks x 2 peers
     method = KDAT(make_cfg("kd-at", teacher=str(teacher_files["fp"])), DIGITS)
     images = torch.randn(2, 1, 28, 28)
     method.forward_train(images, torch.tensor([0, 1]))
-    assert calls["attention_loss"] == 3 and calls["kd_kl"] == 6
+    assert calls["attention_loss"] == 3 and calls["kd_kl"] == 12
 
 
 # ------------------------------------------------------------------- frozen vs trained teachers
@@ -264,9 +325,10 @@ def test_pretrained_teachers_do_not_change(method_name, teacher_files):
     assert group_names == ["student"]
 
 
-def test_dml_teachers_train_jointly():
-    cfg = make_cfg("dml", teacher_bits=[8, 4])
-    method = DML(cfg, DIGITS)
+@pytest.mark.parametrize("name, cls", [("dml", DML), ("kdcl", KDCL)])
+def test_mutual_learning_teachers_train_jointly(name, cls):
+    cfg = make_cfg(name, teacher_bits=[8, 4])
+    method = cls(cfg, DIGITS)
     before = [snapshot(teacher) for teacher in method.teachers]
     run_steps(method, cfg, steps=2)
     for teacher, state in zip(method.teachers, before):
@@ -348,7 +410,9 @@ def test_method_rejects_teacher_of_other_arch(teacher_files):
     ("dml", {"teacher_bits": []}, "empty"),
     ("dml", {"teacher_bits": [8, 2]}, "more bits"),
     ("dml", {"teacher_bits": [9]}, "teacher_bits"),
-    ("dml", {"teacher_reduction": "max"}, "teacher_reduction"),
+    ("dml", {"temperature": 4.0}, "renamed `kdcl`"),
+    ("kdcl", {"teacher_bits": [8, 2]}, "more bits"),
+    ("kdcl", {"teacher_reduction": "max"}, "teacher_reduction"),
     ("kd-at", {"teacher": "x", "feature_stages": ["head"]}, "layer1"),
     ("kd-at", {"teacher": "x", "feature_stages": []}, "empty"),
     ("kd-at", {"teacher": "x", "gamma": -1.0}, "gamma"),
@@ -420,11 +484,12 @@ def test_e2e_mtkd(trained_teachers, tmp_path):
     assert metrics["aggregation"] == "confidence"
 
 
-def test_e2e_dml(tmp_path):
-    cli_train(tmp_path / "dml", "--method", "dml", "--set", "method_args.teacher_bits=[8,4]")
-    metrics = check_evaluate(tmp_path / "dml")
+@pytest.mark.parametrize("name", ["dml", "kdcl"])
+def test_e2e_mutual_learning(tmp_path, name):
+    cli_train(tmp_path / name, "--method", name, "--set", "method_args.teacher_bits=[8,4]")
+    metrics = check_evaluate(tmp_path / name)
     assert metrics["teacher_bits"] == [8, 4]
-    header = (tmp_path / "dml" / "history.csv").read_text().splitlines()[0].split(",")
+    header = (tmp_path / name / "history.csv").read_text().splitlines()[0].split(",")
     for column in ("loss_ce_student", "loss_ce_teachers", "loss_kl_student", "loss_kl_teachers",
                    "val_top1_teacher0_w8a8", "val_top1_teacher1_w4a4"):
         assert column in header
@@ -450,7 +515,7 @@ def test_e2e_kd_at_and_evaluate_without_teacher(trained_teachers, tmp_path, caps
 def test_cli_list_describes_baselines(capsys):
     assert cli(["list"]) == 0
     out = capsys.readouterr().out
-    for name, citation in [("kd", "Hinton"), ("mtkd", "You et al."), ("dml", "KDCL"), ("kd-at", "Zagoruyko")]:
+    for name, citation in [("kd", "Hinton"), ("mtkd", "You et al."), ("dml", "Zhang"), ("kdcl", "KDCL"), ("kd-at", "Zagoruyko")]:
         line = next(l for l in out.splitlines() if l.split()[:1] == [name])
         assert citation in line
 

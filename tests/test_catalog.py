@@ -114,7 +114,7 @@ def test_user_method_that_does_not_import_is_one_error_line(tmp_path, monkeypatc
     ("cmtkd", "teacher_init", "imagenet", "scratch, checkpoints"),
     ("kd-at", "attention_reduction", "max", "mean, sum"),
     ("mtkd", "aggregation", "max", "avg_probs, avg_kl, confidence"),
-    ("dml", "teacher_reduction", "max", "sum, mean"),
+    ("kdcl", "teacher_reduction", "max", "sum, mean"),
 ])
 def test_a_choice_is_checked_with_one_error_format(method, key, value, allowed):
     with pytest.raises(UserError) as info:
@@ -243,17 +243,17 @@ def test_readme_method_in_a_temporary_file_runs_through_cli_and_a_one_cell_grid(
     row = runs.set_index("method").loc["my-kd"]
     assert 0 <= row["top1"] <= 100 and row["teacher_bits"] == "8"
     saved = yaml.safe_load((work / row["run_dir"] / "config.yaml").read_text())
-    teacher_dir = "results/runs/method~qat/dataset~digits/arch~alexnet/w_bits~8/a_bits~8/teacher_bits~none/seed~0"
+    teacher_dir = "results/runs/method~qat/dataset~digits/arch~alexnet/w_bits~8/a_bits~8/teacher_bits~none/seed~8000"  # 1000 * bits + seed
     assert saved["method_args"] == {"teacher": teacher_dir, "distance": "mse", "weight": 1.0, "temperature": 4.0}
     assert (work / teacher_dir / "model.pt").exists()
     assert "my-kd" in (work / "results" / "tables" / "main.md").read_text()
 
 
 def test_environment_is_read_at_call_time(tmp_path, monkeypatch):
-    (tmp_path / "m.yaml").write_text("joint-thing: {target: 'cmtkd.baselines.dml:DML', teachers: joint, bits_option: true}\n")
+    (tmp_path / "m.yaml").write_text("joint-thing: {target: 'cmtkd.baselines.kdcl:KDCL', teachers: joint, bits_option: true}\n")
     assert "joint-thing" not in catalog()
     monkeypatch.setenv(ENV_VAR, os.pathsep.join([str(tmp_path / "m.yaml")]))
-    assert catalog()["joint-thing"].teachers == "joint" and get_method("joint-thing").__name__ == "DML"
+    assert catalog()["joint-thing"].teachers == "joint" and get_method("joint-thing").__name__ == "KDCL"
 
 
 def test_workflow_discards_a_checkpoint_only_when_the_config_changed(tmp_path, capsys):

@@ -79,7 +79,8 @@ def expected_runs(config: dict) -> set[tuple]:
     """Every run of a suite config, derived independently: the grid cells of all experiments
     (fp only at W32A32; teacherless methods with teacher set "none"; single-teacher methods with
     the highest bit-width of the set) plus the qat/fp teacher runs the frozen-teacher methods load
-    and the teachers-only stage runs the stage methods load."""
+    (the b-bit teacher of seed s trained with seed 1000 * b + s) and the teachers-only stage runs the
+    stage methods load."""
     dataset = config["dataset"]["name"]
     runs = set()
     for exp in config["experiments"].values():
@@ -95,7 +96,7 @@ def expected_runs(config: dict) -> set[tuple]:
     for method, dataset_, arch, _w, _a, tset, seed in list(runs):
         if method in PRETRAINED_ONE | PRETRAINED_ALL:
             for b in map(int, tset.split("-")):
-                runs.add(("fp" if b == 32 else "qat", dataset_, arch, b, b, "none", seed))
+                runs.add(("fp" if b == 32 else "qat", dataset_, arch, b, b, "none", 1000 * b + seed))
         if method in STAGE:
             runs.add((STAGE[method], dataset_, arch, 32, 32, tset, seed))
     return runs
@@ -136,23 +137,24 @@ def test_dry_run_plans_every_run_of_the_grid_once(tmp_path, name):
 
 
 def test_default_suite_size():
-    # Derivation of the default suite: per seed, comparison = fp (W32A32) + 5 methods x 2 bit-widths
-    # = 11; ablation adds cmtkd-noml, -avg, -nofeat, -1t, -frozen at W2A2 (cmtkd is shared) = 5;
-    # frozen teachers qat W8A8, W6A6, W4A4 = 3; cmtkd-frozen's teachers-only stage (8-6-4) = 1.
-    # 20 runs per seed, 2 seeds.
+    # Derivation of the default suite: per seed, comparison = fp (W32A32) + 6 methods x 2 bit-widths
+    # = 13; ablation adds cmtkd-noml, -avg, -nofeat, -1t, -frozen at W2A2 (cmtkd is shared) = 5;
+    # frozen teachers qat W8A8, W6A6, W4A4 = 3 (seeds 8000 + s, 6000 + s, 4000 + s: shared by kd and
+    # mtkd of seed s); cmtkd-frozen's teachers-only stage (8-6-4) = 1. 22 runs per seed, 2 seeds.
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    assert len(expected_runs(config)) == (1 + 5 * 2 + 5 + 3 + 1) * 2 == 40
+    assert len(expected_runs(config)) == (1 + 6 * 2 + 5 + 3 + 1) * 2 == 44
 
 
 def test_paper_grids_cover_every_method_and_ablation():
-    methods = {"fp", "qat", "kd", "kd-at", "mtkd", "dml", "cmtkd", "cmtkd-noml", "cmtkd-avg", "cmtkd-nofeat",
+    methods = {"fp", "qat", "kd", "kd-at", "mtkd", "dml", "kdcl", "cmtkd", "cmtkd-noml", "cmtkd-avg", "cmtkd-nofeat",
                "cmtkd-1t", "cmtkd-frozen", "cmtkd-teachers"}
     cifar = yaml.safe_load((ROOT / "config" / "cifar100.yaml").read_text())
     runs = expected_runs(cifar)
     assert {r[0] for r in runs} == methods
     assert {r[2] for r in runs} == {"alexnet", "resnet18"}
     assert {(1, 2), (2, 2), (4, 4)} <= {(r[3], r[4]) for r in runs}
-    assert {r[6] for r in runs} == {0, 1, 2}
+    assert {r[6] for r in runs if r[6] < 1000} == {0, 1, 2}  # student seeds; teachers: 1000 * bits + seed
+    assert {(r[3], r[6]) for r in runs if r[6] >= 1000} == {(b, 1000 * b + s) for b in (8, 6, 5, 4) for s in (0, 1, 2)}
     imagenet = yaml.safe_load((ROOT / "config" / "imagenet.yaml").read_text())
     assert imagenet["recipe"]["epochs"] == 100 and imagenet["recipe"]["optim"]["milestones"] == [30, 60, 90]
     assert {r[2] for r in expected_runs(imagenet)} == {"alexnet", "resnet18"}
@@ -233,7 +235,7 @@ def test_deleting_one_run_retrains_only_it_and_what_depends_on_it(tmp_path):
     fake_finished_suite(tmp_path, config)  # finished again
 
     # A frozen teacher: it and the students that load it (kd and mtkd of seed 0), nothing else.
-    teacher = "method~qat/dataset~digits/arch~alexnet/w_bits~8/a_bits~8/teacher_bits~none/seed~0"
+    teacher = "method~qat/dataset~digits/arch~alexnet/w_bits~8/a_bits~8/teacher_bits~none/seed~8000"
     shutil.rmtree(runs / teacher)
     done = snakemake(tmp_path, "-n", config=path)
     assert planned_jobs(done.stdout, "train") == sorted([

@@ -42,10 +42,10 @@ def test_a_partial_configfile_layers_over_the_default_suite(tmp_path):
     suite = suite_config.layer_suite([layer])
     assert suite["recipe"] == {**DEFAULT["recipe"], "epochs": 1}  # the rest of the recipe is the default's
     assert suite["experiments"] == DEFAULT["experiments"] and suite["dataset"] == DEFAULT["dataset"]
-    # Through Snakemake: the default grid (40 runs), no complaint about missing keys.
+    # Through Snakemake: the default grid (44 runs), no complaint about missing keys.
     done = snakemake(tmp_path, "-n", config=layer)
     assert done.returncode == 0, output_of(done)
-    assert job_counts(done.stdout)["train"] == len(expected_runs(DEFAULT)) == 40
+    assert job_counts(done.stdout)["train"] == len(expected_runs(DEFAULT)) == 44
 
 
 def test_a_configfile_with_experiments_brings_its_own_grid(tmp_path):
@@ -111,7 +111,7 @@ def test_a_negative_seed_is_explained_in_words(tmp_path):
     output = output_of(done)
     assert done.returncode != 0
     assert "config key 'experiments.tiny.seeds[0]': -1 is less than the minimum of 0" in output, output
-    assert "random seeds, integers >= 0" in output and "{'type'" not in output, output
+    assert "random seeds, integers 0-999" in output and "{'type'" not in output, output
 
 
 def test_schema_hints_never_show_a_schema_mapping():
@@ -122,6 +122,33 @@ def test_schema_hints_never_show_a_schema_mapping():
     assert len(problems) == 3
     for problem in problems:
         assert "{" not in problem, problem
+
+
+# ------------------------------------------------------------------- teacher seeds (issue 11.3)
+def test_frozen_teachers_get_seeds_of_their_own_shared_between_methods():
+    """Each frozen teacher's seed is 1000 * bits + the student's seed: the teachers of one mtkd run
+    differ from each other and from the student; kd's teacher is mtkd's teacher of the same bits."""
+    mtkd = grid.teacher_runs("mtkd", "digits", "alexnet", "8-6-4", 1)
+    assert [(t["method"], t["w_bits"], t["a_bits"], t["seed"]) for t in mtkd] == [
+        ("qat", 8, 8, 8001), ("qat", 6, 6, 6001), ("qat", 4, 4, 4001)]
+    assert grid.teacher_runs("kd", "digits", "alexnet", "8", 1) == mtkd[:1]  # one run, shared
+    assert grid.teacher_runs("mtkd", "digits", "alexnet", "32-8", 0)[0] == {
+        "method": "fp", "dataset": "digits", "arch": "alexnet", "w_bits": 32, "a_bits": 32,
+        "teacher_bits": "none", "seed": 32000}
+    assert grid.teacher_runs("kdcl", "digits", "alexnet", "8-6-4", 1) == []  # joint teachers: no runs
+    frame = grid.expand(tiny_config())  # fp, qat, kd, mtkd at W2A2 with teachers [8, 4], seeds 0 and 1
+    teachers = frame[frame["role"] == "teacher"]
+    assert sorted(zip(teachers["w_bits"], teachers["seed"])) == [(4, 4000), (4, 4001), (8, 8000), (8, 8001)]
+    assert set(frame[frame["role"] == "grid"]["seed"]) == {0, 1}  # the grid's own qat runs are no teachers
+    with pytest.raises(grid.GridError, match="below 1000"):
+        grid.teacher_seed(1000, 8)
+
+
+def test_a_seed_that_could_collide_with_a_teacher_seed_is_rejected(tmp_path):
+    config = tiny_config(seeds=[0, 1000])
+    done = snakemake(tmp_path, "-n", config=write_config(tmp_path / "bad.yaml", config))
+    assert done.returncode != 0
+    assert "experiments.tiny.seeds[1]" in output_of(done) and "maximum of 999" in output_of(done), output_of(done)
 
 
 # --------------------------------------------------------------------- checks before any job
@@ -219,6 +246,31 @@ def test_make_tables_refuses_duplicate_imported_rows(tmp_path):
     assert not (tmp_path / "results" / "tables" / "main.md").exists()
 
 
+def test_a_run_of_the_old_dml_is_not_collected_as_the_new_dml(tmp_path):
+    """dml was renamed kdcl (KDCL-MinLogit); a finished run directory of the old dml must not enter
+    the tables as Zhang et al.'s dml: collection stops with one line naming the run and the fix."""
+    from cmtkd.files import read_sealed_json, write_sealed_json
+
+    (tmp_path / "results").mkdir()
+    shutil.copytree(FIXTURE / "runs", tmp_path / "results" / "runs")
+    kd = "method~kd/dataset~cifar100/arch~alexnet/w_bits~2/a_bits~2/teacher_bits~8/seed~0"
+    old = "method~dml/dataset~cifar100/arch~alexnet/w_bits~2/a_bits~2/teacher_bits~8-6-4/seed~0"
+    shutil.copytree(tmp_path / "results" / "runs" / kd, tmp_path / "results" / "runs" / old)
+    metrics = read_sealed_json(tmp_path / "results" / "runs" / old / "metrics.json", "")
+    metrics = {k: v for k, v in metrics.items() if k not in ("sha256", "teacher_checkpoints", "teacher_sha256")}
+    write_sealed_json(tmp_path / "results" / "runs" / old / "metrics.json",
+                      {**metrics, "method": "dml", "teacher_bits": [8, 6, 4], "teacher_reduction": "sum"})
+    grid_csv = (FIXTURE / "grid.csv").read_text() + f"dml,cifar100,alexnet,2,2,8-6-4,0,grid,2,0.1,results/runs/{old}\n"
+    (tmp_path / "results" / "runs" / "grid.csv").write_text(grid_csv)
+    done = subprocess.run([sys.executable, str(SCRIPTS / "collect_runs.py"), "--grid", "results/runs/grid.csv",
+                           "--out", "results/runs.csv", "--histories", "results/runs/histories.csv",
+                           "--finished-only"], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert f"results/runs/{old} was trained by the method called dml before it was renamed kdcl" in line
+    assert "delete the run directory" in line and not (tmp_path / "results" / "runs.csv").exists()
+
+
 # ------------------------------------------------------------------------------------ LaTeX
 HOSTILE = "lq-nets,cifar_100 & co,alex#net^2,2,2,0,61.1,\"Smith & Jones, 50% {x}\"\n"
 
@@ -253,6 +305,23 @@ def test_every_latex_cell_is_escaped(tmp_path):
         for cell in cells:  # no unescaped special outside the commands the writer itself emits
             plain = re.sub(r"\\textsuperscript\{[a-z]\}|\$\\pm\$|\\\^\{\}|\\textbackslash\{\}|\\[&%$#_{}]", "", cell)
             assert not re.search(r"[&%$#_^{}]", plain), (cell, row)
+
+
+def test_baselines_whose_name_could_mislead_carry_a_footnote_saying_what_they_are(tmp_path):
+    """mtkd is You et al. at the output level only; dml/kdcl name two different mutual learnings."""
+    tables = tables_with(tmp_path, "mtkd,cifar100,alexnet,2,2,0,64.1,elsewhere\n"
+                                   "dml,cifar100,alexnet,2,2,0,65.2,elsewhere\n"
+                                   "kdcl,cifar100,alexnet,2,2,0,66.3,elsewhere\n")
+    main = (tables / "main.md").read_text()
+    rows = {line.split("|")[3].strip(): line for line in main.splitlines() if line.startswith("| cifar100")}
+    for method, text in [("mtkd", "relative-dissimilarity (triplet) term is not implemented"),
+                         ("dml", "Zhang et al., CVPR 2018"), ("kdcl", "KDCL-MinLogit")]:
+        [label] = [name for name in rows if name.split(" [")[0] == method]
+        marker = label.split("[")[1].rstrip("]")
+        assert f"- [{marker}] {method}: " in main and text in main.split(f"- [{marker}] ", 1)[1].splitlines()[0]
+    assert "| kd " in main  # methods whose name says it all: no footnote
+    tex = (tables / "main.tex").read_text()
+    assert r"mtkd\textsuperscript{" in tex and "relative-dissimilarity" in tex
 
 
 def compile_tex(table: Path, workdir: Path) -> subprocess.CompletedProcess:

@@ -43,6 +43,9 @@ class Method(nn.Module):
     # Options this method fixes (an ablation of another method): the user may leave them at the
     # default or give the pinned value; anything else is an error.
     pinned: ClassVar[dict[str, Any]] = {}
+    # Options an earlier version of this method name had, each with the line that explains what
+    # became of them (a renamed method): an old run's config fails with that line, not "unknown key".
+    retired_options: ClassVar[dict[str, str]] = {}
 
     @dataclass
     class Options:

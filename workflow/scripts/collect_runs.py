@@ -31,6 +31,9 @@ COLUMNS = [*KEY, "role", "top1", "top5", "best_val_epoch", "epochs", "train_seco
            "peak_mem_mib", "torch", "device", "device_name", "git_commit", "config_hash", "teacher_hashes",
            "source", "run_dir"]
 _HASH = re.compile(r"^[0-9a-f]{8,64}$")
+# Methods renamed after runs were made: method -> (a metrics.json key only the old method wrote, its
+# new name). A run of the old method under the old name must not enter the tables as the new method.
+RENAMED = {"dml": ("teacher_reduction", "kdcl")}
 
 
 def teacher_hashes(metrics: dict) -> str:
@@ -59,6 +62,11 @@ def read_run(row: dict) -> tuple[dict, pd.DataFrame | None]:
     evaluation = read_sealed_json(run / "eval.json", f"re-evaluate the run: cmtkd evaluate {run}")
     metrics = read_sealed_json(run / "metrics.json", f"rerun its training (same --out) to rebuild it: "
                                                      f"snakemake {run}/metrics.json, or cmtkd train ... --out {run}")
+    renamed = RENAMED.get(str(row["method"]))
+    if renamed and renamed[0] in metrics:
+        raise UserError(f"{run} was trained by the method called {row['method']} before it was renamed "
+                        f"{renamed[1]} ({row['method']} is now another method); delete the run directory so that "
+                        f"the workflow retrains it (runs of the old method belong under method~{renamed[1]})")
     env = metrics.get("env", {})
     if abs(evaluation["top1"] - metrics.get("top1", evaluation["top1"])) > 1e-6:
         print(f"warning: {run}: standalone top-1 {evaluation['top1']} differs from the training log's "

@@ -14,7 +14,7 @@ the config's ``throughput`` key, or the median ``images_per_s`` of finished qat/
 dataset and architecture in ``--runs`` (a runs.csv: run one short QAT job on the target machine,
 e.g. ``cmtkd train --method qat --epochs 1 ...``, and pass its results). A method's own measured
 throughput in ``--runs`` is used directly when there is one. ``networks per step``: 1 for fp/qat,
-1 + n/3 for n frozen teachers (forward only), 1 + n for n jointly trained teachers (CMT-KD, DML).
+1 + n/3 for n frozen teachers (forward only), 1 + n for n jointly trained teachers (CMT-KD, DML, KDCL).
 Per-epoch validation adds a few percent and is not counted.
 """
 from __future__ import annotations

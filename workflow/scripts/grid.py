@@ -6,9 +6,12 @@ stays fast.
 
 A row is one ``cmtkd train`` run: method x dataset x arch x W/A x teacher set x seed. Teachers that
 the distillation methods need are ordinary ``qat`` runs (``fp`` for a 32-bit teacher) at W=A=b,
-added to the grid with role ``teacher`` unless the grid already has them; every (dataset, arch,
-bits, seed) is trained once and shared by every method that uses it. A method whose teachers come
-from a teachers-only stage (catalog ``teachers: stage``, e.g. ``cmtkd-frozen``) loads one run of that
+added to the grid with role ``teacher`` unless the grid already has them. A teacher's seed is
+derived from the student run's seed and the teacher's bit-width (:func:`teacher_seed`), so the
+teachers of a multi-teacher method differ in initialisation and batch order from each other and from
+the student; every (dataset, arch, bits, teacher seed) is trained once and shared by every method of
+that student seed that uses it (kd's 8-bit teacher is mtkd's 8-bit teacher). A method whose teachers
+come from a teachers-only stage (catalog ``teachers: stage``, e.g. ``cmtkd-frozen``) loads one run of that
 stage's method (``cmtkd-teachers``) per (dataset, arch, teacher set, seed), added and shared the same way.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ except ImportError:  # a Python without cmtkd installed: this checkout's catalog
 
 FULL_PRECISION = 32
 NO_TEACHERS = "none"
+TEACHER_SEED_STRIDE = 1000  # teacher seed = 1000 * bits + student seed; student seeds stay below it
 DEFAULT_VAL_FRACTION = 0.1  # cmtkd's data.val_fraction default (held-out part of the training set)
 COLUMNS = ("method", "dataset", "arch", "w_bits", "a_bits", "teacher_bits", "seed")  # one run
 CELL = [c for c in COLUMNS if c != "seed"]  # one cell of a table: a run's setting across seeds
@@ -76,6 +80,16 @@ def teacher_list(label: str) -> list[int]:
 
 def teacher_method(bits: int) -> str:
     return "fp" if bits == FULL_PRECISION else "qat"
+
+
+def teacher_seed(seed: int, bits: int) -> int:
+    """The seed of the frozen ``bits``-bit teacher of student runs with seed ``seed``:
+    ``1000 * bits + seed``. Distinct per (seed, bits) and never a student seed (seeds are < 1000,
+    the schema's maximum), readable in run directories (``seed~8001``: the 8-bit teacher of seed 1)."""
+    if not 0 <= int(seed) < TEACHER_SEED_STRIDE:
+        raise GridError(f"seed {seed} is outside 0..{TEACHER_SEED_STRIDE - 1}; teacher seeds are "
+                        f"{TEACHER_SEED_STRIDE} * bits + seed, so student seeds must stay below {TEACHER_SEED_STRIDE}")
+    return TEACHER_SEED_STRIDE * int(bits) + int(seed)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -165,11 +179,12 @@ def expand(config: dict) -> pd.DataFrame:
                     for tset in teacher_sets:
                         for seed in exp["seeds"]:
                             rows[(method, dataset, arch, w_bits, a_bits, tset, seed)] = "grid"
-    # The frozen teachers the pretrained-teacher methods load: shared, once per (arch, bits, seed).
+    # The frozen teachers the pretrained-teacher methods load: shared, once per (arch, bits, teacher seed).
     for (method, dataset_, arch, _w, _a, tset, seed) in list(rows):
         if METHODS[method].teachers == "pretrained":
             for b in teacher_list(tset):
-                rows.setdefault((teacher_method(b), dataset_, arch, b, b, NO_TEACHERS, seed), "teacher")
+                rows.setdefault((teacher_method(b), dataset_, arch, b, b, NO_TEACHERS, teacher_seed(seed, b)),
+                                "teacher")
     # The teachers-only stages the stage methods load: shared, once per (arch, teacher set, seed).
     for key in list(rows):
         for stage in stage_runs(*key[:3], key[5], key[6]):
@@ -190,11 +205,12 @@ def recipe_for(config: dict, arch: str) -> dict:
 
 
 def teacher_runs(method: str, dataset: str, arch: str, teacher_bits: str, seed) -> list[dict]:
-    """Keys of the frozen teacher runs a pretrained-teacher run loads (empty for the others)."""
+    """Keys of the frozen teacher runs a pretrained-teacher run loads (empty for the others); each
+    teacher's seed is :func:`teacher_seed` of the run's seed and the teacher's bit-width."""
     if METHODS[method].teachers != "pretrained":
         return []
     return [{"method": teacher_method(b), "dataset": dataset, "arch": arch, "w_bits": b, "a_bits": b,
-             "teacher_bits": NO_TEACHERS, "seed": int(seed)} for b in teacher_list(teacher_bits)]
+             "teacher_bits": NO_TEACHERS, "seed": teacher_seed(seed, b)} for b in teacher_list(teacher_bits)]
 
 
 def stage_runs(method: str, dataset: str, arch: str, teacher_bits: str, seed) -> list[dict]:

@@ -39,6 +39,16 @@ ABLATION_VARIANTS = {  # the paper's Table 1 rows first, then the natural furthe
     "cmtkd-1t": "One teacher",
     "cmtkd-frozen": "Frozen pre-trained teachers",
 }
+# What a baseline's name stands for, where the name alone could mislead: a footnote on the method's
+# cell wherever it appears (ASSUMPTIONS.md, Baselines).
+METHOD_NOTES = {
+    "mtkd": ("mtkd: You et al. (KDD 2017) at the output level only (the teachers' averaged soft targets); "
+             "their intermediate-layer relative-dissimilarity (triplet) term is not implemented."),
+    "dml": ("dml: deep mutual learning (Zhang et al., CVPR 2018), student and teachers trained jointly, "
+            "each with cross-entropy plus the mean KL to every peer's prediction at T = 1."),
+    "kdcl": ("kdcl: KDCL-MinLogit mutual learning (Guo et al., CVPR 2020) of the student and its jointly trained "
+             "teachers at T = 4, without CMT-KD's fusion (called dml before the baselines were renamed)."),
+}
 GENERAL_NOTES = [
     ("Top-1 accuracy (%) on the test split from each run's standalone evaluation (eval.json), mean ± sample "
      "standard deviation over seeds; n = seeds finished (n=k/m: k of the m configured seeds have finished)."),
@@ -176,6 +186,14 @@ def source_label(row, notes: Notes, fmt: Fmt) -> str:
     return "paper" if row["method"].startswith("cmtkd") else "reported"  # the cell carries the footnote
 
 
+def method_label(method: str, notes: Notes, fmt: Fmt) -> str:
+    """The method's name, with a footnote marker when METHOD_NOTES says what the name stands for."""
+    if method not in METHOD_NOTES:
+        return method
+    marker = fmt.marker(notes.mark(METHOD_NOTES[method]))
+    return fmt.tex(tex_escape(method) + marker) if fmt.kind == "tex" else method + marker
+
+
 def paper_note(row, notes: Notes) -> str:
     note = f" {row['note']}." if isinstance(row.get("note"), str) and row["note"] else ""
     return notes.mark(f"{row['provenance']}: {row['source']}.{note}")
@@ -204,7 +222,7 @@ def main_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[pd
         label = source_label(row, notes, fmt)
         key = (row["dataset"], row["arch"], row["method"], row["teacher_bits"], label)
         line = table_rows.setdefault(key, {
-            "Dataset": row["dataset"], "Arch": row["arch"], "Method": row["method"],
+            "Dataset": row["dataset"], "Arch": row["arch"], "Method": method_label(row["method"], notes, fmt),
             "Teachers": "—" if row["teacher_bits"] == NO_TEACHERS else row["teacher_bits"], "Source": label,
             **{c: "" for c in columns}})
         column = bits_label(int(row["w_bits"]), int(row["a_bits"]))
@@ -255,7 +273,7 @@ def ablation_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tupl
             rows.append(line)
     for r in sort_rows(others).to_dict("records") + other_reported.to_dict("records"):
         label = source_label(r, notes, fmt)
-        line = {"Variant": "(comparison)", "Method": r["method"],
+        line = {"Variant": "(comparison)", "Method": method_label(r["method"], notes, fmt),
                 "Teachers": "—" if r["teacher_bits"] == NO_TEACHERS else r["teacher_bits"], "Source": label,
                 **{n: "" for n in names}}
         if r["origin"] == "reported":
