@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from cmtkd import checkpoint
 from cmtkd.cli import main
 from cmtkd.config import build_config
 from cmtkd.data import build_data
@@ -32,8 +33,8 @@ def save_model_file(path, w_bits=32, a_bits=32, seed=5, **changes):
             module.running_mean.normal_()
             module.running_var.uniform_(0.5, 2.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"arch_config": config, "state_dict": model.state_dict(), "method": "fp", "selected_epoch": 1,
-                "config_hash": "test"}, path)
+    checkpoint.save_model(path, arch_config=config, state_dict=model.state_dict(), method="fp",
+                          selected_epoch=1, config_hash="test")
     return model
 
 
