@@ -127,8 +127,9 @@ def test_dry_run_plans_every_run_of_the_grid_once(tmp_path, name):
     config = yaml.safe_load((ROOT / "config" / name).read_text())
     runs = expected_runs(config)
     # Data roots point nowhere here: a dry run must not need the data.
-    done = snakemake(tmp_path, "-n", config=ROOT / "config" / name)
+    done = snakemake(tmp_path, "-n", "-p", config=ROOT / "config" / name)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "model.init_from" not in done.stdout  # recipe.init defaults to scratch: the paper's setting
     counts = job_counts(done.stdout)
     assert counts == {"train": len(runs), "evaluate": len(runs), "grid_table": 1, "collect_runs": 1,
                       "make_tables": 1, "plots": 1, "all": 1}
@@ -255,6 +256,51 @@ def test_frozen_runs_share_one_teachers_only_stage(tmp_path):
     assert planned_jobs(done.stdout, "train") == sorted([stage, frozen.format(1), frozen.format(2)])
     assert done.stdout.count(f"method_args.teachers_run={stage}") == 2
     assert "method_args.teacher_bits=[8, 4]" in done.stdout
+
+
+def train_commands(output: str) -> dict[str, str]:
+    """Run directory -> `cmtkd train` command of the planned train jobs of a dry run with -p."""
+    return {re.search(r"--out '?([^' ]+)", line).group(1): line for line in output.splitlines()
+            if "train_run.py" in line and "--out" in line}
+
+
+def test_recipe_init_fp_starts_every_other_run_from_one_fp_run_per_arch_and_seed(tmp_path):
+    """recipe.init: fp adds one fp run per (arch, seed) and starts every other run of the suite from it:
+    students, their frozen qat teachers (seed 1000 * b + s: the fp run of seed s) and teachers-only stages."""
+    config = tiny_config(methods=["qat", "kd", "mtkd", "cmtkd-frozen"], archs=["alexnet", "resnet18"])
+    config["recipe"]["init"] = "fp"
+    done = snakemake(tmp_path, "-n", "-p", config=write_config(tmp_path / "init.yaml", config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    fp = "results/runs/method~fp/dataset~digits/arch~{}/w_bits~32/a_bits~32/teacher_bits~none/seed~{}"
+    starts = {fp.format(arch, seed) for arch in ("alexnet", "resnet18") for seed in (0, 1)}
+    without_init = {"results/runs/" + "/".join(f"{c}~{v}" for c, v in zip(
+        ("method", "dataset", "arch", "w_bits", "a_bits", "teacher_bits", "seed"), run)) for run in expected_runs(config)}
+    planned = planned_jobs(done.stdout, "train")
+    assert len(planned) == len(set(planned)) and set(planned) == without_init | starts  # each fp run once
+    commands = train_commands(done.stdout)
+    assert set(commands) == set(planned)
+    for run_dir, command in commands.items():
+        if run_dir in starts:
+            assert "model.init_from" not in command, command
+            continue
+        arch = re.search(r"arch~(\w+)", run_dir).group(1)
+        seed = int(run_dir.rsplit("seed~", 1)[1]) % 1000
+        assert f"--set model.init_from={fp.format(arch, seed)} " in command.replace("'", ""), command
+    # Snakemake orders the jobs: a run that starts from an fp run takes its model.pt as input.
+    assert f"{fp.format('alexnet', 0)}/model.pt" in done.stdout
+
+
+def test_recipe_init_fp_reuses_the_grids_own_fp_run(tmp_path):
+    config = tiny_config(seeds=[0])  # fp, qat, kd, mtkd
+    config["recipe"]["init"] = "fp"
+    done = snakemake(tmp_path, "-n", "-p", config=write_config(tmp_path / "init.yaml", config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    planned = planned_jobs(done.stdout, "train")
+    assert len(planned) == len(expected_runs(config))  # no second fp run
+    fp = "results/runs/method~fp/dataset~digits/arch~alexnet/w_bits~32/a_bits~32/teacher_bits~none/seed~0"
+    commands = train_commands(done.stdout)
+    assert "model.init_from" not in commands[fp]
+    assert sum(f"model.init_from={fp}" in c.replace("'", "") for c in commands.values()) == len(planned) - 1
 
 
 def test_tables_target_never_trains(tmp_path):

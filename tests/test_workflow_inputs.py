@@ -144,6 +144,26 @@ def test_frozen_teachers_get_seeds_of_their_own_shared_between_methods():
         grid.teacher_seed(1000, 8)
 
 
+def test_recipe_init_is_the_grids_key_not_cmtkd_trains():
+    """recipe.init: fp adds `model.init_from` for the runs it starts and changes nothing else of a command;
+    scratch (or no key) gives today's commands; a per-arch init or a hand-set init_from beside it is refused."""
+    scratch, fp, explicit = tiny_config(), tiny_config(), tiny_config()
+    fp["recipe"]["init"], explicit["recipe"]["init"] = "fp", "scratch"
+    key = run_key("kd", tset="8")
+    assert grid.init_runs(scratch, key) == grid.init_runs(explicit, key) == []
+    assert grid.train_argv(scratch, key, ["t"]) == grid.train_argv(explicit, key, ["t"]) == grid.train_argv(fp, key, ["t"])
+    (start,) = grid.init_runs(fp, run_key("qat", w=8, a=8, tset="none", seed=8001))
+    assert start == {"method": "fp", "dataset": "digits", "arch": "alexnet", "w_bits": 32, "a_bits": 32,
+                     "teacher_bits": "none", "seed": 1}
+    assert grid.init_runs(fp, run_key("fp", w=32, a=32, tset="none", seed=1)) == []
+    assert grid.train_argv(fp, key, ["t"], ["results/runs/x"])[-2:] == ["--set", "model.init_from=results/runs/x"]
+    assert len(grid.expand(fp)) == len(grid.expand(scratch))  # the grid's fp runs are the starting points
+    for change, message in [({"arch_recipe": {"alexnet": {"init": "fp"}}}, "move it to 'recipe.init'"),
+                            ({"recipe": {**fp["recipe"], "model": {"init_from": "x"}}}, "recipe.model.init_from")]:
+        with pytest.raises(grid.GridError, match=re.escape(message)):
+            grid.expand({**fp, **change})
+
+
 def test_a_seed_that_could_collide_with_a_teacher_seed_is_rejected(tmp_path):
     config = tiny_config(seeds=[0, 1000])
     done = snakemake(tmp_path, "-n", config=write_config(tmp_path / "bad.yaml", config))

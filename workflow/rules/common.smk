@@ -8,8 +8,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace
 
 ROOT = Path(workflow.basedir)  # the repository; outputs go to the working directory (normally the same)
-SCRIPTS = ROOT / "workflow" / "scripts"
-SCHEMAS = ROOT / "workflow" / "schemas"
+SCRIPTS, SCHEMAS = ROOT / "workflow" / "scripts", ROOT / "workflow" / "schemas"
 sys.path.insert(0, str(SCRIPTS))
 import checks, grid, html_report, suite_config  # noqa: E401,E402
 
@@ -71,8 +70,9 @@ def teacher_dirs(key) -> list[str]:  # the teacher runs (or teachers-only stage)
     return [run_dir(t) for t in runs]
 
 
-def train_argv(key) -> list[str]:
-    return grid.train_argv(config, {c: key[c] for c in grid.COLUMNS}, teacher_dirs(key))
+def train_argv(key) -> list[str]:  # recipe.init = fp: plus the fp run it starts from (grid.init_runs)
+    key = {c: key[c] for c in grid.COLUMNS}
+    return grid.train_argv(config, key, teacher_dirs(key), [run_dir(r) for r in grid.init_runs(config, key)])
 
 
 onstart:

@@ -18,6 +18,7 @@ rule train:
     """Train one run (any method) of the grid."""
     input:
         teachers=lambda wildcards: [f"{d}/model.pt" for d in teacher_dirs(wildcards)],
+        init=lambda wildcards: [f"{run_dir(r)}/model.pt" for r in grid.init_runs(config, wildcards)],  # recipe.init: fp
     output:
         metrics=f"{RUN}/metrics.json",
         model=f"{RUN}/model.pt",

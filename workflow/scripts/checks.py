@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = table[list(grid.COLUMNS)].to_dict("records")
     run_dir = lambda key: "results/runs/" + "/".join(f"{c}~{key[c]}" for c in grid.COLUMNS)  # noqa: E731
     argv_of = lambda key: grid.train_argv(config, key, [run_dir(k) for k in grid.loaded_runs(  # noqa: E731
-        key["method"], key["dataset"], key["arch"], key["teacher_bits"], key["seed"])])
+        key["method"], key["dataset"], key["arch"], key["teacher_bits"], key["seed"])],
+        [run_dir(k) for k in grid.init_runs(config, key)])
     problems = [] if args.no_data_check else [p for p in [dataset_problem(config, name)] if p]
     problems += cmtkd_problems(config, runs, argv_of)
     for problem in problems:

@@ -13,6 +13,11 @@ the student; every (dataset, arch, bits, teacher seed) is trained once and share
 that student seed that uses it (kd's 8-bit teacher is mtkd's 8-bit teacher). A method whose teachers
 come from a teachers-only stage (catalog ``teachers: stage``, e.g. ``cmtkd-frozen``) loads one run of that
 stage's method (``cmtkd-teachers``) per (dataset, arch, teacher set, seed), added and shared the same way.
+
+With ``recipe.init: fp`` (an option; the default ``scratch`` is the paper's setting) every run except
+the ``fp`` runs starts from one full-precision ``fp`` run per (dataset, arch, student seed) through
+``cmtkd train --set model.init_from=<its run directory>`` (:func:`init_runs`); that run is added to
+the grid like a teacher and is the grid's own ``fp`` run where the grid has one.
 """
 from __future__ import annotations
 
@@ -53,6 +58,9 @@ WIRED_ARGS = tuple(sorted({e.path_option for e in METHODS.values() if e.path_opt
 # RunConfig keys the grid sets per run; a recipe must not set them.
 GRID_KEYS = ("method", "arch", "w_bits", "a_bits", "seed", "data.name", "method_args",
              "train.threads", "train.device")
+INIT_KEY = "init"  # recipe.init: how runs start (INIT_CHOICES); read by the grid, not a RunConfig key
+INIT_CHOICES = ("scratch", "fp")  # scratch: the paper's default; fp: from the suite's fp run
+INIT_METHOD = "fp"  # the method of the run that recipe.init=fp starts the others from
 
 
 class GridError(ValueError):
@@ -124,6 +132,14 @@ def check_config(config: dict) -> None:
         for key in flatten(recipe):
             if key in GRID_KEYS or key.startswith("method_args"):
                 raise GridError(f"config key 'arch_recipe.{arch}.{key}' is set per run by the grid; remove it")
+            if key == INIT_KEY:
+                raise GridError(f"config key 'arch_recipe.{arch}.init': how runs start is set for the whole "
+                                f"suite; move it to 'recipe.init'")
+    if init_mode(config) not in INIT_CHOICES:
+        raise GridError(f"config key 'recipe.init' is {init_mode(config)!r}; use one of {', '.join(INIT_CHOICES)}")
+    if init_mode(config) == "fp" and "model.init_from" in flatten(config.get("recipe", {})):
+        raise GridError("config key 'recipe.model.init_from' is set per run by the grid when 'recipe.init' is fp; "
+                        "remove one of them")
     sections = [("method_args", config.get("method_args", {}))] + [
         (f"arch_method_args.{arch}", options) for arch, options in config.get("arch_method_args", {}).items()]
     for where, section in sections:
@@ -189,6 +205,10 @@ def expand(config: dict) -> pd.DataFrame:
     for key in list(rows):
         for stage in stage_runs(*key[:3], key[5], key[6]):
             rows.setdefault(tuple(stage[c] for c in COLUMNS), "teacher")
+    # recipe.init = fp: the fp run every other run starts from, once per (arch, student seed).
+    for key in list(rows):
+        for start in init_runs(config, dict(zip(COLUMNS, key))):
+            rows.setdefault(tuple(start[c] for c in COLUMNS), "teacher")
     frame = pd.DataFrame([(*key, role) for key, role in rows.items()], columns=[*COLUMNS, "role"])
     frame = frame.astype({"w_bits": int, "a_bits": int, "seed": int, "teacher_bits": str})
     frame = frame.sort_values(list(COLUMNS), kind="stable").reset_index(drop=True)
@@ -200,8 +220,25 @@ def expand(config: dict) -> pd.DataFrame:
 def recipe_for(config: dict, arch: str) -> dict:
     """The dotted RunConfig keys shared by every run of ``arch``: recipe, then arch_recipe on top."""
     values = flatten(config.get("recipe", {}))
+    values.pop(INIT_KEY, None)  # the grid's key (init_runs), not cmtkd train's
     values.update(flatten(config.get("arch_recipe", {}).get(arch, {})))
     return values
+
+
+def init_mode(config: dict) -> str:
+    """``recipe.init``: ``scratch`` (default, the paper's setting) or ``fp``."""
+    return config.get("recipe", {}).get(INIT_KEY, "scratch")
+
+
+def init_runs(config: dict, key: dict) -> list[dict]:
+    """Key of the run whose network the run ``key`` starts from (``model.init_from``): with
+    ``recipe.init: fp``, the ``fp`` run of its dataset, arch and student seed, for every run but the
+    ``fp`` runs themselves (students, frozen qat teachers, teachers-only stages alike; a teacher's
+    student seed is its seed modulo 1000, see :func:`teacher_seed`). Empty with ``scratch``."""
+    if init_mode(config) != "fp" or key["method"] == INIT_METHOD:
+        return []
+    return [{"method": INIT_METHOD, "dataset": key["dataset"], "arch": key["arch"], "w_bits": FULL_PRECISION,
+             "a_bits": FULL_PRECISION, "teacher_bits": NO_TEACHERS, "seed": int(key["seed"]) % TEACHER_SEED_STRIDE}]
 
 
 def teacher_runs(method: str, dataset: str, arch: str, teacher_bits: str, seed) -> list[dict]:
@@ -229,9 +266,10 @@ def loaded_runs(method: str, dataset: str, arch: str, teacher_bits: str, seed) -
                                                                                 teacher_bits, seed)
 
 
-def train_sets(config: dict, method: str, arch: str, teacher_bits: str, teacher_dirs: list[str]) -> list[str]:
+def train_sets(config: dict, method: str, arch: str, teacher_bits: str, teacher_dirs: list[str],
+               init_dirs: list[str] = ()) -> list[str]:
     """The ``--set key=value`` overrides of one run: data settings, recipe, per-arch recipe,
-    method options and the teacher wiring."""
+    method options, the teacher wiring and the run it starts from (``init_dirs``: at most one)."""
     spec = METHODS[method]
     values = {f"data.{k}": v for k, v in config["dataset"].items() if k != "name"}
     values.update(recipe_for(config, arch))
@@ -243,17 +281,20 @@ def train_sets(config: dict, method: str, arch: str, teacher_bits: str, teacher_
     if spec.path_option:
         one = spec.use == "one" or spec.teachers == "stage"  # one run directory, or one per teacher
         values[f"method_args.{spec.path_option}"] = teacher_dirs[0] if one else list(teacher_dirs)
+    if init_dirs:
+        (values["model.init_from"],) = init_dirs
     return [f"{k}={set_value(v)}" for k, v in values.items()]
 
 
-def train_argv(config: dict, key: dict, teacher_dirs: list[str]) -> list[str]:
+def train_argv(config: dict, key: dict, teacher_dirs: list[str], init_dirs: list[str] = ()) -> list[str]:
     """The ``cmtkd train`` arguments of the run ``key`` (its grid cell, the suite's recipe and data
-    settings, the method's options and its teachers' run directories). The workflow's train jobs run
+    settings, the method's options, its teachers' run directories and, with ``recipe.init: fp``, the
+    run directory it starts from: ``init_dirs``, from :func:`init_runs`). The workflow's train jobs run
     exactly these (plus ``--out`` and ``--threads``), and its pre-start check resolves them."""
     args = ["--method", key["method"], "--arch", key["arch"], "--dataset", key["dataset"],
             "--w-bits", key["w_bits"], "--a-bits", key["a_bits"], "--seed", key["seed"],
             "--device", "cuda" if config.get("gpu") else "cpu", "--set", "train.progress=none"]
-    for value in train_sets(config, key["method"], key["arch"], key["teacher_bits"], teacher_dirs):
+    for value in train_sets(config, key["method"], key["arch"], key["teacher_bits"], teacher_dirs, init_dirs):
         args += ["--set", value]
     return [str(a) for a in args]
 
