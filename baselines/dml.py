@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from cmtkd import losses
-from cmtkd.methods.base import Method, cross_entropy
+from cmtkd.methods.base import JointPeers, cross_entropy
 from cmtkd.teachers import check_teacher_bits
 
 # Options of the method called ``dml`` before this version (now ``kdcl``): an old run's config.yaml
@@ -47,7 +46,7 @@ def peer_kl(logits: torch.Tensor, peer_logits: list[torch.Tensor]) -> torch.Tens
                         for z in peer_logits]).mean()
 
 
-class DML(Method):
+class DML(JointPeers):
     retired_options = {key: _RENAMED for key in ("teacher_reduction", "alpha", "beta", "temperature")}
 
     @dataclass
@@ -57,14 +56,6 @@ class DML(Method):
     @classmethod
     def check_options(cls, options, cfg):
         check_teacher_bits(options.teacher_bits, cfg)
-
-    def __init__(self, cfg, info):
-        super().__init__(cfg, info)
-        self.teacher_bits = list(self.options.teacher_bits)
-        self.student = self.build_network(cfg.w_bits, cfg.a_bits)
-        self.teachers = nn.ModuleList(self.build_network(b, b) for b in self.teacher_bits)
-        # Same names as CMT-KD's teachers, so history.csv columns line up across methods.
-        self.teacher_names = [f"teacher{i}_w{b}a{b}" for i, b in enumerate(self.teacher_bits)]
 
     def loss_terms(self, student_logits: torch.Tensor, teacher_logits: list[torch.Tensor],
                    targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -76,20 +67,6 @@ class DML(Method):
             "kl_student": kl[0],
             "kl_teachers": torch.stack(kl[1:]).sum(),
         }
-
-    def forward_train(self, images, targets):
-        student_logits = self.student(images)
-        teacher_logits = [teacher(images) for teacher in self.teachers]
-        return student_logits, self.loss_terms(student_logits, teacher_logits, targets)
-
-    def param_groups(self):
-        groups = [self.network_group("student", self.student, self.cfg.w_bits, self.cfg.a_bits)]
-        groups += [self.network_group(name, teacher, b, b)  # weight decay by the teacher's own bit-width
-                   for name, teacher, b in zip(self.teacher_names, self.teachers, self.teacher_bits)]
-        return groups
-
-    def eval_models(self):
-        return {"student": self.student, **dict(zip(self.teacher_names, self.teachers))}
 
     def metadata(self):
         # No checkpoints: the peers are trained here, from scratch.

@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import nn
 
 from cmtkd import losses
-from cmtkd.methods.base import Method, check_loss_weights, cross_entropy
+from cmtkd.methods.base import JointPeers, check_loss_weights, cross_entropy
 from cmtkd.teachers import check_teacher_bits
 
 
-class KDCL(Method):
+class KDCL(JointPeers):
     @dataclass
     class Options:
         teacher_bits: list[int] = field(default_factory=lambda: [8, 6, 4])  # W = A = b_i per teacher
@@ -49,14 +48,6 @@ class KDCL(Method):
     def check_options(cls, options, cfg):
         check_teacher_bits(options.teacher_bits, cfg)
         check_loss_weights(options)
-
-    def __init__(self, cfg, info):
-        super().__init__(cfg, info)
-        self.teacher_bits = list(self.options.teacher_bits)
-        self.student = self.build_network(cfg.w_bits, cfg.a_bits)
-        self.teachers = nn.ModuleList(self.build_network(b, b) for b in self.teacher_bits)
-        # Same names as CMT-KD's teachers, so history.csv columns line up across methods.
-        self.teacher_names = [f"teacher{i}_w{b}a{b}" for i, b in enumerate(self.teacher_bits)]
 
     def _reduce(self, terms: list[torch.Tensor]) -> torch.Tensor:
         stacked = torch.stack(terms)
@@ -74,20 +65,6 @@ class KDCL(Method):
             "kl_teachers": o.beta * self._reduce([losses.kd_kl(z, target_probs, o.temperature)
                                                   for z in teacher_logits]),
         }
-
-    def forward_train(self, images, targets):
-        student_logits = self.student(images)
-        teacher_logits = [teacher(images) for teacher in self.teachers]
-        return student_logits, self.loss_terms(student_logits, teacher_logits, targets)
-
-    def param_groups(self):
-        groups = [self.network_group("student", self.student, self.cfg.w_bits, self.cfg.a_bits)]
-        groups += [self.network_group(name, teacher, b, b)  # weight decay by the teacher's own bit-width
-                   for name, teacher, b in zip(self.teacher_names, self.teachers, self.teacher_bits)]
-        return groups
-
-    def eval_models(self):
-        return {"student": self.student, **dict(zip(self.teacher_names, self.teachers))}
 
     def metadata(self):
         # No checkpoints: the teachers are trained here, from scratch.

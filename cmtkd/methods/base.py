@@ -138,5 +138,37 @@ class Method(nn.Module):
     init_metadata: dict = {}
 
 
+class JointPeers(Method):
+    """A student and n teachers of its architecture (teacher i at ``options.teacher_bits[i]`` bits,
+    weights and activations) trained together from scratch, no fusion: the scaffolding the mutual
+    learning baselines (``dml``, ``kdcl``) share. A subclass gives ``loss_terms`` and ``metadata``."""
+
+    def __init__(self, cfg: "RunConfig", info: "DataInfo"):
+        super().__init__(cfg, info)
+        self.teacher_bits = list(self.options.teacher_bits)
+        self.student = self.build_network(cfg.w_bits, cfg.a_bits)
+        self.teachers = nn.ModuleList(self.build_network(b, b) for b in self.teacher_bits)
+        # Same names as CMT-KD's teachers, so history.csv columns line up across methods.
+        self.teacher_names = [f"teacher{i}_w{b}a{b}" for i, b in enumerate(self.teacher_bits)]
+
+    def loss_terms(self, student_logits: torch.Tensor, teacher_logits: list[torch.Tensor],
+                   targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward_train(self, images, targets):
+        student_logits = self.student(images)
+        teacher_logits = [teacher(images) for teacher in self.teachers]
+        return student_logits, self.loss_terms(student_logits, teacher_logits, targets)
+
+    def param_groups(self):
+        groups = [self.network_group("student", self.student, self.cfg.w_bits, self.cfg.a_bits)]
+        groups += [self.network_group(name, teacher, b, b)  # weight decay by the teacher's own bit-width
+                   for name, teacher, b in zip(self.teacher_names, self.teachers, self.teacher_bits)]
+        return groups
+
+    def eval_models(self):
+        return {"student": self.student, **dict(zip(self.teacher_names, self.teachers))}
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets)
