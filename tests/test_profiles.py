@@ -69,7 +69,10 @@ def test_local_gpu_profile_counts_gpus_as_a_resource():
 
 
 # ------------------------------------------------------------------ the Snakemake environment
-BLOCK_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['cmtkd'] = None; "
+# torch unimportable, and cmtkd not installed (its editable-install finder removed): the workflow may
+# read only the checkout's own torch-free method catalog (cmtkd/catalog.py, through grid.py's fallback).
+BLOCK_TORCH = ("import sys; sys.modules['torch'] = None; "
+               "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; "
                "from snakemake.cli import main; sys.argv = ['snakemake'] + sys.argv[1:]; main()")
 
 
@@ -85,8 +88,8 @@ def _snakemake_without_torch(workdir: Path, *args: str):
 
 
 def test_snakemake_itself_needs_neither_torch_nor_cmtkd(tmp_path):
-    """What `--sdm conda` relies on: the workflow parses and plans the paper grid with torch and cmtkd
-    unimportable in Snakemake's own environment (the jobs run in workflow/envs/cmtkd.yaml)."""
+    """What `--sdm conda` relies on: the workflow parses and plans the paper grid with torch unimportable
+    and cmtkd not installed in Snakemake's own environment (the jobs run in workflow/envs/cmtkd.yaml)."""
     done = _snakemake_without_torch(tmp_path, "-n", "--cores", "1", "--configfile", str(ROOT / "config" / "cifar100.yaml"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "train" in done.stdout
