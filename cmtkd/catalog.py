@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from cmtkd.errors import UserError
+from cmtkd.files import read_yaml_mapping
 
 ENV_VAR = "CMTKD_METHODS"
 TeacherWiring = Literal["none", "pretrained", "joint", "stage"]
@@ -99,16 +100,10 @@ BUILTIN: dict[str, MethodEntry] = {
 
 
 def _read_user_file(path: Path) -> dict[str, MethodEntry]:
-    import yaml
-
-    if not path.is_file():
-        raise UserError(f"{ENV_VAR} names {path}, which does not exist; point it at a YAML method catalog")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"method catalog {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"method catalog {path} must map method names to entries (target, teachers, ...)")
+    data = read_yaml_mapping(
+        path, "method catalog",
+        missing=f"{ENV_VAR} names {path}, which does not exist; point it at a YAML method catalog",
+        not_mapping=f"method catalog {path} must map method names to entries (target, teachers, ...)")
     fields = [f.name for f in dataclasses.fields(MethodEntry)]
     entries = {}
     for name, spec in data.items():

@@ -19,6 +19,7 @@ import yaml
 
 from cmtkd.data import DataConfig
 from cmtkd.errors import UserError
+from cmtkd.files import read_yaml_mapping
 from cmtkd.typed import from_dict  # noqa: F401  (part of this module's API)
 
 
@@ -116,16 +117,8 @@ def deep_merge(a: dict, b: dict) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of config keys")
-    return data
+    return read_yaml_mapping(path, "config file", missing=f"config file {path} does not exist",
+                             not_mapping=f"config file {path} must hold a mapping of config keys")
 
 
 def build_config(overrides: list[dict]) -> RunConfig:
@@ -217,8 +210,6 @@ def resolve(cfg: RunConfig) -> RunConfig:
         make_weight_quantizer(cfg.model.weight_quant, policy.weight_bits(role, cfg.w_bits))
     make_act_quantizer(cfg.model.act_quant, cfg.a_bits)
     cfg.method_args = asdict(method_options(method_cls, cfg))
-    # Experiment trackers besides history.csv: csv | tensorboard | wandb (cmtkd.engine.loggers).
-    loggers: list[str] = field(default_factory=lambda: ["csv"])
     return cfg
 
 

@@ -226,6 +226,23 @@ class RunLock:
         self.release()
 
 
+def read_yaml_mapping(path: str | Path, what: str, missing: str, not_mapping: str) -> dict:
+    """The mapping a YAML file holds (an empty file is ``{}``). ``what`` names the file in the one-line
+    error for invalid YAML; ``missing`` and ``not_mapping`` are the whole errors for those cases."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(not_mapping)
+    return data
+
+
 def ensure_writable_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
