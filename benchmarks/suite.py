@@ -50,7 +50,8 @@ def _make_teachers(arch: str, width: float, num_classes: int, folder: Path) -> d
     paths = {}
     for bits in [32, *TEACHER_BITS]:
         cfg = dict(arch=arch, num_classes=num_classes, in_channels=3, variant="cifar", width=width,
-                   w_bits=bits, a_bits=bits, policy="fp-first-last", weight_quant="auto", act_quant="hwgq")
+                   w_bits=bits, a_bits=bits, policy="fp-first-last", weight_quant="auto", act_quant="hwgq",
+                   quant_layout="conv-inputs")
         path = folder / f"teacher-{arch}-{bits}.pt"
         torch.save({"arch_config": cfg, "state_dict": build_model(**cfg).state_dict(), "method": "qat",
                     "selected_epoch": 0, "config_hash": "bench"}, path)

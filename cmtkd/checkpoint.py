@@ -158,7 +158,8 @@ def _build(arch_config, path, fix: str, what: str) -> nn.Module:
     if not isinstance(arch_config, dict):
         raise UserError(f"{what} {path} has an arch_config that is not a mapping; {fix}")
     try:
-        return build_model(**arch_config)
+        # files written before model.quant_layout existed were trained with block-outputs
+        return build_model(**{"quant_layout": "block-outputs", **arch_config})
     except (TypeError, UserError) as exc:
         raise UserError(f"{what} {path} has an arch_config this version cannot build ({exc}); {fix}") from None
 

@@ -33,6 +33,9 @@ class ModelConfig:
     # A finished run (or its model.pt) whose weights every network the method builds starts from;
     # "" = from scratch. See cmtkd.initialization.
     init_from: str = ""
+    # conv-inputs: quantize each quantized layer's input, full-precision residual stream and classifier
+    # input (the EdMIPS/HWGQ references); block-outputs: quantize every block output (ledger Q7)
+    quant_layout: Literal["conv-inputs", "block-outputs"] = "conv-inputs"
 
 
 @dataclass

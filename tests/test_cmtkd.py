@@ -18,6 +18,7 @@ from cmtkd.engine.trainer import build_optimizer
 from cmtkd.errors import UserError
 from cmtkd.losses import attention_loss, kd_kl, min_logit_ensemble, soft_targets
 from cmtkd.methods.cmtkd import CMTKD
+from cmtkd.quant import HWGQ, HWGQ_STEPS
 from cmtkd.registry import get_method
 
 INFO = DataInfo(name="digits", num_classes=10, in_channels=1, image_size=28, variant="cifar",
@@ -78,11 +79,55 @@ def test_shared_knowledge_feeds_every_teachers_next_stage():
     assert set(seen) == {0, 1, 2}
     for i in range(3):
         assert seen[i] is shared["layer1"]  # by construction: the very tensor F_layer1
-    # the fused tensor really mixes three different teacher features
+    # the fused tensor really mixes three different teacher features, each quantized at its own bits
     outs = [t.stages["layer1"](t.stages["stem"](images)) for t in m.teachers]
     assert not torch.allclose(outs[0], outs[1])
-    torch.testing.assert_close(shared["layer1"], sum(outs) / 3)
+    torch.testing.assert_close(shared["layer1"], sum(q(a) for q, a in zip(m.fusion_quantizers, outs)) / 3)
     assert set(student_feats) == set(m.fusion_points) == {"layer1", "layer2", "layer3"}
+
+
+def on_grid(x: torch.Tensor, bits: int) -> bool:
+    """x holds only HWGQ levels at ``bits``: 0, s, 2s, ..., (2^b - 1) s."""
+    step = HWGQ_STEPS[bits]
+    levels = x / step
+    return bool(((levels - levels.round()).abs() < 1e-3).all() and levels.min() >= 0
+                and levels.max() <= 2**bits - 1 + 1e-3)
+
+
+def test_shared_knowledge_is_built_from_each_teachers_quantized_stage_output():
+    # Eq. 1 literally: F_k = sum_i pi_k^i Q(A_k^i, b_i). In the conv-inputs layout the stage outputs A
+    # are full precision (off every grid), so Q must be applied in the fusion itself.
+    m = make(teacher_bits=[8, 4], theta_init="random")
+    assert m.cfg.model.quant_layout == "conv-inputs"
+    images, _ = batch()
+    outs = [t.stages["layer1"](t.stages["stem"](images)) for t in m.teachers]
+    assert not on_grid(outs[1], 4) and (outs[1] < 0).any()  # full-precision residual stream
+    with torch.no_grad():
+        # one-hot importance: F_k is teacher i's stage output on teacher i's own grid
+        for i, bits in enumerate((8, 4)):
+            m.importance_logits.zero_()
+            m.importance_logits[:, i] = 1e4
+            _, shared, _, _ = m.teachers_forward(images)
+            assert on_grid(shared["layer1"], bits), bits
+            torch.testing.assert_close(shared["layer1"], m.fusion_quantizers[i](outs[i]))
+        m.importance_logits.normal_(0.0, 1.0)
+        _, shared, _, _ = m.teachers_forward(images)
+    pi = m.importance()[0]
+    expected = pi[0] * HWGQ(8)(outs[0]) + pi[1] * HWGQ(4)(outs[1])
+    torch.testing.assert_close(shared["layer1"], expected)
+
+
+def test_block_outputs_layout_fusion_is_unchanged_by_the_explicit_quantizer():
+    # with block-outputs the stage outputs already end in the teacher's own HWGQ: Q is idempotent
+    cfg = build_config([{"method": "cmtkd", "arch": "resnet18", "method_args": {"teacher_bits": [8, 4]},
+                         "model": {"width": 0.125, "quant_layout": "block-outputs"}}])
+    torch.manual_seed(0)
+    m = get_method("cmtkd")(cfg, INFO)
+    images, _ = batch()
+    outs = [t.stages["layer1"](t.stages["stem"](images)) for t in m.teachers]
+    for q, a, bits in zip(m.fusion_quantizers, outs, (8, 4)):
+        assert on_grid(a, bits)
+        assert torch.equal(q(a), a)
 
 
 def test_fusion_point_presets_and_errors():

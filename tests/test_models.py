@@ -7,7 +7,7 @@ import torchvision
 
 from cmtkd.errors import UserError
 from cmtkd.models import ARCHS, POLICIES, StagedNet, build_model
-from cmtkd.quant import HWGQ, QConv2d, QLinear
+from cmtkd.quant import HWGQ, HWGQ_STEPS, QConv2d, QLinear
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -29,15 +29,26 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------- counts
+# EdMIPS's pre-activation block adds one BN (weight + bias) on each block's input: 2 x (64 + 64 + 64
+# + 128 + 128 + 256 + 256 + 512) = 2,944 parameters over torchvision's ResNet-18.
+PRE_ACT_BN_PARAMS = 2 * (64 * 3 + 128 * 2 + 256 * 2 + 512)
+
+
 def test_imagenet_resnet18_has_torchvision_parameter_count():
-    model = build_model("resnet18", 1000, 32, 32, variant="imagenet")
+    model = build_model("resnet18", 1000, 32, 32, variant="imagenet", quant_layout="block-outputs")
     assert n_params(model) == n_params(torchvision.models.resnet18()) == 11_689_512
 
 
-def test_quantized_resnet18_has_no_extra_parameters_with_fixed_step_quantizers():
+def test_imagenet_resnet18_conv_inputs_layout_is_torchvision_plus_one_bn_per_block():
+    model = build_model("resnet18", 1000, 32, 32, variant="imagenet", quant_layout="conv-inputs")
+    assert n_params(model) == 11_689_512 + PRE_ACT_BN_PARAMS == 11_692_456
+
+
+@pytest.mark.parametrize("layout,count", [("block-outputs", 11_689_512), ("conv-inputs", 11_692_456)])
+def test_quantized_resnet18_has_no_extra_parameters_with_fixed_step_quantizers(layout, count):
     # HWGQ and the Gaussian weight quantizer have fixed steps: quantizing adds no parameters.
-    model = build_model("resnet18", 1000, 2, 2, variant="imagenet")
-    assert n_params(model) == 11_689_512
+    model = build_model("resnet18", 1000, 2, 2, variant="imagenet", quant_layout=layout)
+    assert n_params(model) == count
 
 
 def test_width_multiplier_reduces_parameters():
@@ -138,10 +149,14 @@ def test_full_precision_network_stays_full_precision_under_every_policy(policy):
     assert all(m.w_bits == 32 for m in model.modules() if isinstance(m, (QConv2d, QLinear)))
 
 
-def test_activation_bits_follow_a_bits():
-    model = build_model("resnet18", 10, 4, 3, width=0.25)
+@pytest.mark.parametrize("layout,n_quantizers", [
+    ("conv-inputs", 8 * 2 + 3),    # one per quantized conv: two per block + three 1x1 downsamples
+    ("block-outputs", 1 + 8 * 2),  # stem + two per basic block: every ReLU is replaced
+])
+def test_activation_bits_follow_a_bits(layout, n_quantizers):
+    model = build_model("resnet18", 10, 4, 3, width=0.25, quant_layout=layout)
     acts = [m for m in model.modules() if isinstance(m, HWGQ)]
-    assert len(acts) == 1 + 8 * 2  # stem + two per basic block: every ReLU is replaced
+    assert len(acts) == n_quantizers
     assert {m.bits for m in acts} == {3}
     assert {m.w_bits for m in body_layers(model)} == {4}
 
@@ -159,3 +174,101 @@ def test_bad_names_are_user_errors(kwargs, match):
     args = dict(arch="resnet18", num_classes=10, w_bits=2, a_bits=2, width=0.25) | kwargs
     with pytest.raises(UserError, match=match):
         build_model(**args)
+
+
+# --------------------------------------------------------------------------- quantization layout
+def hwgq_on_grid(x: torch.Tensor, bits: int) -> bool:
+    levels = x / HWGQ_STEPS[bits]
+    return bool(((levels - levels.round()).abs() < 1e-3).all() and levels.min() >= 0
+                and levels.max() <= 2**bits - 1 + 1e-3)
+
+
+def layer_inputs(model: StagedNet, x: torch.Tensor, types=(QConv2d, QLinear)) -> dict[str, torch.Tensor]:
+    """The input of every module of ``types``, by module name, for one eval forward."""
+    seen, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, types):
+            hooks.append(m.register_forward_pre_hook(lambda mod, inp, name=name: seen.__setitem__(name, inp[0])))
+    logits(model, x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("variant,size", [("cifar", 28), ("imagenet", 64)])
+def test_conv_inputs_layout_quantizes_every_quantized_layer_input_and_nothing_else(variant, size):
+    # The EdMIPS/HWGQ ResNet: each quantized conv (downsample included) reads a 2-bit tensor; the
+    # residual stream and the input of the full-precision FC are full precision (> 2^b values).
+    model = build_model("resnet18", 10, 2, 2, variant=variant, width=0.25, in_channels=1,
+                        quant_layout="conv-inputs")
+    x = torch.randn(4, 1, size, size)
+    inputs = layer_inputs(model, x)
+    quantized = [n for n in inputs if n.split(".")[-1] != "fc" and n != "stages.stem.0"]
+    assert len(quantized) == 19 and any("downsample" in n for n in quantized)  # 16 3x3 + 3 1x1 convs
+    for name in quantized:
+        assert hwgq_on_grid(inputs[name], 2), name
+    # what the head averages and feeds to the FC: ReLU'd, full precision
+    pooled = layer_inputs(model, x, torch.nn.AdaptiveAvgPool2d)["stages.head.pool"]
+    assert pooled.min() >= 0 and pooled.unique().numel() > 2**2 and not hwgq_on_grid(pooled, 2)
+    feats = model.forward_features(x)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        assert feats[stage].unique().numel() > 2**2 and (feats[stage] < 0).any(), stage
+
+
+def test_block_outputs_layout_quantizes_residual_stream_and_fc_input():
+    model = build_model("resnet18", 10, 2, 2, width=0.25, in_channels=1, quant_layout="block-outputs")
+    x = torch.randn(4, 1, 28, 28)
+    feats = model.forward_features(x)
+    for stage in ("stem", "layer1", "layer2", "layer3", "layer4"):
+        assert hwgq_on_grid(feats[stage], 2), stage
+    assert hwgq_on_grid(layer_inputs(model, x, torch.nn.AdaptiveAvgPool2d)["stages.head.pool"], 2)
+
+
+def test_default_layout_is_the_reference_one():
+    from cmtkd.config import ModelConfig
+
+    assert ModelConfig().quant_layout == "conv-inputs"
+    for arch in ARCHS:
+        assert build_model(arch, 10, 2, 2, width=0.25).quant_layout == "conv-inputs"
+
+
+@pytest.mark.parametrize("layout,fc8_on_grid", [("conv-inputs", False), ("block-outputs", True)])
+def test_alexnet_last_layer_input_follows_layout(layout, fc8_on_grid):
+    model = build_model("alexnet", 10, 2, 2, width=0.25, in_channels=1, quant_layout=layout)
+    # 32x32: the head's adaptive pool is then the identity, so fc6 reads conv5's grid unchanged
+    inputs = layer_inputs(model, torch.randn(8, 1, 32, 32))
+    for name, x in inputs.items():  # every quantized layer reads the 2-bit grid in both layouts
+        if name not in ("stages.conv1.0", "stages.head.fc8"):
+            assert hwgq_on_grid(x, 2), name
+    assert hwgq_on_grid(inputs["stages.head.fc8"], 2) is fc8_on_grid
+    assert inputs["stages.head.fc8"].min() >= 0
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_conv_inputs_quantizes_a_quantized_last_layer_input(arch):
+    # policy=all quantizes the classifier's weights, so conv-inputs quantizes its input as well
+    model = build_model(arch, 10, 2, 2, width=0.25, in_channels=1, policy="all", quant_layout="conv-inputs")
+    x = torch.randn(4, 1, 28, 28)
+    if arch == "resnet18":  # the FC reads the average of the quantized map
+        assert hwgq_on_grid(layer_inputs(model, x, torch.nn.AdaptiveAvgPool2d)["stages.head.pool"], 2)
+    else:
+        assert hwgq_on_grid(layer_inputs(model, x)["stages.head.fc8"], 2)
+
+
+def test_unknown_layout_is_a_user_error():
+    with pytest.raises(UserError, match="quant_layout"):
+        build_model("resnet18", 10, 2, 2, quant_layout="everywhere")
+
+
+def test_model_file_without_layout_key_loads_as_block_outputs(tmp_path):
+    # model.pt files written before model.quant_layout existed were trained with block-outputs
+    from cmtkd import checkpoint
+
+    config = dict(arch="resnet18", num_classes=10, in_channels=1, variant="cifar", width=0.25, w_bits=2,
+                  a_bits=2, policy="fp-first-last", weight_quant="auto", act_quant="hwgq")
+    old = build_model(**config, quant_layout="block-outputs")
+    checkpoint.save_model(tmp_path / "model.pt", arch_config=config, state_dict=old.state_dict(), method="qat",
+                          selected_epoch=1, config_hash="0" * 64)
+    blob = checkpoint.load_model(tmp_path / "model.pt", "retrain")
+    model = checkpoint.build_network(blob, tmp_path / "model.pt", "retrain")
+    assert model.quant_layout == "block-outputs"

@@ -75,7 +75,7 @@ class Method(nn.Module):
             arch=self.cfg.arch, num_classes=self.info.num_classes, in_channels=self.info.in_channels,
             variant=variant, width=self.cfg.model.width, w_bits=w_bits, a_bits=a_bits,
             policy=self.cfg.model.policy, weight_quant=self.cfg.model.weight_quant,
-            act_quant=self.cfg.model.act_quant,
+            act_quant=self.cfg.model.act_quant, quant_layout=self.cfg.model.quant_layout,
         )
 
     def build_network(self, w_bits: int, a_bits: int) -> nn.Module:

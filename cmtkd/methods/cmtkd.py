@@ -4,9 +4,9 @@ Read next to docs/method.md §4-§5 (equation numbers are the paper's, via the S
 
 * n teachers share the student's architecture, teacher i at ``b_i`` bits (weights and activations),
   and all n + 1 networks train jointly from scratch in one stage (PAPER §1).
-* Eq. 1 — at each fusion point k the teachers' quantized features ``A_k^i`` are fused into the
-  shared knowledge ``F_k = sum_i softmax(theta_k)_i * A_k^i`` (:meth:`CMTKD.fuse`); F_k is the input of
-  EVERY teacher's next stage, and the student's feature at k is pulled towards it by attention
+* Eq. 1 — at each fusion point k teacher i's stage output ``A_k^i`` is quantized at its own bits and
+  the results are fused into the shared knowledge ``F_k = sum_i softmax(theta_k)_i * Q(A_k^i, b_i)``
+  (:meth:`CMTKD.quantize_stage_outputs`, :meth:`CMTKD.fuse`); F_k is the input of EVERY teacher's next stage, and the student's feature at k is pulled towards it by attention
   transfer (Eq. 4-5, :func:`cmtkd.losses.attention_loss`).
 * Eq. 6-9 — mutual learning: the KDCL-MinLogit ensemble of the teacher logit and the student logit
   gives a constant target p; student and teachers each get ``T^2 KL(p || softmax(z/T))``.
@@ -29,7 +29,15 @@ from torch import nn
 from cmtkd.errors import UserError
 from cmtkd.losses import AtReduction, attention_loss, kd_kl, min_logit_ensemble, soft_targets
 from cmtkd.methods.base import Method, check_loss_weights, cross_entropy
+from cmtkd.quant import FULL_PRECISION, make_act_quantizer
 from cmtkd.teachers import check_teacher_bits
+
+def make_fusion_quantizers(act_quant: str, teacher_bits: list[int]) -> nn.ModuleList:
+    """Q(., b_i) of Eq. 1 for each teacher: its activation quantizer at its own bits, identity for a
+    full-precision teacher."""
+    return nn.ModuleList(nn.Identity() if b == FULL_PRECISION else make_act_quantizer(act_quant, b)
+                         for b in teacher_bits)
+
 
 # Fusion-point presets per architecture. "stage-ends": ends of the residual stages before the last
 # one (PAPER §4 reads "the last convolutional layer of each convolution block" as layer1..layer3).
@@ -128,6 +136,11 @@ class CMTKD(Method):
         self.teacher_bits = list(o.teacher_bits)
         self.student = self.build_network(cfg.w_bits, cfg.a_bits)
         self.teachers = nn.ModuleList(self.build_network(b, b) for b in self.teacher_bits)
+        # Q(., b_i) of Eq. 1: teacher i's activation quantizer at its own bits (identity for a
+        # full-precision teacher). With model.quant_layout=conv-inputs the stage outputs are full
+        # precision, so this is where they get quantized; with block-outputs they already end in the same
+        # quantizer and HWGQ is idempotent (ledger A5).
+        self.fusion_quantizers = make_fusion_quantizers(cfg.model.act_quant, self.teacher_bits)
         self.teacher_paths: list[str] = []
         # SHA-256 of each teacher checkpoint, as a buffer so a resumed run reports the hash of the
         # weights it really started from (even if the file was replaced since).
@@ -172,6 +185,9 @@ class CMTKD(Method):
         digests = []
         for teacher, bits, path in zip(self.teachers, self.teacher_bits, paths):
             source, digest = load_teacher(path, arch=self.cfg.arch, num_classes=self.info.num_classes)
+            if source.quant_layout != teacher.quant_layout:  # AlexNet layouts share their parameter names
+                raise UserError(f"teacher checkpoint {path} was trained with model.quant_layout="
+                                f"{source.quant_layout}, this run uses {teacher.quant_layout}; set it to match")
             missing, unexpected = teacher.load_state_dict(source.state_dict(), strict=False)
             if unexpected or [m for m in missing if "quantizer" not in m]:
                 raise UserError(f"teacher checkpoint {path} does not fit a {self.cfg.arch} at {bits} bits "
@@ -204,9 +220,11 @@ class CMTKD(Method):
             raise UserError(f"method_args.teachers_run: {file} holds other teachers than this run uses "
                             f"({_set_difference(found, expected)}); {fix}")
         self.teachers.load_state_dict(fused.teachers.state_dict())
+        self.fusion_quantizers.load_state_dict(fused.fusion_quantizers.state_dict())
         with torch.no_grad():
             self.importance_logits.copy_(fused.importance_logits)
         self.teachers.requires_grad_(False)
+        self.fusion_quantizers.requires_grad_(False)
         self.importance_logits.requires_grad_(False)  # theta frozen too: no joint training of any part
         self.teacher_paths = [str(file.resolve())]
         self.teacher_digests = checkpoint.digest_tensor(sha256_bytes(data))[None]
@@ -215,6 +233,7 @@ class CMTKD(Method):
         super().train(mode)
         if self.options.freeze_teachers:
             self.teachers.eval()  # frozen teachers keep their BN statistics
+            self.fusion_quantizers.eval()
         return self
 
     # -- Eq. 1: importance-aware shared knowledge ---------------------------------------------
@@ -222,9 +241,13 @@ class CMTKD(Method):
         """pi = softmax(theta) per fusion point, shape (fusion points, teachers)."""
         return torch.softmax(self.importance_logits, dim=1)
 
+    def quantize_stage_outputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Q(A_k^i, b_i) for every teacher i."""
+        return [q(a) for q, a in zip(self.fusion_quantizers, features)]
+
     @staticmethod
     def fuse(features: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-        """F_k = sum_i pi_k^i A_k^i."""
+        """F_k = sum_i pi_k^i features_i (the features are the quantized stage outputs)."""
         shared = weights[0].to(features[0].dtype) * features[0]
         for w, a in zip(weights[1:], features[1:]):
             shared = shared + w.to(a.dtype) * a
@@ -249,7 +272,7 @@ class CMTKD(Method):
                 x_student = student_units[u][1](x_student)
             if name in self.fusion_points:
                 k = self.fusion_points.index(name)
-                fused = self.fuse(xs, pi[k])
+                fused = self.fuse(self.quantize_stage_outputs(xs), pi[k])
                 xs = [fused] * len(xs)  # F_k is the input of every teacher's next stage
                 shared[name] = fused
                 student_feats[name] = x_student
@@ -295,8 +318,9 @@ class CMTKD(Method):
     def param_groups(self):
         groups = [self.network_group("student", self.student, self.cfg.w_bits, self.cfg.a_bits)]
         if not self.options.freeze_teachers:
-            groups += [self.network_group(f"teacher{i}_w{b}a{b}", t, b, b)
-                       for i, (t, b) in enumerate(zip(self.teachers, self.teacher_bits))]
+            # teacher i's fusion quantizer trains with teacher i (it has parameters only for PACT/LSQ)
+            groups += [self.network_group(f"teacher{i}_w{b}a{b}", nn.ModuleList([t, q]), b, b)
+                       for i, (t, q, b) in enumerate(zip(self.teachers, self.fusion_quantizers, self.teacher_bits))]
         if self.importance_logits.requires_grad:
             # theta at lr/10 and no weight decay (decay would pull pi towards uniform)
             groups.append({"name": "importance_logits", "params": [self.importance_logits], "weight_decay": 0.0,
@@ -384,9 +408,13 @@ class FusedTeachers(nn.Module):
     teachers' ``teachers.<i>.*`` and ``importance_logits``, the names CMT-KD uses), what ``cmtkd
     evaluate`` rebuilds from it and what ``cmtkd-frozen`` loads."""
 
-    def __init__(self, teachers: list[nn.Module], fusion_points: list[str], split_blocks: bool):
+    def __init__(self, teachers: list[nn.Module], fusion_points: list[str], split_blocks: bool,
+                 fusion_quantizers: nn.ModuleList):
         super().__init__()
         self.teachers = nn.ModuleList(teachers)
+        if len(fusion_quantizers) != len(teachers):
+            raise ValueError(f"{len(fusion_quantizers)} fusion quantizers for {len(teachers)} teachers")
+        self.fusion_quantizers = fusion_quantizers  # Q(., b_i) of Eq. 1, as in CMT-KD
         self.split_blocks = split_blocks
         self.unit_names = [name for name, _ in network_units(self.teachers[0], split_blocks)]
         unknown = [p for p in fusion_points if p not in self.unit_names[:-1]]
@@ -398,6 +426,7 @@ class FusedTeachers(nn.Module):
     # One implementation of the fused forward: CMT-KD's methods, which read only the attributes above.
     importance = CMTKD.importance
     fuse = staticmethod(CMTKD.fuse)
+    quantize_stage_outputs = CMTKD.quantize_stage_outputs
     _units = CMTKD._units
     teachers_forward = CMTKD.teachers_forward
     teacher_logit = CMTKD.teacher_logit
@@ -407,12 +436,14 @@ class FusedTeachers(nn.Module):
 
     @classmethod
     def from_model_file(cls, blob: dict, path, fix: str, what: str = "model file") -> "FusedTeachers":
-        from cmtkd.checkpoint import build_network_set
+        from cmtkd.checkpoint import NETWORK_SET_KEY, build_network_set
 
         def assemble(networks, config):
             if not isinstance(config.get("fusion_points"), list) or not isinstance(config.get("split_blocks"), bool):
                 raise ValueError("no fusion_points list / split_blocks flag")
-            return cls(networks, config["fusion_points"], config["split_blocks"])
+            members = config[NETWORK_SET_KEY]
+            quantizers = nn.ModuleList(make_fusion_quantizers(m["act_quant"], [m["a_bits"]])[0] for m in members)
+            return cls(networks, config["fusion_points"], config["split_blocks"], quantizers)
 
         return build_network_set(blob, path, fix, assemble, what)
 
@@ -459,7 +490,8 @@ class CMTKDTeachers(Method):
         self.split_blocks = o.fusion_points == ["blocks"]
         self.unit_names = [name for name, _ in network_units(teachers[0], self.split_blocks)]
         points = CMTKD._resolve_fusion_points(self, o.fusion_points)
-        self.student = FusedTeachers(teachers, points, self.split_blocks)  # the network this run trains
+        self.student = FusedTeachers(teachers, points, self.split_blocks,  # the network this run trains
+                                     make_fusion_quantizers(cfg.model.act_quant, self.teacher_bits))
         if o.theta_init == "random":
             with torch.no_grad():
                 self.student.importance_logits.normal_(0.0, 0.01)
@@ -481,8 +513,9 @@ class CMTKDTeachers(Method):
         return z_t, {"ce_teachers": ce_t}
 
     def param_groups(self):
-        groups = [self.network_group(f"teacher{i}_w{b}a{b}", t, b, b)
-                  for i, (t, b) in enumerate(zip(self.student.teachers, self.teacher_bits))]
+        fused = self.student
+        groups = [self.network_group(f"teacher{i}_w{b}a{b}", nn.ModuleList([t, q]), b, b)
+                  for i, (t, q, b) in enumerate(zip(fused.teachers, fused.fusion_quantizers, self.teacher_bits))]
         theta = self.student.importance_logits
         if theta.requires_grad:
             groups.append({"name": "importance_logits", "params": [theta], "weight_decay": 0.0,

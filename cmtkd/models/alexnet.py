@@ -1,7 +1,11 @@
 """AlexNet (Krizhevsky et al., 2012) with batch normalisation after every quantized layer, as in
 HWGQ/LQ-Nets low-bit AlexNets (BN is what makes 1-2-bit AlexNets trainable). No dropout.
 
-Stages: ``conv1 .. conv5, head`` (head = fc6, fc7, fc8). ImageNet variant: torchvision's channel
+Stages: ``conv1 .. conv5, head`` (head = fc6, fc7, fc8). A plain chain quantizes every layer's input
+whichever ``quant_layout`` is chosen (conv -> BN -> quantizer -> [pool] -> next layer; max-pooling
+commutes with the monotone quantizer); the layouts differ only in what fc8 reads when the policy keeps it
+full precision: ``conv-inputs`` (default, as the HWGQ/EdMIPS references) a full-precision ReLU,
+``block-outputs`` the quantizer's output. ImageNet variant: torchvision's channel
 layout (64-192-384-256-256, 11x11/4 stem, 4096-4096 FC). CIFAR variant (ours; the paper's is not
 described): 3x3 stride-1 convs, 2x2 max-pools after conv1, conv2, conv5, and 1024-1024 FC layers.
 """
@@ -9,13 +13,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from cmtkd.models.common import LayerFactory, StagedNet, init_weights, scaled
+from cmtkd.models.common import LayerFactory, StagedNet, check_quant_layout, init_weights, scaled
 
 CHANNELS = (64, 192, 384, 256, 256)
 
 
 class AlexNetHead(nn.Module):
-    def __init__(self, f: LayerFactory, cin: int, pool: int, hidden: int, num_classes: int):
+    def __init__(self, f: LayerFactory, cin: int, pool: int, hidden: int, num_classes: int, quant_layout: str):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.fc6 = f.linear(cin * pool * pool, hidden, bias=False)
@@ -23,7 +27,8 @@ class AlexNetHead(nn.Module):
         self.act6 = f.act()
         self.fc7 = f.linear(hidden, hidden, bias=False)
         self.bn7 = nn.BatchNorm1d(hidden)
-        self.act7 = f.act()
+        # the input of fc8: quantized only if fc8 is (conv-inputs), always quantized (block-outputs)
+        self.act7 = f.input_act("last") if quant_layout == "conv-inputs" else f.act()
         self.fc8 = f.linear(hidden, num_classes, role="last")
 
     def forward(self, x):
@@ -36,9 +41,10 @@ class AlexNetHead(nn.Module):
 class AlexNet(StagedNet):
     def __init__(self, num_classes: int, w_bits: int = 32, a_bits: int = 32, variant: str = "cifar",
                  width: float = 1.0, in_channels: int = 3, policy: str = "fp-first-last",
-                 weight_quant: str = "auto", act_quant: str = "hwgq"):
+                 weight_quant: str = "auto", act_quant: str = "hwgq", quant_layout: str = "conv-inputs"):
         super().__init__()
         f = LayerFactory(w_bits, a_bits, policy, weight_quant, act_quant)
+        self.quant_layout = check_quant_layout(quant_layout)
         ch = [scaled(c, width) for c in CHANNELS]
         if variant == "imagenet":
             kernels, strides, pads = (11, 5, 3, 3, 3), (4, 1, 1, 1, 1), (2, 2, 1, 1, 1)
@@ -59,6 +65,6 @@ class AlexNet(StagedNet):
                 layers.append(pool())
             stages[f"conv{i + 1}"] = nn.Sequential(*layers)
             cin = cout
-        stages["head"] = AlexNetHead(f, cin, head_pool, hidden, num_classes)
+        stages["head"] = AlexNetHead(f, cin, head_pool, hidden, num_classes, quant_layout)
         self.stages = nn.ModuleDict(stages)
         init_weights(self)

@@ -4,8 +4,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cmtkd.quant import QConv2d, QLinear, make_act_quantizer, make_weight_quantizer
+from cmtkd.errors import UserError
+from cmtkd.quant import FULL_PRECISION, QConv2d, QLinear, make_act_quantizer, make_weight_quantizer
 from cmtkd.models.policy import get_policy
+
+# Where the activation quantizers sit (ledger Q7):
+# * ``conv-inputs``   - the input of every quantized layer is quantized; the residual stream, the block
+#   outputs and the input of a full-precision last layer stay full precision. For ResNet-18 this is
+#   the pre-activation block of the EdMIPS/HWGQ code (REF); for AlexNet only the classifier's input
+#   changes (a plain chain quantizes each layer's input either way).
+# * ``block-outputs`` - every ReLU (block outputs after the residual add included) is replaced by the
+#   quantizer, so the residual stream and the classifier input are low-bit (this project's first layout).
+QUANT_LAYOUTS = ("conv-inputs", "block-outputs")
+
+
+def check_quant_layout(layout: str) -> str:
+    if layout not in QUANT_LAYOUTS:
+        raise UserError(f"unknown model.quant_layout '{layout}'; choose one of: {', '.join(QUANT_LAYOUTS)}")
+    return layout
 
 
 class LayerFactory:
@@ -31,6 +47,13 @@ class LayerFactory:
     def act(self) -> nn.Module:
         """The activation quantizer that replaces a ReLU (HWGQ by default)."""
         return make_act_quantizer(self.act_quant, self.a_bits)
+
+    def input_act(self, role: str = "body") -> nn.Module:
+        """What a layer of ``role`` reads in the ``conv-inputs`` layout: the activation quantizer, or a
+        plain ReLU when the policy keeps that layer at full precision (EdMIPS's FC reads ``relu(x)``)."""
+        if self.policy.weight_bits(role, 2) == FULL_PRECISION:
+            return nn.ReLU()
+        return self.act()
 
 
 def scaled(channels: int, width: float) -> int:
