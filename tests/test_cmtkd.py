@@ -506,3 +506,18 @@ def test_teacher_init_from_one_checkpoint_is_broadcast_and_trained(tmp_path):
     for t in m.teachers:
         assert torch.equal(t.stages["stem"][0].weight, src["stages.stem.0.weight"])
     assert all(p.requires_grad for p in m.teachers.parameters())
+
+
+def test_teacher_checkpoint_with_other_layout_is_rejected(tmp_path):
+    # AlexNet's two layouts have the same parameter names, so only the layout check catches this
+    from cmtkd import checkpoint
+    from cmtkd.models import build_model
+
+    config = dict(arch="alexnet", num_classes=10, in_channels=1, variant="cifar", width=0.125, w_bits=8,
+                  a_bits=8, policy="fp-first-last", weight_quant="auto", act_quant="hwgq",
+                  quant_layout="block-outputs")
+    checkpoint.save_model(tmp_path / "model.pt", arch_config=config, state_dict=build_model(**config).state_dict(),
+                          method="qat", selected_epoch=1, config_hash="0" * 64)
+    with pytest.raises(UserError, match="quant_layout"):
+        make(arch="alexnet", teacher_bits=[8], teacher_init="checkpoints",
+             teacher_checkpoints=[str(tmp_path / "model.pt")])
