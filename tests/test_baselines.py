@@ -52,7 +52,8 @@ def save_model_file(path, arch="resnet18", num_classes=10, bits=4, seed=0):
     """A model.pt in the engine's format (random weights: these tests need no trained teacher)."""
     torch.manual_seed(seed)
     config = {"arch": arch, "num_classes": num_classes, "in_channels": 1, "variant": "cifar", "width": WIDTH,
-              "w_bits": bits, "a_bits": bits, "policy": "fp-first-last", "weight_quant": "auto", "act_quant": "hwgq"}
+              "w_bits": bits, "a_bits": bits, "policy": "fp-first-last", "weight_quant": "auto", "act_quant": "hwgq",
+              "quant_layout": "conv-inputs"}
     model = build_model(**config)
     with torch.no_grad():  # non-default BN statistics, so a teacher put in train mode would change them
         for m in model.modules():

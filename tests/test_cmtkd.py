@@ -348,7 +348,7 @@ def _teacher_file(folder, bits, arch="resnet18"):
     from cmtkd.models import build_model
 
     cfg = dict(arch=arch, num_classes=10, in_channels=1, variant="cifar", width=0.125, w_bits=bits, a_bits=bits,
-               policy="fp-first-last", weight_quant="auto", act_quant="hwgq")
+               policy="fp-first-last", weight_quant="auto", act_quant="hwgq", quant_layout="conv-inputs")
     path = folder / f"t{bits}.pt"
     save_model(path, arch_config=cfg, state_dict=build_model(**cfg).state_dict(), method="qat",
                selected_epoch=1, config_hash="test")
