@@ -23,7 +23,7 @@ from torch import nn
 from cmtkd.errors import UserError
 
 # arch_config keys that must agree between the source and the network it initialises (the bits may not).
-MATCHED_KEYS = ("arch", "num_classes", "in_channels", "variant", "width")
+MATCHED_KEYS = ("arch", "num_classes", "in_channels", "variant", "width", "quant_layout")
 
 
 def is_quantizer_state(key: str) -> bool:
@@ -51,6 +51,7 @@ def source_arch_config(path: str) -> dict:
 
 
 def check_matching(path: str, source: dict, target: dict) -> None:
+    source = {"quant_layout": "block-outputs", **source}  # model files from before quant_layout existed
     for key in MATCHED_KEYS:
         if key in target and source.get(key) != target[key]:
             raise UserError(f"model.init_from={path}: {key} is {source.get(key)!r} there but {target[key]!r} "

@@ -26,7 +26,7 @@ def save_model_file(path, w_bits=32, a_bits=32, seed=5, **changes):
     """A model.pt as `cmtkd train` writes it, with random (seeded) weights."""
     torch.manual_seed(seed)
     config = {**ARCH, "w_bits": w_bits, "a_bits": a_bits, "policy": "fp-first-last", "weight_quant": "auto",
-              "act_quant": "hwgq", **changes}
+              "act_quant": "hwgq", "quant_layout": "conv-inputs", **changes}
     model = build_model(**config)
     for module in model.modules():  # non-default BatchNorm statistics, so copying them is visible
         if isinstance(module, torch.nn.BatchNorm2d):
@@ -85,6 +85,7 @@ def test_lsq_step_sizes_keep_their_own_data_dependent_init(tmp_path):
     ({"num_classes": 5}, "num_classes"),
     ({"in_channels": 3}, "in_channels"),
     ({"width": 0.25}, "width"),
+    ({"quant_layout": "block-outputs"}, "quant_layout"),
     ({"variant": "imagenet"}, "variant"),
 ])
 def test_mismatched_source_is_one_error_naming_the_key(tmp_path, change, key):
