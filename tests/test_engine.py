@@ -350,3 +350,21 @@ def test_export_writes_a_plain_program_equal_to_the_student(reference_run, tmp_p
     images = torch.randn(5, 1, 28, 28)  # a batch size other than the export example's
     assert torch.equal(program(images), model.eval()(images))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_deterministic_runtime_without_importing_inductor():
+    """Deterministic algorithms are on after setup_runtime, and without torch.compile the process
+    never imports torch._inductor (a 2 s import every suite run would pay)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from cmtkd.config import RunConfig\n"
+            "from cmtkd.engine.trainer import setup_runtime\n"
+            "cfg = RunConfig()\n"
+            "setup_runtime(cfg)\n"
+            "assert torch.are_deterministic_algorithms_enabled()\n"
+            "assert torch.is_deterministic_algorithms_warn_only_enabled()\n"
+            "print('torch._inductor' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

