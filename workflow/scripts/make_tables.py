@@ -106,11 +106,11 @@ def not_converged(converged: pd.Series) -> pd.Series:
     return converged.map(lambda value: value is False or str(value).strip().lower() == "false")
 
 
-def ci95(values: pd.Series) -> float:
+def ci95_of(values: pd.Series) -> float:
     return spread(values).ci95
 
 
-def std(values: pd.Series) -> float:
+def std_of(values: pd.Series) -> float:
     return spread(values).std
 
 
@@ -122,8 +122,8 @@ def summarize(runs: pd.DataFrame, grid: pd.DataFrame, external: pd.DataFrame) ->
     rows = pd.concat([ours, external.assign(origin="external")], ignore_index=True)
     rows["not_converged"] = not_converged(rows["converged"]) if "converged" in rows else False
     stats = rows.groupby([*KEY, "source", "origin"], dropna=False).agg(
-        top1_mean=("top1", "mean"), top1_ci95=("top1", ci95), top1_std=("top1", std), top5_mean=("top5", "mean"),
-        top5_ci95=("top5", ci95), top5_std=("top5", std), n=("top1", "size"),
+        top1_mean=("top1", "mean"), top1_ci95=("top1", ci95_of), top1_std=("top1", std_of),
+        top5_mean=("top5", "mean"), top5_ci95=("top5", ci95_of), top5_std=("top5", std_of), n=("top1", "size"),
         n_not_converged=("not_converged", "sum"),
         seeds=("seed", lambda s: ",".join(str(int(x)) for x in sorted(s.dropna()))),
     ).reset_index()

@@ -27,7 +27,6 @@ CONVERGENCE_GAIN_PP = 1.0  # best validation top-1 still rising by this much (po
 LAST_FRACTION = 0.2  # ... over this final share of the epochs
 VAL_COLUMN = "val_top1_student"  # history.csv: validation top-1 of the selected (student) network
 DECIMALS = 9  # accuracies differ from their float sum/difference by ~1e-14: round that noise away
-VERDICTS = ("better", "worse", "no significant difference", "too few seeds")
 
 
 @dataclass(frozen=True)
