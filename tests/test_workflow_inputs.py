@@ -356,7 +356,7 @@ def compile_tex(table: Path, workdir: Path) -> subprocess.CompletedProcess:
                     reason="pdflatex is not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
 def test_generated_latex_tables_compile_with_pdflatex(tmp_path):
     tables = tables_with(tmp_path / "work", HOSTILE)
-    for name in ("main", "ablation", "paper_delta"):
+    for name in ("main", "ablation", "paper_delta", "comparison"):
         for table in (tables / f"{name}.tex", GOLDEN / f"{name}.tex"):
             done = compile_tex(table, tmp_path)
             assert done.returncode == 0, f"{table}:\n" + done.stdout[-3000:]

@@ -41,7 +41,7 @@ rule collect_runs:
 
 
 rule make_tables:
-    """Main comparison, ablation (the paper's Table 1) and difference-to-paper tables."""
+    """Main comparison, ablation (the paper's Table 1), difference-to-paper and paired comparison-with-CMT-KD tables."""
     input:
         runs=RUNS_CSV,
         grid=GRID_CSV,

@@ -8,9 +8,11 @@ edited or damaged result stops the collection with one line naming the file and 
 
 For every run of the grid: accuracy from its standalone ``eval.json`` (not the training log),
 timing, memory and environment from ``metrics.json`` (including the hashes of the teachers it used),
-and its ``history.csv`` (one row per epoch) into the long histories table. With ``--finished-only``
-runs without ``eval.json`` are skipped (tables from a partly finished grid); otherwise a missing
-run is an error.
+and its ``history.csv`` (one row per epoch) into the long histories table. From the history, each
+run also gets ``val_gain_last20`` (points the best validation top-1 rose over the last 20 % of the
+epochs) and ``converged`` (that gain below 1 point; empty when unknown): ``seed_stats.convergence``.
+With ``--finished-only`` runs without ``eval.json`` are skipped (tables from a partly finished
+grid); otherwise a missing run is an error.
 """
 
 import argparse
@@ -22,14 +24,15 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import COLUMNS as GRID_COLUMNS
+from seed_stats import convergence
 
 from cmtkd.errors import UserError
 from cmtkd.files import read_sealed_json
 
 KEY = list(GRID_COLUMNS)
-COLUMNS = [*KEY, "role", "top1", "top5", "best_val_epoch", "epochs", "train_seconds", "images_per_s",
-           "peak_mem_mib", "torch", "device", "device_name", "git_commit", "config_hash", "teacher_hashes",
-           "source", "run_dir"]
+COLUMNS = [*KEY, "role", "top1", "top5", "best_val_epoch", "epochs", "val_gain_last20", "converged",
+           "train_seconds", "images_per_s", "peak_mem_mib", "torch", "device", "device_name", "git_commit",
+           "config_hash", "teacher_hashes", "source", "run_dir"]
 _HASH = re.compile(r"^[0-9a-f]{8,64}$")
 # Methods renamed after runs were made: method -> (a metrics.json key only the old method wrote, its
 # new name). A run of the old method under the old name must not enter the tables as the new method.
@@ -84,6 +87,7 @@ def read_run(row: dict) -> tuple[dict, pd.DataFrame | None]:
     history = None
     if (run / "history.csv").exists():
         history = pd.read_csv(run / "history.csv")
+        record["val_gain_last20"], record["converged"] = convergence(history)
         for k in reversed(KEY):
             history.insert(0, k, row[k])
     return record, history

@@ -3,15 +3,21 @@
     make_tables.py --runs results/runs.csv --grid results/grid.csv --paper results/paper/reported.csv
                    [--external results/external/*.csv] --out-dir results/tables
 
-Writes three tables, each as ``.md`` and ``.tex`` (pandas ``Styler.to_latex``, booktabs rules) for
-reading and as a tidy ``.csv`` (one row per cell, numbers unformatted) for machines:
+Writes four tables, each as ``.md`` and ``.tex`` (pandas ``Styler.to_latex``, booktabs rules) for
+reading and as a tidy ``.csv`` (one row per cell, numbers unformatted: mean, ci95, std, n) for machines:
 
 - ``main``: rows = methods (ours, imported, reported), columns = student W/A, cells = top-1
-  mean ± std over seeds with n;
+  mean ± half-width of the 95 % Student-t interval over seeds, with n;
 - ``ablation``: the CMT-KD variants in the order of the paper's Table 1, ours next to the paper's;
 - ``paper_delta``: every reported number with ours (and imported) for the same method and setting,
-  and the difference.
+  and the difference;
+- ``comparison``: every method of ours against CMT-KD (``cmtkd``) at the same setting, paired by
+  seed: the difference, its 95 % t interval, the paired t-test's p-value, Holm-adjusted across the
+  table, and a verdict (better / worse / no significant difference / too few seeds).
 
+A cell with a run that has not converged (``converged`` false in runs.csv: its best validation top-1
+still rose by >= 1 point over the last 20 % of its epochs) carries a dagger and the table a footnote.
+Statistics: workflow/scripts/seed_stats.py.
 Numbers that are not ours carry a footnote with their provenance; the general notes point at
 ASSUMPTIONS.md for everything the paper leaves open.
 """
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checks
 from grid import CELL as KEY
 from grid import METHODS, NO_TEACHERS, bits_label
+from seed_stats import ALPHA, CONVERGENCE_GAIN_PP, holm, paired_difference, spread, verdict
 
 METHOD_ORDER = list(METHODS)
 ABLATION_VARIANTS = {  # the paper's Table 1 rows first, then the natural further switches (docs/method.md §7)
@@ -50,11 +57,25 @@ METHOD_NOTES = {
              "teachers at T = 4, without CMT-KD's fusion (called dml before the baselines were renamed)."),
 }
 GENERAL_NOTES = [
-    ("Top-1 accuracy (%) on the test split from each run's standalone evaluation (eval.json), mean ± sample "
-     "standard deviation over seeds; n = seeds finished (n=k/m: k of the m configured seeds have finished)."),
+    ("Top-1 accuracy (%) on the test split from each run's standalone evaluation (eval.json), mean ± half-width "
+     "of the 95 % Student-t confidence interval over seeds (t(0.975, n−1)·s/√n; no interval for n=1); n = seeds "
+     "finished (n=k/m: k of the m configured seeds have finished)."),
     ("Where the paper is silent (schedule, teacher bit-widths, fusion points, initialisation, ...) our runs follow "
      "ASSUMPTIONS.md; reported and imported numbers were not produced by this code and are shown for context."),
 ]
+REFERENCE = "cmtkd"  # the full method: every other method of ours is compared with it
+DAGGER = "†"
+NOT_CONVERGED_NOTE = (f"not converged: best validation top-1 still rose by ≥ {CONVERGENCE_GAIN_PP:g} pp over the "
+                      f"last 20 % of epochs (ASSUMPTIONS.md)")
+TABLE_NOTES = {"comparison": [
+    ("Δ top-1 = method − CMT-KD (cmtkd) in points over the seeds both have (paired by seed; Pairs = their number), "
+     "mean ± half-width of the 95 % Student-t interval of the differences; p: two-sided paired t-test "
+     "(scipy.stats.ttest_rel); p (Holm): Holm-adjusted across all rows of this table."),
+    (f"Verdict at α = {ALPHA:g} on the Holm-adjusted p: better / worse than CMT-KD, no significant difference, or "
+     "too few seeds (fewer than 2 pairs); all differences zero (a tie) give p = 1."),
+    ("A method with one teacher is compared with the CMT-KD teacher sets whose highest bit-width it uses, a method "
+     "without teachers with every set; imported and reported numbers are not compared (no shared seeds)."),
+]}
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "runs.schema.yaml"
 
 
@@ -80,24 +101,41 @@ def read_paper(path: str) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------- summaries
+def not_converged(converged: pd.Series) -> pd.Series:
+    """True where a run is known not to have converged (runs.csv ``converged`` is False; empty = unknown)."""
+    return converged.map(lambda value: value is False or str(value).strip().lower() == "false")
+
+
+def ci95_of(values: pd.Series) -> float:
+    return spread(values).ci95
+
+
+def std_of(values: pd.Series) -> float:
+    return spread(values).std
+
+
 def summarize(runs: pd.DataFrame, grid: pd.DataFrame, external: pd.DataFrame) -> pd.DataFrame:
-    """One row per (source, method, setting): top-1/top-5 mean, std, n; n_expected from the grid."""
+    """One row per (source, method, setting): top-1/top-5 mean, 95 % t half-width (ci95), std, n and
+    the number of runs not converged; n_expected from the grid."""
     ours = runs[runs["role"] == "grid"].assign(source="ours", origin="ours")
     expected = grid[grid["role"] == "grid"].groupby(KEY).size().rename("n_expected").reset_index()
     rows = pd.concat([ours, external.assign(origin="external")], ignore_index=True)
+    rows["not_converged"] = not_converged(rows["converged"]) if "converged" in rows else False
     stats = rows.groupby([*KEY, "source", "origin"], dropna=False).agg(
-        top1_mean=("top1", "mean"), top1_std=("top1", "std"), top5_mean=("top5", "mean"),
-        top5_std=("top5", "std"), n=("top1", "size"),
+        top1_mean=("top1", "mean"), top1_ci95=("top1", ci95_of), top1_std=("top1", std_of),
+        top5_mean=("top5", "mean"), top5_ci95=("top5", ci95_of), top5_std=("top5", std_of), n=("top1", "size"),
+        n_not_converged=("not_converged", "sum"),
         seeds=("seed", lambda s: ",".join(str(int(x)) for x in sorted(s.dropna()))),
     ).reset_index()
     # Grid cells with no finished run yet still get a row (n = 0).
     started = stats[stats["origin"] == "ours"].set_index(KEY).index
     not_started = expected[~expected.set_index(KEY).index.isin(started)][KEY]
-    stats = pd.concat([stats, not_started.assign(source="ours", origin="ours", n=0, seeds="")], ignore_index=True)
+    stats = pd.concat([stats, not_started.assign(source="ours", origin="ours", n=0, n_not_converged=0, seeds="")],
+                      ignore_index=True)
     stats = stats.merge(expected, on=KEY, how="left")
     # Imported rows count their own seeds; ours count against the seeds the grid asks for.
     stats["n_expected"] = stats["n_expected"].where(stats["origin"] == "ours", stats["n"]).fillna(stats["n"])
-    stats = stats.astype({"n": int, "n_expected": int})
+    stats = stats.astype({"n": int, "n_expected": int, "n_not_converged": int})
     return sort_rows(stats)
 
 
@@ -131,7 +169,8 @@ class Notes:
 
 TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "<": r"\textless{}",
-                ">": r"\textgreater{}", "|": r"\textbar{}", "§": r"\S{}", "±": r"$\pm$"}
+                ">": r"\textgreater{}", "|": r"\textbar{}", "§": r"\S{}", "±": r"$\pm$", "≥": r"$\geq$",
+                "†": r"\dag{}", "α": r"$\alpha$", "√": r"$\surd$", "·": r"$\cdot$"}
 TEX_SPECIAL = re.compile("|".join(re.escape(c) for c in TEX_SPECIALS))
 
 
@@ -151,6 +190,7 @@ class Fmt:
 
     def __init__(self, kind: str):
         self.kind = kind
+        self.marked_not_converged = False  # a cell carries the dagger: the table needs its footnote
 
     def tex(self, text: str) -> str:
         return Tex(text) if self.kind == "tex" else text
@@ -158,15 +198,47 @@ class Fmt:
     def marker(self, marker: str) -> str:
         return Tex(rf"\textsuperscript{{{marker}}}") if self.kind == "tex" else f" [{marker}]"
 
-    def ours(self, mean, std, n, n_expected) -> str:
+    def dagger(self, not_converged) -> str:
+        """The not-converged mark for a cell with ``not_converged`` such runs ('' for none)."""
+        if pd.isna(not_converged) or int(not_converged) == 0:
+            return ""
+        self.marked_not_converged = True
+        return r"\,\dag" if self.kind == "tex" else f" {DAGGER}"
+
+    def ours(self, mean, ci95, n, n_expected, not_converged=0) -> str:
+        """mean ± 95 % t half-width (n), or the mean alone for one seed; a dagger if a run has not converged."""
         pm = r"$\pm$" if self.kind == "tex" else "±"
         n, n_expected = int(n), int(n_expected)
         count = f"n={n}" if n >= n_expected else f"n={n}/{n_expected}"
         if n == 0 or mean is None or (isinstance(mean, float) and math.isnan(mean)):
             return f"— ({count})"
-        if n > 1 and not pd.isna(std):
-            return self.tex(f"{mean:.2f} {pm} {std:.2f} ({count})")
-        return f"{mean:.2f} ({count})"
+        mark = self.dagger(not_converged)
+        if n > 1 and not pd.isna(ci95):
+            return self.tex(f"{mean:.2f} {pm} {ci95:.2f} ({count}){mark}")
+        return self.tex(f"{mean:.2f} ({count}){mark}")
+
+    def cell(self, summary_row: dict) -> str:
+        """A cell of ours (or imported) from its summarize() row."""
+        r = summary_row
+        return self.ours(r["top1_mean"], r["top1_ci95"], r["n"], r["n_expected"], r["n_not_converged"])
+
+    def difference(self, mean, ci95, n_pairs, not_converged=0) -> str:
+        if n_pairs == 0 or pd.isna(mean):
+            return "—"
+        mark = self.dagger(not_converged)
+        pm = r"$\pm$" if self.kind == "tex" else "±"
+        interval = f" {pm} {ci95:.2f}" if not pd.isna(ci95) else ""
+        return self.tex(f"{mean:+.2f}{interval}{mark}")
+
+    @staticmethod
+    def p_value(p) -> str:
+        if pd.isna(p):
+            return "—"
+        return "< 0.0001" if p < 0.0001 else f"{p:.4f}"
+
+    def notes(self) -> list[tuple[str, str]]:
+        """The dagger's footnote, if a cell was marked."""
+        return [(DAGGER, NOT_CONVERGED_NOTE)] if self.marked_not_converged else []
 
     def reported(self, value, marker: str) -> str:
         body = "unknown" if pd.isna(value) else f"{value:g}"
@@ -229,12 +301,13 @@ def main_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[pd
         if row["origin"] == "reported":
             line[column] = fmt.reported(row["top1"], paper_note(row, notes))
         else:
-            line[column] = fmt.ours(row["top1_mean"], row["top1_std"], row["n"], row["n_expected"])
+            line[column] = fmt.cell(row)
     display = pd.DataFrame(list(table_rows.values()), columns=["Dataset", "Arch", "Method", "Teachers", "Source",
                                                                *columns])
     tidy = cells.rename(columns={"top1": "reported_top1", "top5": "reported_top5"})
-    tidy = tidy.reindex(columns=[*KEY, "origin", "source", "top1_mean", "top1_std", "top5_mean", "top5_std", "n",
-                                 "n_expected", "seeds", "reported_top1", "reported_top5", "provenance"])
+    tidy = tidy.reindex(columns=[*KEY, "origin", "source", "top1_mean", "top1_ci95", "top1_std", "top5_mean",
+                                 "top5_ci95", "top5_std", "n", "n_expected", "n_not_converged", "seeds", "reported_top1",
+                                 "reported_top5", "provenance"])
     return display, notes.lines(), tidy
 
 
@@ -261,10 +334,10 @@ def ablation_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tupl
             line = {"Variant": variant, "Method": method, "Teachers": "—" if tset == NO_TEACHERS else tset,
                     "Source": "ours", **{n: "—" for n in names}}
             for r in ours[(ours["method"] == method) & (ours["teacher_bits"] == tset)].to_dict("records"):
-                line[f"{setting(r)}: ours"] = fmt.ours(r["top1_mean"], r["top1_std"], r["n"], r["n_expected"])
+                line[f"{setting(r)}: ours"] = fmt.cell(r)
                 tidy.append({**{k: r[k] for k in KEY}, "variant": variant, "origin": "ours", "source": "ours",
-                             "top1_mean": r["top1_mean"], "top1_std": r["top1_std"], "n": r["n"],
-                             "n_expected": r["n_expected"]})
+                             "top1_mean": r["top1_mean"], "top1_ci95": r["top1_ci95"], "top1_std": r["top1_std"],
+                             "n": r["n"], "n_expected": r["n_expected"], "n_not_converged": r["n_not_converged"]})
             for r in reported_variants[reported_variants["method"] == method].to_dict("records"):
                 line[f"{setting(r)}: reported"] = fmt.reported(r["top1"], paper_note(r, notes))
                 tidy.append({**{k: r[k] for k in KEY if k != "teacher_bits"}, "teacher_bits": NO_TEACHERS,
@@ -280,15 +353,17 @@ def ablation_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tupl
             if f"{setting(r)}: reported" in line:
                 line[f"{setting(r)}: reported"] = fmt.reported(r["top1"], paper_note(r, notes))
         elif f"{setting(r)}: ours" in line:
-            line[f"{setting(r)}: ours"] = fmt.ours(r["top1_mean"], r["top1_std"], r["n"], r["n_expected"])
+            line[f"{setting(r)}: ours"] = fmt.cell(r)
         rows.append(line)
         tidy.append({**{k: r[k] for k in KEY}, "variant": "(comparison)", "origin": r["origin"],
-                     "source": r["source"], "top1_mean": r.get("top1_mean"), "top1_std": r.get("top1_std"),
-                     "n": r.get("n"), "n_expected": r.get("n_expected"), "reported_top1": r.get("top1"),
+                     "source": r["source"], "top1_mean": r.get("top1_mean"), "top1_ci95": r.get("top1_ci95"),
+                     "top1_std": r.get("top1_std"), "n": r.get("n"), "n_expected": r.get("n_expected"),
+                     "n_not_converged": r.get("n_not_converged"), "reported_top1": r.get("top1"),
                      "provenance": r.get("provenance")})
     display = pd.DataFrame(rows, columns=["Variant", "Method", "Teachers", "Source", *names])
-    tidy = pd.DataFrame(tidy).reindex(columns=["variant", *KEY, "origin", "source", "top1_mean", "top1_std", "n",
-                                               "n_expected", "reported_top1", "provenance"])
+    tidy = pd.DataFrame(tidy).reindex(columns=["variant", *KEY, "origin", "source", "top1_mean", "top1_ci95",
+                                               "top1_std", "n", "n_expected", "n_not_converged", "reported_top1",
+                                               "provenance"])
     return display, notes.lines(), tidy
 
 
@@ -310,43 +385,119 @@ def delta_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[p
                 "Reported top-1": fmt.reported(p["top1"], marker),
                 "Ours / imported": "not run" if m is None else source_label(m, notes, fmt),
                 "Teachers": "—" if m is None or m["teacher_bits"] == NO_TEACHERS else m["teacher_bits"],
-                "Top-1": "—" if m is None else fmt.ours(m["top1_mean"], m["top1_std"], m["n"], m["n_expected"]),
+                "Top-1": "—" if m is None else fmt.cell(m),
                 "Δ top-1": fmt.delta(d1), "Δ top-5": fmt.delta(d5),
             })
             tidy.append({**{k: p[k] for k in setting_key}, "reported_top1": p["top1"], "reported_top5": p.get("top5"),
                          "provenance": p["provenance"], "source": None if m is None else m["source"],
                          "teacher_bits": None if m is None else m["teacher_bits"],
                          "top1_mean": None if m is None else m["top1_mean"],
+                         "top1_ci95": None if m is None else m["top1_ci95"],
                          "top1_std": None if m is None else m["top1_std"],
                          "top5_mean": None if m is None else m["top5_mean"], "n": None if m is None else m["n"],
+                         "n_not_converged": None if m is None else m["n_not_converged"],
                          "delta_top1": d1, "delta_top5": d5})
     display = pd.DataFrame(rows, columns=["Method", "Dataset", "Arch", "W/A", "Reported top-1", "Ours / imported",
                                           "Teachers", "Top-1", "Δ top-1", "Δ top-5"])
     return display, notes.lines(), pd.DataFrame(tidy)
 
 
+COMPARISON_FIELDS = ["dataset", "arch", "w_bits", "a_bits", "method", "teacher_bits", "reference",
+                     "reference_teacher_bits", "n_pairs", "seeds", "diff_mean", "diff_ci95", "diff_ci95_low",
+                     "diff_ci95_high", "diff_std", "p_value", "p_holm", "verdict", "n_not_converged"]
+
+
+def reference_sets(teacher_bits: str, reference_bits: list[str]) -> list[str]:
+    """The CMT-KD teacher sets a method's cell is compared with: its own set; for a one-teacher method
+    the sets whose highest bit-width it uses (ASSUMPTIONS.md W3); for a method without teachers every set."""
+    if teacher_bits in reference_bits:
+        return [teacher_bits]
+    if teacher_bits == NO_TEACHERS:
+        return list(reference_bits)
+    if "-" not in teacher_bits:
+        return [t for t in reference_bits if max(int(b) for b in t.split("-")) == int(teacher_bits)]
+    return []
+
+
+def compare_cells(setting_key: dict, cell: pd.DataFrame, reference: pd.DataFrame) -> dict:
+    """One comparison: ``cell``'s runs minus ``reference``'s runs, paired by seed (no Holm yet)."""
+    by_seed = lambda frame: {int(s): float(t) for s, t in zip(frame["seed"], frame["top1"])}  # noqa: E731
+    mine, theirs = by_seed(cell), by_seed(reference)
+    paired = paired_difference(mine, theirs)
+    seeds = sorted(set(mine) & set(theirs))
+    both = pd.concat([cell, reference])
+    both = both[both["seed"].isin(seeds)]
+    flagged = not_converged(both["converged"]).sum() if "converged" in both else 0
+    return {**setting_key, "method": cell["method"].iloc[0], "teacher_bits": cell["teacher_bits"].iloc[0],
+            "reference": REFERENCE, "reference_teacher_bits": reference["teacher_bits"].iloc[0],
+            "n_pairs": paired.n_pairs, "seeds": ",".join(map(str, seeds)), "diff_mean": paired.mean,
+            "diff_ci95": paired.ci95, "diff_ci95_low": paired.mean - paired.ci95,
+            "diff_ci95_high": paired.mean + paired.ci95, "diff_std": paired.std, "p_value": paired.p_value,
+            "n_not_converged": int(flagged)}
+
+
+def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every method of ours (grid runs) against CMT-KD at the same dataset, arch and W/A, paired by
+    seed; p-values Holm-adjusted across all rows, then the verdicts (seed_stats)."""
+    ours = runs[(runs["role"] == "grid") & runs["top1"].notna()]
+    setting_columns = ["dataset", "arch", "w_bits", "a_bits"]
+    rows = []
+    for values, group in ours.groupby(setting_columns, sort=False):
+        reference = group[group["method"] == REFERENCE]
+        reference_bits = sorted(set(reference["teacher_bits"]))
+        for _, cell in group[group["method"] != REFERENCE].groupby(["method", "teacher_bits"], sort=False):
+            for bits in reference_sets(cell["teacher_bits"].iloc[0], reference_bits):
+                rows.append(compare_cells(dict(zip(setting_columns, values)), cell,
+                                          reference[reference["teacher_bits"] == bits]))
+    frame = pd.DataFrame(rows, columns=COMPARISON_FIELDS)
+    frame["p_holm"] = holm(frame["p_value"].to_numpy(dtype=float))
+    frame["verdict"] = [verdict(d, n, p) for d, n, p in zip(frame["diff_mean"], frame["n_pairs"], frame["p_holm"])]
+    if len(frame):
+        frame = sort_rows(frame.assign(origin="ours", source="ours")).drop(columns=["origin", "source"])
+    return frame.astype({"n_pairs": int, "n_not_converged": int})
+
+
+def comparison_table(runs: pd.DataFrame, fmt: Fmt) -> tuple[pd.DataFrame, list, pd.DataFrame]:
+    notes = Notes()
+    tidy = comparisons(runs)
+    rows = [{
+        "Dataset": r["dataset"], "Arch": r["arch"], "W/A": bits_label(int(r["w_bits"]), int(r["a_bits"])),
+        "Method": method_label(r["method"], notes, fmt),
+        "Teachers": "—" if r["teacher_bits"] == NO_TEACHERS else r["teacher_bits"],
+        "CMT-KD teachers": r["reference_teacher_bits"], "Pairs": f"n={r['n_pairs']}",
+        "Δ top-1 (95 % CI)": fmt.difference(r["diff_mean"], r["diff_ci95"], r["n_pairs"], r["n_not_converged"]),
+        "p": fmt.p_value(r["p_value"]), "p (Holm)": fmt.p_value(r["p_holm"]), "Verdict": r["verdict"],
+    } for r in tidy.to_dict("records")]
+    display = pd.DataFrame(rows, columns=["Dataset", "Arch", "W/A", "Method", "Teachers", "CMT-KD teachers", "Pairs",
+                                          "Δ top-1 (95 % CI)", "p", "p (Holm)", "Verdict"])
+    return display, notes.lines(), tidy
+
+
 TITLES = {
     "main": "Main comparison: top-1 accuracy (%) by student bit-width",
     "ablation": "Ablation of CMT-KD (rows as in the paper's Table 1, then further switches): top-1 accuracy (%)",
     "paper_delta": "Difference to reported numbers (ours − reported, top-1/top-5 points)",
+    "comparison": "Each method against CMT-KD, paired by seed: Δ top-1 (points), paired t-test, Holm-adjusted",
 }
 
 
-def write_markdown(path: Path, title: str, display: pd.DataFrame, notes: list) -> None:
+def write_markdown(path: Path, title: str, display: pd.DataFrame, notes: list, general: list = GENERAL_NOTES) -> None:
     lines = [f"# {title}", "", display.to_markdown(index=False) if len(display) else "(no rows)", ""]
-    lines += [f"- {text}" for text in GENERAL_NOTES]
-    lines += [f"- [{marker}] {text}" for marker, text in notes]
+    lines += [f"- {text}" for text in general]
+    lines += [f"- {marker} {text}" if marker == DAGGER else f"- [{marker}] {text}" for marker, text in notes]
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_latex(path: Path, name: str, title: str, display: pd.DataFrame, notes: list) -> None:
+def write_latex(path: Path, name: str, title: str, display: pd.DataFrame, notes: list,
+                general: list = GENERAL_NOTES) -> None:
     shown = display.map(lambda cell: cell if isinstance(cell, Tex) else tex_escape(cell))
     shown = shown.rename(columns={c: tex_escape(c) for c in display.columns})
     styler = shown.style.hide(axis="index")
     body = styler.to_latex(hrules=True, caption=tex_escape(title), label=f"tab:{name}", position="htbp",
                            position_float="centering", column_format="l" * len(shown.columns))
-    notes_tex = [tex_escape(text) for text in GENERAL_NOTES]
-    notes_tex += [rf"\textsuperscript{{{marker}}}\,{tex_escape(text)}" for marker, text in notes]
+    notes_tex = [tex_escape(text) for text in general]
+    notes_tex += [rf"\dag\,{tex_escape(text)}" if marker == DAGGER else
+                  rf"\textsuperscript{{{marker}}}\,{tex_escape(text)}" for marker, text in notes]
     footer = "\\par\\smallskip\n{\\footnotesize\n" + "\\\\\n".join(notes_tex) + "\n}\n"
     body = body.replace("\\end{table}", footer + "\\end{table}")
     header = "% Generated by workflow/scripts/make_tables.py; needs \\usepackage{booktabs}.\n"
@@ -360,15 +511,21 @@ def build(runs_csv, grid_csv, paper_csv, external_csvs, out_dir, schema=SCHEMA) 
     paper = read_paper(paper_csv)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, make in (("main", main_table), ("ablation", ablation_table), ("paper_delta", delta_table)):
-        display, notes, tidy = make(summary, paper, Fmt("md"))
-        for column in ("n", "n_expected"):
+    compare = lambda _summary, _paper, fmt: comparison_table(runs, fmt)  # noqa: E731  (runs, not cells)
+    for name, make in (("main", main_table), ("ablation", ablation_table), ("paper_delta", delta_table),
+                       ("comparison", compare)):
+        general = GENERAL_NOTES + TABLE_NOTES.get(name, [])
+        display, notes, tidy = make(summary, paper, fmt := Fmt("md"))
+        for column in ("n", "n_expected", "n_not_converged", "n_pairs"):
             if column in tidy:
                 tidy[column] = tidy[column].astype("Int64")
+        for column in ("p_value", "p_holm"):  # small p-values need more than float_format's 4 decimals
+            if column in tidy:
+                tidy[column] = tidy[column].map(lambda p: "" if pd.isna(p) else f"{p:.6g}")
         tidy.to_csv(out / f"{name}.csv", index=False, float_format="%.4f")
-        write_markdown(out / f"{name}.md", TITLES[name], display, notes)
-        display, notes, _ = make(summary, paper, Fmt("tex"))
-        write_latex(out / f"{name}.tex", name, TITLES[name], display, notes)
+        write_markdown(out / f"{name}.md", TITLES[name], display, notes + fmt.notes(), general)
+        display, notes, _ = make(summary, paper, fmt := Fmt("tex"))
+        write_latex(out / f"{name}.tex", name, TITLES[name], display, notes + fmt.notes(), general)
         print(f"{out / name}.{{csv,md,tex}}: {len(display)} rows")
 
 

@@ -6,8 +6,9 @@ Every figure is written twice: ``NAME.pdf`` (vector, for papers) and ``NAME.png`
 report). Legends sit outside the axes (one per figure, right of the panels); each method has the same
 colour in every figure (:func:`method_color`), full precision is always black and dashed.
 
-- ``accuracy_vs_bits.png``: top-1 vs student bit-width, one line per method (mean, error bar = std
-  over seeds), one panel per dataset x architecture; full precision as a dashed line;
+- ``accuracy_vs_bits.png``: top-1 vs student bit-width, one line per method (mean, error bar = half-width
+  of the 95 % Student-t interval over seeds, as in the tables; none for one seed), one panel per
+  dataset x architecture; full precision as a dashed line;
 - ``training_curves.png``: validation top-1 of the student per epoch (mean over seeds), one panel
   per dataset x architecture x W/A;
 - ``importance_weights.png``: CMT-KD's importance weights pi (history.csv columns
@@ -28,6 +29,7 @@ from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import CELL as KEY
+from seed_stats import spread
 from grid import FULL_PRECISION, METHODS, NO_TEACHERS, bits_label, teacher_list
 
 VAL_COLUMN = "val_top1_student"
@@ -90,7 +92,7 @@ def accuracy_vs_bits(runs: pd.DataFrame, path: Path) -> None:
     runs = runs[runs["role"] == "grid"]
     if runs.empty:
         return empty_figure(path, "no finished runs yet")
-    stats = runs.groupby(KEY).top1.agg(["mean", "std", "size"]).reset_index()
+    stats = runs.groupby(KEY).top1.agg(["mean", ("ci95", lambda s: spread(s).ci95), "size"]).reset_index()
     panels = sorted(set(zip(stats["dataset"], stats["arch"])))
     fig, axes = panel_grid(len(panels), 5.0, 3.6)
     for ax, (dataset, arch) in zip(axes, panels):
@@ -114,7 +116,7 @@ def accuracy_vs_bits(runs: pd.DataFrame, path: Path) -> None:
             # Dodge the lines sideways a little so that error bars at one bit-width stay readable.
             offset = 0.3 * (quantized_lines.index((method, tset)) / max(len(quantized_lines) - 1, 1) - 0.5)
             xs = [x_of[(w, a)] + offset for w, a in zip(rows["w_bits"], rows["a_bits"])]
-            ax.errorbar(xs, rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3,
+            ax.errorbar(xs, rows["mean"], yerr=rows["ci95"].fillna(0), marker="o", capsize=3,
                         color=method_color(method), label=method_label(method, tset))
         ax.set_xticks(range(len(order)), [bits_label(w, a) for w, a in order])
         ax.set_xlim(-0.5, max(len(order) - 0.5, 0.5))

@@ -1,0 +1,135 @@
+"""Statistics over seeds for the result tables (ASSUMPTIONS.md W13): confidence intervals, paired
+comparisons with CMT-KD, the Holm correction and the "not converged" rule.
+
+- a cell's spread: mean ± the half-width of the two-sided 95 % Student-t interval over its seeds,
+  t(0.975, n − 1) · s / √n (s: sample standard deviation); one seed: no interval;
+- a method against the reference: the differences method − reference of the seeds both have
+  (paired by seed), their 95 % t interval and a two-sided paired t-test (``scipy.stats.ttest_rel``);
+  the p-values of one table are Holm-adjusted together and a verdict is read off at ALPHA;
+- a run is "not converged" when its best-so-far validation top-1 still rose by at least
+  CONVERGENCE_GAIN_PP percentage points over the last 20 % of its epochs.
+
+Pure functions of numbers: no file is read here, and nothing imports torch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+ALPHA = 0.05  # family-wise error rate of one table's comparisons (Holm)
+CONVERGENCE_GAIN_PP = 1.0  # best validation top-1 still rising by this much (points) = not converged
+LAST_FRACTION = 0.2  # ... over this final share of the epochs
+VAL_COLUMN = "val_top1_student"  # history.csv: validation top-1 of the selected (student) network
+DECIMALS = 9  # accuracies differ from their float sum/difference by ~1e-14: round that noise away
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Mean of n values with the half-width of its 95 % t interval (NaN for n < 2) and the sample std."""
+
+    mean: float
+    ci95: float
+    std: float
+    n: int
+
+
+def t_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """Half-width of the two-sided Student-t interval of a mean of n values with sample std ``std``."""
+    if n < 2 or math.isnan(std):
+        return math.nan
+    return float(stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n))
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Mean ± 95 % t half-width over seeds; identical values give exactly 0 (not a rounding residue)."""
+    data = np.asarray([v for v in values if not pd.isna(v)], dtype=float)
+    n = len(data)
+    if n == 0:
+        return Spread(math.nan, math.nan, math.nan, 0)
+    if n == 1:
+        return Spread(float(data[0]), math.nan, math.nan, 1)
+    std = 0.0 if np.all(data == data[0]) else float(np.std(data, ddof=1))
+    return Spread(float(np.mean(data)), t_half_width(std, n), std, n)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """method − reference over the seeds both have: mean, 95 % t half-width, std, pairs, raw p."""
+
+    mean: float
+    ci95: float
+    std: float
+    n_pairs: int
+    p_value: float
+
+
+def paired_difference(method: dict[int, float], reference: dict[int, float]) -> Paired:
+    """Differences method − reference paired by seed (``{seed: top1}``; seeds only one side has are
+    dropped) with a two-sided paired t-test. All differences equal: p = 1 if they are zero (a tie)
+    and p = 0 if not (no spread to doubt the sign), where the t statistic itself is 0/0 or ±inf."""
+    seeds = sorted(set(method) & set(reference))
+    diffs = np.round([method[s] - reference[s] for s in seeds], DECIMALS)
+    n = len(diffs)
+    if n == 0:
+        return Paired(math.nan, math.nan, math.nan, 0, math.nan)
+    if n == 1:
+        return Paired(float(diffs[0]), math.nan, math.nan, 1, math.nan)
+    if np.all(diffs == diffs[0]):
+        return Paired(float(diffs[0]), 0.0, 0.0, n, 1.0 if diffs[0] == 0 else 0.0)
+    p = stats.ttest_rel([method[s] for s in seeds], [reference[s] for s in seeds]).pvalue
+    std = float(np.std(diffs, ddof=1))
+    return Paired(float(np.mean(diffs)), t_half_width(std, n), std, n, float(p))
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family: the non-NaN entries; NaN stays NaN).
+
+    Sorted ascending p(1) <= ... <= p(m): adjusted p(i) = max over j <= i of min(1, (m − j + 1) p(j)),
+    so an adjusted p-value below alpha is Holm's rejection at family-wise level alpha."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, math.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    m = len(tested)
+    if m == 0:
+        return adjusted
+    order = tested[np.argsort(p[tested], kind="stable")]
+    steps = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adjusted[order] = np.maximum.accumulate(steps)
+    return adjusted
+
+
+def verdict(mean_difference: float, n_pairs: int, p_adjusted: float, alpha: float = ALPHA) -> str:
+    """'better' / 'worse' (than the reference) when the Holm-adjusted p is below alpha, otherwise
+    'no significant difference'; 'too few seeds' below two pairs."""
+    if n_pairs < 2 or math.isnan(p_adjusted):
+        return "too few seeds"
+    if p_adjusted < alpha:
+        return "better" if mean_difference > 0 else "worse"
+    return "no significant difference"
+
+
+def convergence(history: pd.DataFrame, val_column: str = VAL_COLUMN) -> tuple[float, bool | None]:
+    """(gain, converged) of one run from its history.csv rows (columns ``epoch`` and ``val_column``).
+
+    gain = best-so-far validation top-1 at the last epoch E minus at epoch k, in points, with
+    k = ceil(0.8 E) for E >= 5 (the last 20 % of the epochs: E = 10 compares epoch 10 with epoch 8).
+    For 2 <= E < 5 ceil(0.8 E) would be E itself, so k = E − 1: the last epoch against the one
+    before. The run is converged when gain < CONVERGENCE_GAIN_PP (rounded to DECIMALS first, so a
+    rise of 70.3 − 69.3 counts as 1.0). Unknown (NaN, None) for a single epoch or without a
+    validation column (no validation split): such runs are never marked."""
+    if val_column not in history or len(history) < 2:
+        return math.nan, None
+    val = history.sort_values("epoch")[val_column].to_numpy(dtype=float)
+    best = pd.Series(val).cummax().ffill().to_numpy()  # an epoch without a value keeps the best
+    epochs = len(val)
+    reference_epoch = min(math.ceil(round((1 - LAST_FRACTION) * epochs, DECIMALS)), epochs - 1)
+    gain = round(float(best[-1] - best[reference_epoch - 1]), DECIMALS)
+    if math.isnan(gain):
+        return math.nan, None
+    return gain, bool(gain < CONVERGENCE_GAIN_PP)
