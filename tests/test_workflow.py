@@ -138,12 +138,12 @@ def test_dry_run_plans_every_run_of_the_grid_once(tmp_path, name):
 
 
 def test_default_suite_size():
-    # Derivation of the default suite: per seed, comparison = fp (W32A32) + 6 methods x 2 bit-widths
-    # = 13; ablation adds cmtkd-noml, -avg, -nofeat, -1t, -frozen at W2A2 (cmtkd is shared) = 5;
-    # frozen teachers qat W8A8, W6A6, W4A4 = 3 (seeds 8000 + s, 6000 + s, 4000 + s: shared by kd and
-    # mtkd of seed s); cmtkd-frozen's teachers-only stage (8-6-4) = 1. 22 runs per seed, 2 seeds.
+    # Derivation of the default suite: per seed, comparison = fp (W32A32) + 6 methods at W2A2 = 7;
+    # ablation adds cmtkd-noml, -avg, -nofeat at W2A2 (cmtkd is shared) = 3; frozen teachers qat
+    # W8A8, W6A6, W4A4 = 3 (seeds 8000 + s, 6000 + s, 4000 + s: shared by kd and mtkd of seed s).
+    # 13 runs per seed, 3 seeds.
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    assert len(expected_runs(config)) == (1 + 6 * 2 + 5 + 3 + 1) * 2 == 44
+    assert len(expected_runs(config)) == (1 + 6 + 3 + 3) * 3 == 39
 
 
 def test_paper_grids_cover_every_method_and_ablation():
