@@ -4,7 +4,7 @@ suite (mean ± 95 % t interval over seeds) and the difference B − A paired by 
 and a Holm-corrected paired t-test (workflow/scripts/seed_stats.py).
 
     python workflow/scripts/compare_suites.py studies/layout/conv-inputs studies/layout/block-outputs \\
-        --labels conv-inputs block-outputs --out studies/layout/comparison.md
+        --labels conv-inputs block-outputs --out layout-comparison.csv
 
 Each argument is a suite's working directory (the folder holding results/runs.csv) or a runs.csv.
 """
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("suite_a", help="suite A: its working directory or its runs.csv")
     parser.add_argument("suite_b", help="suite B (the changed setting)")
     parser.add_argument("--labels", nargs=2, default=("A", "B"), metavar=("LABEL_A", "LABEL_B"))
-    parser.add_argument("--out", help="also write the table here (Markdown); .csv writes CSV")
+    parser.add_argument("--out", help="also write the table to this file: Markdown, or CSV for a .csv name")
     args = parser.parse_args(argv)
     try:
         table = compare(read_runs(args.suite_a), read_runs(args.suite_b), tuple(args.labels))
