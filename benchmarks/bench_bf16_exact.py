@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_step import make_step, time_steps  # noqa: E402
+from bench_step import check_sizes, make_step, time_steps  # noqa: E402
 
 from cmtkd.models import build_model  # noqa: E402
 from cmtkd.quant import HWGQ, QConv2d, QLinear  # noqa: E402
@@ -143,11 +143,7 @@ def parse_args(argv=None):
     p.add_argument("--policy", default="fp-first-last",
                    help="model.policy for --fidelity (fp-first-last keeps the stem conv and the FC in bf16)")
     args = p.parse_args(argv)
-    for name in ("batch", "threads", "steps", "rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
-    if args.warmup < 0 or args.width <= 0:
-        p.error("--warmup must be >= 0 and --width > 0")
+    check_sizes(p, args, ("batch", "threads", "steps", "rounds"))
     return args
 
 

@@ -106,12 +106,17 @@ def parse_args(argv=None):
     p.add_argument("--amp", default="none", choices=("none", "bf16"), help="CPU autocast dtype")
     p.add_argument("--check", action="store_true", help=f"exit 1 if the ratio exceeds {TARGET_RATIO}")
     args = p.parse_args(argv)
-    for name in ("batch", "threads", "steps", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
-    if args.warmup < 0 or args.width <= 0:
-        p.error("--warmup must be >= 0 and --width > 0")
+    check_sizes(p, args, ("batch", "threads", "steps", "repeats"))
     return args
+
+
+def check_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace, counts: tuple[str, ...]) -> None:
+    """argparse errors for a count below 1, a negative --warmup or a width that is not positive."""
+    for name in counts:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.warmup < 0 or args.width <= 0:
+        parser.error("--warmup must be >= 0 and --width > 0")
 
 
 def main(argv=None) -> int:
