@@ -1,7 +1,7 @@
 # CMT-KD benchmark suite: the experimental section of Pham, Hoang & Do, "Collaborative Multi-Teacher
 # Knowledge Distillation for Learning Low Bit-width Deep Neural Networks" (WACV 2023), as a workflow.
 #
-#   snakemake --cores 2                                    default suite (digits, CPU, ~6 min)
+#   snakemake --cores 2                                    default suite (digits, CPU, ~9 min)
 #   snakemake --cores 2 --configfile config/cifar100.yaml  the paper's CIFAR-100 grid
 #   snakemake --cores 2 --config recipe='{epochs: 1}'      any key overridden (config/README.md)
 #   snakemake tables --cores 1                             tables + plots from finished runs, no training
@@ -20,8 +20,7 @@ min_version("8.0")
 
 include: "workflow/rules/common.smk"  # suite config, the grid, checks before any job
 include: "workflow/rules/teachers.smk"  # frozen teachers the distillation baselines load
-include: "workflow/rules/train.smk"  # one `cmtkd train` per grid cell
-include: "workflow/rules/evaluate.smk"  # standalone evaluation of every trained student
+include: "workflow/rules/train.smk"  # one `cmtkd train` + `cmtkd evaluate` per grid cell
 include: "workflow/rules/tables.smk"  # results/runs.csv -> results/tables/
 include: "workflow/rules/plots.smk"  # results/plots/
 include: "workflow/rules/report.smk"  # results/report.html

@@ -131,7 +131,7 @@ def test_dry_run_plans_every_run_of_the_grid_once(tmp_path, name):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "model.init_from" not in done.stdout  # recipe.init defaults to scratch: the paper's setting
     counts = job_counts(done.stdout)
-    assert counts == {"train": len(runs), "evaluate": len(runs), "grid_table": 1, "collect_runs": 1,
+    assert counts == {"train": len(runs), "grid_table": 1, "collect_runs": 1,  # train evaluates too
                       "make_tables": 1, "plots": 1, "all": 1}
     planned = planned_jobs(done.stdout, "train")
     assert len(planned) == len(set(planned)) == len(runs)  # every teacher once, shared
@@ -139,11 +139,11 @@ def test_dry_run_plans_every_run_of_the_grid_once(tmp_path, name):
 
 def test_default_suite_size():
     # Derivation of the default suite: per seed, comparison = fp (W32A32) + 6 methods at W2A2 = 7;
-    # ablation adds cmtkd-noml, -avg, -nofeat at W2A2 (cmtkd is shared) = 3; frozen teachers qat
+    # ablation adds cmtkd-noml, -avg at W2A2 (cmtkd is shared) = 2; frozen teachers qat
     # W8A8, W6A6, W4A4 = 3 (seeds 8000 + s, 6000 + s, 4000 + s: shared by kd and mtkd of seed s).
-    # 13 runs per seed, 3 seeds.
+    # 12 runs per seed, 3 seeds.
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    assert len(expected_runs(config)) == (1 + 6 + 3 + 3) * 3 == 39
+    assert len(expected_runs(config)) == (1 + 6 + 2 + 3) * 3 == 36
 
 
 def test_paper_grids_cover_every_method_and_ablation():
@@ -231,8 +231,7 @@ def test_deleting_one_run_retrains_only_it_and_what_depends_on_it(tmp_path):
     shutil.rmtree(runs / student)
     done = snakemake(tmp_path, "-n", config=path)
     assert planned_jobs(done.stdout, "train") == [f"results/runs/{student}"]
-    assert job_counts(done.stdout) == {"train": 1, "evaluate": 1, "collect_runs": 1, "make_tables": 1, "plots": 1,
-                                       "all": 1}
+    assert job_counts(done.stdout) == {"train": 1, "collect_runs": 1, "make_tables": 1, "plots": 1, "all": 1}
     fake_finished_suite(tmp_path, config)  # finished again
 
     # A frozen teacher: it and the students that load it (kd and mtkd of seed 0), nothing else.
@@ -472,24 +471,23 @@ def test_imagenet_training_jobs_use_eight_gpus_through_torchrun(tmp_path):
     done = snakemake(tmp_path, "-n", "--printshellcmds", config=ROOT / "config" / "imagenet.yaml")
     assert done.returncode == 0, done.stdout + done.stderr
     runs = expected_runs(yaml.safe_load((ROOT / "config" / "imagenet.yaml").read_text()))
-    train, evaluate = shell_commands(done.stdout, "train"), shell_commands(done.stdout, "evaluate")
-    assert len(train) == len(evaluate) == len(runs)
+    train = shell_commands(done.stdout, "train")
+    assert len(train) == len(runs)
     for command in train:
         assert "gpu_slot.py\" --count 8 --" in command and "--nproc_per_node 8" in command, command
         assert "--device cuda" in command and "train.amp=bf16" in command and "train.channels_last=true" in command
-    for command in evaluate:
-        assert "--count" not in command and "--nproc_per_node" not in command, command
-    # Resources as the scheduler sees them: gpu=8 per training job, gpu=1 per evaluation.
+        assert " --evaluate > " in command  # the test-split evaluation runs in the same job
+    # Resources as the scheduler sees them: gpu=8 per training job (its evaluation included).
     resources = {}
     current = None
     for line in done.stdout.splitlines():
         match = re.match(r"^(?:local)?rule (\S+):$", line.strip())
         if match:
             current = match.group(1)
-        elif line.strip().startswith("resources:") and current in ("train", "evaluate"):
+        elif line.strip().startswith("resources:") and current == "train":
             gpu = re.search(r"\bgpu=(\d+)", line)
             resources.setdefault(current, set()).add(gpu.group(1) if gpu else None)
-    assert resources == {"train": {"8"}, "evaluate": {"1"}}, resources
+    assert resources == {"train": {"8"}}, resources
 
 
 def test_one_gpu_per_job_keeps_the_single_process_command(tmp_path):
@@ -510,17 +508,19 @@ def test_gpus_per_job_zero_is_rejected(tmp_path):
 
 
 def test_train_run_under_torchrun_on_cpu(tmp_path):
-    """train_run.py --nproc_per_node 2: the training runs as two gloo processes (CPU) and finishes."""
+    """train_run.py --nproc_per_node 2 --evaluate: the training runs as two gloo processes (CPU), then this
+    process evaluates the saved student (eval.json: the number the training reported)."""
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, str(SCRIPTS / "train_run.py"), "train", "--out", str(out), "--method",
                            "qat", "--arch", "alexnet", "--dataset", "digits", "--w-bits", "2", "--a-bits", "2",
                            "--seed", "0", "--device", "cpu", "--set", "train.progress=none", "--set", "epochs=1",
-                           "--set", "model.width=0.0625", "--nproc_per_node", "2", "--threads", "2"],
+                           "--set", "model.width=0.0625", "--nproc_per_node", "2", "--threads", "2", "--evaluate"],
                           capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "torch.distributed.run --standalone --nproc_per_node=2" in done.stderr, done.stderr
     assert "2 processes" in done.stdout + done.stderr
-    assert (out / "metrics.json").exists() and (out / "model.pt").exists()
+    metrics, evaluation = (json.loads((out / name).read_text()) for name in ("metrics.json", "eval.json"))
+    assert evaluation["top1"] == metrics["top1"] and evaluation["split"] == "test"
 
 
 def test_estimate_cost(tmp_path):

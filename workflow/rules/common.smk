@@ -38,13 +38,12 @@ GRID_CSV, RUNS_CSV, HISTORIES_CSV = "results/runs/grid.csv", "results/runs.csv",
 LOGS = "results/runs/logs"  # results/runs/: everything generated per run (git-ignored)
 PAPER_CSV = str(ROOT / "results" / "paper" / "reported.csv")
 GPU = bool(config["gpu"])
-# gpu: true -> every job claims GPUs of its own from a pool (gpu_slot.py): evaluation one, training
-# `gpus_per_job` (then run under torchrun, one process per GPU).
+# gpu: true -> every training job claims `gpus_per_job` GPUs of its own from a pool (gpu_slot.py;
+# with more than one it runs under torchrun, one process per GPU) and evaluates on them afterwards.
 GPUS_PER_JOB = int(config["gpus_per_job"]) if GPU else 1
 LAUNCHER = 'python "$CMTKD_SCRIPTS/gpu_slot.py" --' if GPU else ""
-GPU_RESOURCES = {"gpu": 1} if GPU else {}  # `--resources gpu=N` then runs N jobs at once
 TRAIN_LAUNCHER = f'python "$CMTKD_SCRIPTS/gpu_slot.py" --count {GPUS_PER_JOB} --' if GPUS_PER_JOB > 1 else LAUNCHER
-TRAIN_GPU_RESOURCES = {"gpu": GPUS_PER_JOB} if GPU else {}
+TRAIN_GPU_RESOURCES = {"gpu": GPUS_PER_JOB} if GPU else {}  # `--resources gpu=N`: N GPUs in the pool
 TABLE_NAMES = ("main", "ablation", "paper_delta", "comparison")
 PLOT_NAMES = ("accuracy_vs_bits", "training_curves", "importance_weights")
 TABLES = [f"results/tables/{name}.{ext}" for name in TABLE_NAMES for ext in ("csv", "md", "tex")]

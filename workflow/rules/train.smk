@@ -1,6 +1,8 @@
-# One `cmtkd train` run per grid cell, into results/runs/method~../dataset~../.../seed~../.
+# One `cmtkd train` run per grid cell, into results/runs/method~../dataset~../.../seed~../, then the
+# standalone evaluation of its saved student on the test split (`cmtkd evaluate` -> eval.json, the
+# number the tables use), in the same job: train_run.py --evaluate.
 #
-# Only metrics.json, model.pt and history.csv are declared outputs: Snakemake deletes declared
+# Only metrics.json, model.pt, history.csv and eval.json are declared outputs: Snakemake deletes declared
 # outputs before (re)running a job and leaves checkpoint.pt alone, so a run interrupted mid-way
 # (Ctrl-C, a killed cluster job; rerun with --rerun-incomplete) resumes from its last finished
 # epoch. train_run.py discards a checkpoint only when the run's configuration has changed.
@@ -15,7 +17,7 @@
 
 
 rule train:
-    """Train one run (any method) of the grid."""
+    """Train one run (any method) of the grid and evaluate its saved student on the test split."""
     input:
         teachers=lambda wildcards: [f"{d}/model.pt" for d in teacher_dirs(wildcards)],
         init=lambda wildcards: [f"{run_dir(r)}/model.pt" for r in grid.init_runs(config, wildcards)],  # recipe.init: fp
@@ -23,6 +25,7 @@ rule train:
         metrics=f"{RUN}/metrics.json",
         model=f"{RUN}/model.pt",
         history=f"{RUN}/history.csv",
+        evaluation=f"{RUN}/eval.json",
     log:
         f"{RUN}/train.log",
     params:
@@ -39,4 +42,4 @@ rule train:
         "../envs/cmtkd.yaml"
     shell:
         '{params.launcher} python "$CMTKD_SCRIPTS/train_run.py" train --out {params.run_dir:q} {params.args}'
-        " --threads {threads} > {log:q} 2>&1"
+        " --threads {threads} --evaluate > {log:q} 2>&1"
