@@ -88,7 +88,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from cmtkd.engine import evaluate_run
 
-    result = evaluate_run(args.run_dir, split=args.split, threads=args.threads or 0)
+    result = evaluate_run(args.run_dir, split=args.split, threads=args.threads or 0, device=args.device)
     print(json.dumps({k: result[k] for k in ("top1", "top5", "n", "split")}))
     return 0
 
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="directory written by `cmtkd train --out`")
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"),
+                   help="where to evaluate (default: the run's train.device); --device cpu evaluates a GPU-trained "
+                        "run on a machine without one (an fp16-autocast run then runs in fp32)")
     p = sub.add_parser("export", help="export a run's student alone as a torch.export program (.pt2) or QDQ ONNX",
                        description="Write the selected student of RUN_DIR (teachers and training state dropped) as a "
                                    "self-contained torch.export program (--format pt2, default; load it anywhere with "

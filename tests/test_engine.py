@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from cmtkd.checkpoint import read_content
@@ -158,6 +159,22 @@ def test_evaluate_reproduces_training_metrics(reference_run, copy_run, capsys):
     assert evaluated["n"] == metrics["test_images"] == 1000
     assert evaluated["split"] == "test"
     assert evaluated["selected_epoch"] == metrics["best_val_epoch"]
+
+
+def test_evaluate_a_gpu_run_on_the_cpu(reference_run, copy_run, capsys):
+    """A run trained with train.device=cuda: on a machine without CUDA evaluate says how to use the CPU
+    (one line, exit 2); with --device cpu it evaluates there and gives the run's own number."""
+    run = copy_run(reference_run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["train"]["device"] = "cuda"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    if not torch.cuda.is_available():
+        assert main(["evaluate", str(run), "--threads", "1"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("cmtkd: error:") and "--device cpu" in error and "\n" not in error
+        assert not (run / "eval.json").exists()
+    assert main(["evaluate", str(run), "--threads", "1", "--device", "cpu"]) == 0
+    assert json.loads((run / "eval.json").read_text())["top1"] == read_metrics(run)["top1"]
 
 
 def test_run_directory_contents(reference_run):

@@ -220,12 +220,20 @@ def finished_outputs_problem(run_dir: Path, chash: str) -> str | None:
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", threads: int = 0, write: bool = True,
-                 data=None) -> dict:
-    """Standalone evaluation of a finished run's saved student: the number tables use."""
+                 data=None, device: str | None = None) -> dict:
+    """Standalone evaluation of a finished run's saved student: the number tables use. ``device``
+    (cpu | cuda | auto) overrides the run's own ``train.device``, e.g. to evaluate a GPU run on a CPU."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     if threads:
         cfg.train.threads = threads
+    if device:
+        cfg.train.device = device
+    elif cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{run_dir} was trained with train.device=cuda and no CUDA device is available here; "
+                        f"evaluate it on the CPU with: cmtkd evaluate {run_dir} --device cpu")
+    if cfg.train.amp == "fp16" and select_device(cfg.train.device).type != "cuda":
+        cfg.train.amp = "none"  # fp16 autocast is CUDA-only: fp32 on the CPU (may differ in the last digits)
     device = setup_runtime(cfg)
     if data is None:
         data = build_data(cfg.data, device)
