@@ -127,6 +127,18 @@ def test_crafted_files_run_no_code_and_fail_in_one_line(path_kind, level, refere
     assert "load safely" in line, line
 
 
+def test_a_run_whose_teacher_is_missing_leaves_no_directory(tmp_path):
+    """The method cannot be built (its teacher run does not exist): one-line error, and the run
+    directory the command would have created does not exist afterwards (no lone config.yaml)."""
+    args = tiny_args(epochs=1)
+    args[args.index("--method") + 1] = "kd"
+    out = tmp_path / "student"
+    proc = run_cli("train", *args, "--set", f"method_args.teacher={tmp_path / 'no-such-teacher'}", "--out", str(out))
+    line = one_line_error(proc)
+    assert "no-such-teacher" in line, line
+    assert not out.exists()
+
+
 # -------------------------------------------------------------- 2. tamper-evident results
 def test_flipped_bytes_in_checkpoint_tensor_data_stop_the_resume(reference_run, copy_run):
     run = copy_run(reference_run)

@@ -436,7 +436,11 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
         log(f"{out}: {problem}; rebuilding the results from the final checkpoint")
 
     data = _load_data(cfg, cfg_dict, out, device, lock, created)
-    run = _build_run(cfg, out, device, data, log=log, cfg_dict=cfg_dict, chash=chash)
+    try:
+        run = _build_run(cfg, out, device, data, log=log, cfg_dict=cfg_dict, chash=chash)
+    except UserError:  # e.g. a teacher run that is missing or does not load
+        _discard_new_run_dir(out, lock, created)
+        raise
     if ckpt is not None:
         _resume(run, ckpt)
     else:
@@ -450,15 +454,26 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
     return _finish(run)
 
 
+def _discard_new_run_dir(out: Path, lock: RunLock, created: bool) -> None:
+    """Leave nothing behind for a run that could not start: the directory this run created, if it holds
+    nothing but the run's lock and the config.yaml it wrote."""
+    if not (distributed.is_main() and created):
+        return
+    config = out / "config.yaml"
+    if [p for p in out.iterdir() if p not in (lock.path, config)]:
+        return
+    config.unlink(missing_ok=True)
+    lock.release()
+    out.rmdir()
+
+
 def _load_data(cfg: RunConfig, cfg_dict: dict, out: Path, device: torch.device, lock: RunLock, created: bool):
     """The run's dataset, checked against the process count; then ``config.yaml`` is written."""
     main = distributed.is_main()
     try:
         data = build_data(cfg.data, device)
     except UserError:
-        if main and created and not [p for p in out.iterdir() if p != lock.path]:
-            lock.release()
-            out.rmdir()  # leave nothing behind for a run that could not start
+        _discard_new_run_dir(out, lock, created)
         raise
     check_data_parallel(cfg.data, distributed.world_size(), data.info.num_train)
     if main:
