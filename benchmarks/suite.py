@@ -43,8 +43,7 @@ def _rss_mib() -> float:
 
 def _make_teachers(arch: str, width: float, num_classes: int, folder: Path) -> dict[int, str]:
     """Random-weight teacher checkpoints in the model.pt format (speed does not depend on weights)."""
-    import torch
-
+    from cmtkd.checkpoint import save_model
     from cmtkd.models import build_model
 
     paths = {}
@@ -53,8 +52,8 @@ def _make_teachers(arch: str, width: float, num_classes: int, folder: Path) -> d
                    w_bits=bits, a_bits=bits, policy="fp-first-last", weight_quant="auto", act_quant="hwgq",
                    quant_layout="conv-inputs")
         path = folder / f"teacher-{arch}-{bits}.pt"
-        torch.save({"arch_config": cfg, "state_dict": build_model(**cfg).state_dict(), "method": "qat",
-                    "selected_epoch": 0, "config_hash": "bench"}, path)
+        save_model(path, arch_config=cfg, state_dict=build_model(**cfg).state_dict(), method="qat",
+                   selected_epoch=0, config_hash="bench")
         paths[bits] = str(path)
     return paths
 
