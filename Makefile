@@ -1,13 +1,14 @@
 # The two commands of the README:
 #   make all   -> install everything into .venv and run the default suite (Snakemake, embedded dataset, CPU)
 #   make test  -> install everything into .venv and run the test suite
+#   make reference-check -> rerun cells of the committed reference results and compare (README "Reference results")
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cmtkd-installed
 CORES  ?= 2
 
-.PHONY: all test install tables bench gpu-check gpu-wheels
+.PHONY: all test install tables bench gpu-check gpu-wheels reference reference-publish reference-check
 
 all: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
@@ -35,6 +36,32 @@ gpu-check:
 # On a machine with a package index: the wheels gpu-check needs on a Python 3.12 GPU machine, into .whl/.
 gpu-wheels:
 	$(PYTHON) benchmarks/gpu_check.py --download-wheels .whl
+
+# Reference results (README, "Reference results"): config/reference.yaml, run in $(REFERENCE_RUN), published
+# into $(REFERENCE)/ (runs.csv, tables, plots, FINGERPRINT.json, ENVIRONMENT.md; no checkpoints).
+REFERENCE_CONFIG ?= config/reference.yaml
+REFERENCE_RUN    ?= runs/reference
+REFERENCE        ?= results/reference
+CHECK_DIR        ?= runs/reference-check
+CELLS            ?= alexnet:W2A2:qat,alexnet:W2A2:cmtkd
+SEEDS            ?=
+
+# The whole reference suite (long: its cost is in config/reference.yaml's header); then reference-publish.
+reference: $(STAMP)
+	$(BIN)/python -m snakemake --cores $(CORES) --configfile $(REFERENCE_CONFIG) --directory $(REFERENCE_RUN)
+
+# Copy the finished suite's results into $(REFERENCE)/ with a machine-made fingerprint; refuses a partial suite.
+reference-publish: $(STAMP)
+	$(BIN)/python workflow/scripts/publish_results.py $(REFERENCE_RUN) --configfile $(REFERENCE_CONFIG) --out $(REFERENCE)
+
+# Rerun some cells of the reference in $(CHECK_DIR) (CELLS=ARCH:WxAy:METHOD,... with '*' wildcards, or all;
+# SEEDS=0,1, default every reference seed), then compare them with $(REFERENCE)/runs.csv cell by cell:
+# exit 0 when every cell agrees (workflow/scripts/reference_check.py says by which rule), 1 when not.
+reference-check: $(STAMP)
+	targets="$$($(BIN)/python workflow/scripts/reference_check.py targets --reference $(REFERENCE) --cells '$(CELLS)' --seeds '$(SEEDS)')" && \
+	$(BIN)/python -m snakemake --cores $(CORES) --configfile $(REFERENCE_CONFIG) --directory $(CHECK_DIR) $$targets && \
+	$(BIN)/python -m snakemake tables --cores 1 --configfile $(REFERENCE_CONFIG) --directory $(CHECK_DIR) && \
+	$(BIN)/python workflow/scripts/reference_check.py compare $(CHECK_DIR) --reference $(REFERENCE) --out-dir $(CHECK_DIR)/reference-check
 
 # torch/torchvision have lower bounds only (pyproject.toml): an installed newer torch is kept.
 $(STAMP): pyproject.toml

@@ -3,6 +3,8 @@ comparisons with CMT-KD, the Holm correction and the "not converged" rule.
 
 - a cell's spread: mean ± the half-width of the two-sided 95 % Student-t interval over its seeds,
   t(0.975, n − 1) · s / √n (s: sample standard deviation); one seed: no interval;
+- two independent sets of seeds (a rerun against a reference, workflow/scripts/reference_check.py):
+  Welch's interval of the difference of means, or the prediction interval of one new value;
 - a method against the reference: the differences method − reference of the seeds both have
   (paired by seed), their 95 % t interval and a two-sided paired t-test (``scipy.stats.ttest_rel``);
   the p-values of one table are Holm-adjusted together and a verdict is read off at ALPHA;
@@ -56,6 +58,26 @@ def spread(values: Sequence[float]) -> Spread:
         return Spread(float(data[0]), math.nan, math.nan, 1)
     std = 0.0 if np.all(data == data[0]) else float(np.std(data, ddof=1))
     return Spread(float(np.mean(data)), t_half_width(std, n), std, n)
+
+
+def prediction_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """Half-width of the two-sided Student-t prediction interval of ONE new value from the population
+    of n values with sample std ``std``: t(0.5 + confidence / 2, n − 1) · s · √(1 + 1/n)."""
+    if n < 2 or math.isnan(std):
+        return math.nan
+    return float(stats.t.ppf(0.5 + confidence / 2, n - 1) * std * math.sqrt(1 + 1 / n))
+
+
+def welch_half_width(a: Spread, b: Spread, confidence: float = CONFIDENCE) -> float:
+    """Half-width of Welch's two-sided t interval of mean(b) − mean(a) (unequal variances,
+    Welch–Satterthwaite degrees of freedom); 0 when neither sample varies, NaN below 2 values a side."""
+    if a.n < 2 or b.n < 2:
+        return math.nan
+    va, vb = a.std ** 2 / a.n, b.std ** 2 / b.n
+    if va + vb == 0:
+        return 0.0
+    df = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1))
+    return float(stats.t.ppf(0.5 + confidence / 2, df) * math.sqrt(va + vb))
 
 
 @dataclass(frozen=True)
