@@ -195,6 +195,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from cmtkd.engine.env import cpu_model
+
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
     ctx = mp.get_context("spawn")
@@ -253,7 +255,7 @@ def main(argv=None) -> int:
     import pandas as pd
 
     table = pd.DataFrame(rows)
-    device = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({_cpu_model()}), {a.threads} threads"
+    device = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({cpu_model()}), {a.threads} threads"
     print(f"\n# training-step benchmark: {device}, batch {a.batch}, width {a.width}, amp {a.amp}, "
           f"channels_last {a.channels_last}, compile {a.compile}, torch {torch.__version__}")
     print("# measured matmul peak: " + ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in peaks.items())
@@ -264,18 +266,6 @@ def main(argv=None) -> int:
         table.to_csv(a.csv, index=False)
     print(json.dumps({"device": device, "data_batch_ms": data_ms, "matmul_peak_tflops": peaks}), file=sys.stderr)
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

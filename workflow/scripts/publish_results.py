@@ -29,12 +29,10 @@ an interruption leaves the old results or the new ones, never a mix.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from datetime import datetime
@@ -47,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid  # noqa: E402
 import suite_config  # noqa: E402
 
+from cmtkd.engine.env import cpu_model, git_commit  # noqa: E402  (the runs' own fingerprint code; imports torch)
 from cmtkd.errors import UserError  # noqa: E402
 from cmtkd.files import atomic_write_json, atomic_write_text, read_sealed_json, sha256_file  # noqa: E402
 
@@ -161,32 +160,11 @@ def wall_time(suite: Path, given: float | None) -> dict:
             "source": f"sum of the elapsed times of {len(seconds)} Snakemake invocation(s) in .snakemake/log"}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def version(package: str) -> str | None:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def checkout_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = head.stdout.strip()
-    return (commit + ("-dirty" if dirty.stdout.strip() else "")) if head.returncode == 0 and commit else None
 
 
 def shown_path(path: str | Path) -> str:
@@ -207,7 +185,7 @@ def fingerprint(suite: Path, configfiles: list[str], config: dict, runs: pd.Data
                   "resolved_config": config},
         "code": {"run_commits": {} if commits is None else {str(k): int(v) for k, v in commits.items()},
                  "any_run_dirty": None if commits is None else any(str(c).endswith("-dirty") for c in commits.index),
-                 "commit_at_publishing": checkout_commit()},
+                 "commit_at_publishing": git_commit()},
         "runs": {"total": len(runs), "grid": int((runs["role"] == "grid").sum()),
                  "teacher": int((runs["role"] == "teacher").sum()),
                  "torch": distinct(runs.get("torch", [])), "python": distinct(e.get("python") for e in envs),
