@@ -302,3 +302,24 @@ def test_reference_grid_dry_run_plans_its_runs(tmp_path):
     done = snakemake(tmp_path, "-n", config=REFERENCE_YAML)
     assert done.returncode == 0, done.stdout + done.stderr
     assert job_counts(done.stdout)["train"] == len(expected_runs(yaml.safe_load(REFERENCE_YAML.read_text()))) == 250
+
+
+# ------------------------------------------------------------------------------- end to end (trains)
+def test_publish_then_make_reference_check_reruns_a_cell_identically(tmp_path):
+    """The acceptance path at toy size: a 1-epoch suite is run and published, then `make reference-check`
+    reruns one of its cells in a fresh working directory and finds it identical, seed for seed."""
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump({"recipe": {"epochs": 1}, "report": False, "experiments": {"toy": {
+        "methods": ["qat"], "archs": ["alexnet"], "bits": ["W2A2"], "seeds": [0]}}}))
+    assert snakemake(tmp_path / "suite", config=config, timeout=300).returncode == 0
+    assert publish(tmp_path / "suite", config, tmp_path / "reference").returncode == 0
+    make = ["make", "-C", str(ROOT), "-o", ".venv/.cmtkd-installed", f"BIN={Path(sys.executable).parent}", "CORES=1",
+            f"REFERENCE={tmp_path / 'reference'}", f"REFERENCE_CONFIG={config}", f"CHECK_DIR={tmp_path / 'check'}",
+            "CELLS=alexnet:W2A2:qat", "reference-check"]
+    done = subprocess.run(make, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 cell(s) compared: 1 agree (1 identical" in done.stdout
+    rerun = pd.read_csv(tmp_path / "check" / "results" / "runs.csv")
+    assert list(rerun["method"]) == ["qat"]  # only the chosen cell was trained
+    result = pd.read_csv(tmp_path / "check" / "reference-check" / "reference_check.csv", dtype=str)
+    assert list(result["config"]) == ["same"] and list(result["identical seeds"]) == ["1 of 1"]

@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="the committed results: a folder holding runs.csv, or a runs.csv (default %(default)s)")
     args = parser.parse_args(argv)
     try:
+        if not runs_file(args.reference).is_file():
+            raise CheckError(f"no reference results at {args.reference} (no runs.csv there): make them with "
+                             f"`make reference reference-publish`, or pass --reference FOLDER_OR_RUNS_CSV")
         reference = load_runs(args.reference)
         if args.command == "targets":
             print("\n".join(targets(reference, args.cells, args.seeds)))
