@@ -26,6 +26,7 @@ sys.path.insert(0, str(SCRIPTS))
 import publish_results  # noqa: E402
 import reference_check  # noqa: E402
 import seed_stats  # noqa: E402
+import suite_config  # noqa: E402
 from test_workflow import expected_runs, job_counts, snakemake  # noqa: E402
 
 from cmtkd.files import sha256_file, write_sealed_json  # noqa: E402
@@ -288,20 +289,19 @@ def test_publish_replaces_the_old_folder_whole_or_not_at_all(tmp_path, monkeypat
 
 
 # ------------------------------------------------------------------------------- config/reference.yaml
-def test_reference_grid_dry_run_and_its_header():
-    config = yaml.safe_load(REFERENCE_YAML.read_text())
-    planned = expected_runs(config)
-    per_arch = {arch: sum(1 for r in planned if r[2] == arch) for arch in ("alexnet", "resnet18")}
-    header = int(re.search(r"Runs per architecture: (\d+)", REFERENCE_YAML.read_text()).group(1))
-    assert per_arch == {"alexnet": header, "resnet18": header} and header == 5 * 25
+def test_reference_grid_matches_its_header_and_the_dry_run(tmp_path):
+    """The run counts config/reference.yaml's header states are the grid's (derived independently in
+    test_workflow.expected_runs) and the jobs a dry run plans: one train job per run."""
+    text = REFERENCE_YAML.read_text()
+    alexnet, resnet18, total = map(int, re.search(r"(\d+) AlexNet runs \+ (\d+) ResNet-18 runs = (\d+) runs",
+                                                  text).groups())
+    planned = expected_runs(suite_config.layer_suite([REFERENCE_YAML]))  # over config/config.yaml, as the workflow
+    assert (sum(r[2] == "alexnet" for r in planned), sum(r[2] == "resnet18" for r in planned)) == (alexnet, resnet18)
+    assert len(planned) == total == alexnet + resnet18
     assert {r[6] for r in planned if r[6] < 1000} == {0, 1, 2, 3, 4}
-    assert {(r[3], r[4]) for r in planned if r[0] == "cmtkd"} == {(1, 2), (2, 2), (4, 4)}
-
-
-def test_reference_grid_dry_run_plans_its_runs(tmp_path):
     done = snakemake(tmp_path, "-n", config=REFERENCE_YAML)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert job_counts(done.stdout)["train"] == len(expected_runs(yaml.safe_load(REFERENCE_YAML.read_text()))) == 250
+    assert job_counts(done.stdout)["train"] == total
 
 
 # ------------------------------------------------------------------------------- end to end (trains)
