@@ -109,7 +109,8 @@ def test_one_rerun_seed_against_the_prediction_interval(tmp_path, value, agrees)
     result = table(tmp_path).loc["qat"]
     values = REFERENCE["top1"][:5]
     expected = stats.t.ppf(0.975, 4) * values.std(ddof=1) * math.sqrt(1 + 1 / 5)  # one cell: m = 1
-    assert result["rule"] == "prediction interval" and float(result["allowed |Δ|"]) == pytest.approx(expected, abs=0.005)
+    assert result["rule"] == "prediction interval"
+    assert float(result["allowed |Δ|"]) == pytest.approx(expected, abs=0.005)
     assert abs(value - values.mean()) < expected if agrees else abs(value - values.mean()) > expected
 
 
@@ -251,7 +252,8 @@ def test_publish_refuses_a_suite_with_a_missing_run_and_keeps_the_old_results(tm
     (out / "runs.csv").write_text("old")
     done = publish(suite, config, out)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("cmtkd: error: ")
-    assert "2 of 6 runs of the config are not finished" in done.stderr and "qat/digits/alexnet/2/2/none/1" in done.stderr
+    assert "2 of 6 runs of the config are not finished" in done.stderr
+    assert "qat/digits/alexnet/2/2/none/1" in done.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert (out / "runs.csv").read_text() == "old"
 

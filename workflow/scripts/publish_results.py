@@ -15,8 +15,9 @@ same facts for people):
   and how many runs each, and the commit of this checkout at publishing;
 - the runs: how many (grid runs and teacher runs), torch and Python of the runs, threads per job
   (from each run's sealed ``metrics.json``), total training time (sum of ``train_seconds``: with one
-  thread per job, the CPU-seconds of training), wall time of the suite (sum of the elapsed times of
-  its Snakemake invocations, from ``SUITE_DIR/.snakemake/log``, or ``--wall-seconds``);
+  thread per job about the CPU-seconds of training, on cores nothing else used), wall time of the
+  suite (sum of the elapsed times of its Snakemake invocations, from ``SUITE_DIR/.snakemake/log``, or
+  ``--wall-seconds``);
 - the machine publishing (assumed the one that ran the suite): CPU model, cores, platform, and the
   versions of Python, torch, snakemake, numpy, pandas and scipy;
 - the SHA-256 of every published file.
@@ -192,7 +193,8 @@ def fingerprint(suite: Path, configfiles: list[str], config: dict, runs: pd.Data
                  "threads_per_job": distinct(e.get("threads") for e in envs),
                  "devices": distinct(runs.get("device_name", [])),
                  "train_seconds_total": round(float(runs["train_seconds"].sum()), 1),
-                 "train_seconds_note": "sum of the runs' training times; with 1 thread per job, their CPU-seconds"},
+                 "train_seconds_note": "sum of the runs' training wall times; with 1 thread per job about their "
+                                       "CPU-seconds, if no other work shared the cores"},
         "wall_time": wall,
         "machine": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), **{p: version(p) for p in VERSIONS}},
@@ -204,7 +206,8 @@ def environment_md(print_: dict, command: str) -> str:
     runs, code, wall, machine = print_["runs"], print_["code"], print_["wall_time"], print_["machine"]
     seconds = wall["seconds"]
     wall_text = "unknown" if seconds is None else f"{seconds:,.0f} s ({seconds / 60:.1f} min)"
-    layers = ", ".join(f"`{layer['file']}` (sha256 {layer['sha256'][:12]})" for layer in print_["suite"]["config_layers"])
+    layers = ", ".join(f"`{layer['file']}` (sha256 {layer['sha256'][:12]})"
+                       for layer in print_["suite"]["config_layers"])
     commits = ", ".join(f"{c[:12]}{' (dirty)' if c.endswith('-dirty') else ''}: {n} runs"
                         for c, n in code["run_commits"].items())
     lines = [
@@ -291,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError) as exc:
         print(f"cmtkd: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {len(print_['files'])} files and FINGERPRINT.json, ENVIRONMENT.md from {print_['runs']['total']} "
-          f"runs ({print_['runs']['train_seconds_total']:,.0f} training seconds, wall {print_['wall_time']['seconds']} s)")
+    runs = print_["runs"]
+    print(f"{args.out}: {len(print_['files'])} files and FINGERPRINT.json, ENVIRONMENT.md from {runs['total']} runs "
+          f"({runs['train_seconds_total']:,.0f} training seconds, wall {print_['wall_time']['seconds']} s)")
     return 0
 
 

@@ -208,9 +208,11 @@ def cell_row(cell: dict, ref_rows: pd.DataFrame, new_rows: pd.DataFrame, confide
     agree, rule, half = judge(ref, new, confidence, tolerance)
     config = config_match(ref_rows, new_rows)
     verdict = "no (config differs)" if config == "differs" else ("yes" if agree else "no")
+    statistical = rule != "identical" and "one reference" not in rule
     return {**row, "reference": compare_suites.fmt(ref_spread.mean, ref_spread.ci95), "n reference": ref_spread.n,
-            "Δ": f"{new_spread.mean - ref_spread.mean:+.2f}", "allowed |Δ|": "–" if math.isnan(half) else f"{half:.2f}",
-            "rule": rule, "confidence": "–" if rule == "identical" or "one reference" in rule else f"{confidence:.4g}",
+            "Δ": f"{new_spread.mean - ref_spread.mean:+.2f}",
+            "allowed |Δ|": "–" if math.isnan(half) else f"{half:.2f}", "rule": rule,
+            "confidence": f"{confidence:.4g}" if statistical else "–",
             "identical seeds": f"{identical} of {len(shared)}", "config": config, "agree": verdict}
 
 
