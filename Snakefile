@@ -24,6 +24,7 @@ include: "workflow/rules/train.smk"  # one `cmtkd train` per grid cell
 include: "workflow/rules/evaluate.smk"  # standalone evaluation of every trained student
 include: "workflow/rules/tables.smk"  # results/runs.csv -> results/tables/
 include: "workflow/rules/plots.smk"  # results/plots/
+include: "workflow/rules/sensitivity.smk"  # sensitivity studies (experiments with `vary`)
 include: "workflow/rules/report.smk"  # results/report.html
 include: "workflow/rules/estimate.smk"  # GPU-hours of a grid
 
@@ -40,3 +41,4 @@ rule all:
         [f"{d}/eval.json" for d in RUN_DIRS],
         TABLES,
         PLOTS,
+        SENSITIVITY_OUTPUTS,  # a suite with `vary` only
