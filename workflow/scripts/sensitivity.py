@@ -58,12 +58,12 @@ NOTES = [
      "Student-t interval of the differences; p: two-sided paired t-test (scipy.stats.ttest_rel); p (Holm): "
      f"Holm-adjusted within each factor; verdict at α = {ALPHA:g}: better / worse than the default level, no "
      "significant difference, or too few seeds (fewer than 2 pairs); all differences zero (a tie) give p = 1."),
-    ("max |π − 1/n|: CMT-KD's importance weights at the last epoch, the largest distance from uniform (1/n for "
+    ("max abs(π − 1/n): CMT-KD's importance weights at the last epoch, the largest distance from uniform (1/n for "
      "n teachers) over fusion points and teachers, mean over seeds; 0 = θ did not move (always 0 with one "
      "teacher); — = no weights logged."),
 ]
 DISPLAY = ["Factor", "Level", "Top-1 (95 % CI)", "Δ vs default (95 % CI)", "p", "p (Holm)", "Verdict",
-           "max |π − 1/n|"]
+           "max abs(π − 1/n)"]
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -162,9 +162,10 @@ def display_table(tidy: pd.DataFrame, fmt: Fmt) -> pd.DataFrame:
         "Top-1 (95 % CI)": fmt.ours(r["mean"], r["ci95"], r["n"], r["n_expected"], r["n_not_converged"]),
         "Δ vs default (95 % CI)": "—" if r["default"] else fmt.difference(r["diff_mean"], r["diff_ci95"], r["n_pairs"]),
         "p": fmt.p_value(r["p_value"]), "p (Holm)": fmt.p_value(r["p_holm"]), "Verdict": r["verdict"],
-        "max |π − 1/n|": "—" if pd.isna(r["pi_deviation"]) else f"{r['pi_deviation']:.4f}",
+        "max abs(π − 1/n)": "—" if pd.isna(r["pi_deviation"]) else f"{r['pi_deviation']:.4f}",
     } for r in tidy.to_dict("records")]
-    several = len({row["Setting"] for row in rows}) > 1 or tidy.empty
+    options = tidy[tidy["factor"] != TEACHER_SETS] if len(tidy) else tidy
+    several = tidy.empty or len(tidy.drop_duplicates(GROUP[2:])) > 1 or options["teacher_bits"].nunique() > 1
     return pd.DataFrame(rows, columns=(["Setting"] if several else []) + DISPLAY)
 
 
@@ -233,7 +234,7 @@ def factor_panel(ax, part: pd.DataFrame, runs: pd.DataFrame) -> None:
         ax.set_xscale("symlog", linthresh=min(x for x in xs if x > 0), linscale=0.5)
     elif scale == "log":
         ax.set_xscale("log")
-    ax.set_xticks(xs, [level_label({**r, "default": False}) for r in part.to_dict("records")],
+    ax.set_xticks(xs, [level_label({**r, "default": False}).replace(" (", "\n(") for r in part.to_dict("records")],
                   rotation=30 if scale == "category" else 0, fontsize=8)
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_title(f"{part['factor'].iloc[0]}" + (" (number of teachers)" if part["factor"].iloc[0] == TEACHER_SETS
@@ -287,8 +288,9 @@ def plot_pi(levels: pd.DataFrame, histories: pd.DataFrame, path: Path) -> None:
                 ax.fill_between(mean.index, by_epoch.min().values, by_epoch.max().values, alpha=0.2)
             if point in columns:
                 ax.axhline(1.0 / len(columns[point]), color="grey", linestyle=":", linewidth=1, label="uniform 1/n")
-            ax.set_title(f"{point}, {level['factor']} = {level['level']}" + (" (default)" if level["default"] else ""),
-                         fontsize=8)
+            which = (f"{PI_FACTOR} = {level['level']}" + (" (default)" if level["default"] else "")
+                     if level["factor"] == PI_FACTOR else "the default point")
+            ax.set_title(f"{point}, {which}", fontsize=8)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("importance weight π")
