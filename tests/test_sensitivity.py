@@ -231,6 +231,15 @@ def test_sensitivity_table_golden_numbers(tmp_path):
         assert (workdir / "plots" / f"{name}.pdf").exists()
 
 
+def test_levels_that_are_all_numbers_are_read_back_as_their_json_text(tmp_path):
+    grid.sensitivity_levels(checked(study(temperature=[1, 2.5, 4]))).to_csv(tmp_path / "levels.csv", index=False)
+    levels = sensitivity.read_levels(tmp_path / "levels.csv")
+    part = next(sensitivity.groups(levels))
+    assert list(part["value"]) == ["1", "2.5", "4"] and list(part["level"]) == ["1", "2.5", "4"]
+    assert sensitivity.x_positions(part) == ([1.0, 2.5, 4.0], "linear")
+    assert list(part["default"]) == [False, False, True]
+
+
 @pytest.mark.parametrize("values, scale", [
     ([0, 1, 10, 100, 1000], "symlog"), ([0.1, 1, 10], "log"), ([1, 2, 4], "log"), ([0, 0.5, 1], "linear"),
     ([1, 2], "linear"), ([1, 2, 5], "linear"),

@@ -22,7 +22,6 @@ factor's default level, whose runs every factor shares. Writes
 
 Levels (``results/runs/sensitivity_levels.csv``) come from ``grid.sensitivity_levels``.
 """
-from __future__ import annotations
 
 import argparse
 import json
@@ -68,7 +67,8 @@ DISPLAY = ["Factor", "Level", "Top-1 (95 % CI)", "Δ vs default (95 % CI)", "p",
 
 # ------------------------------------------------------------------------------------- inputs
 def read_levels(path: str | Path) -> pd.DataFrame:
-    levels = pd.read_csv(path, dtype={"teacher_bits": str, VARIANT: str, "level": str}, keep_default_na=False)
+    levels = pd.read_csv(path, dtype={"teacher_bits": str, VARIANT: str, "level": str, "value": str},
+                         keep_default_na=False)  # value: JSON text, also where every level is a number
     levels["default"] = levels["default"].map(lambda v: str(v).strip().lower() == "true")
     return levels
 
