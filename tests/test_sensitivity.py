@@ -231,6 +231,15 @@ def test_sensitivity_table_golden_numbers(tmp_path):
         assert (workdir / "plots" / f"{name}.pdf").exists()
 
 
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+def test_sensitivity_latex_table_compiles(tmp_path):
+    from test_workflow_inputs import compile_tex
+
+    workdir, _ = fixture_study(tmp_path)
+    done = compile_tex(workdir / "tables" / "sensitivity.tex", tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
 def test_levels_that_are_all_numbers_are_read_back_as_their_json_text(tmp_path):
     grid.sensitivity_levels(checked(study(temperature=[1, 2.5, 4]))).to_csv(tmp_path / "levels.csv", index=False)
     levels = sensitivity.read_levels(tmp_path / "levels.csv")
