@@ -276,7 +276,8 @@ def run_key(key) -> dict:
     out = {c: key[c] for c in COLUMNS}
     variant = key.get(VARIANT)
     if variant is not None:
-        out[VARIANT] = str(variant).removeprefix(VARIANT_DIR).removesuffix("/") if variant == variant else ""
+        # NaN: an empty variant read back from a CSV
+        out[VARIANT] = "" if pd.isna(variant) else str(variant).removeprefix(VARIANT_DIR).removesuffix("/")
     return out
 
 
