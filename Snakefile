@@ -23,6 +23,7 @@ include: "workflow/rules/teachers.smk"  # frozen teachers the distillation basel
 include: "workflow/rules/train.smk"  # one `cmtkd train` + `cmtkd evaluate` per grid cell
 include: "workflow/rules/tables.smk"  # results/runs.csv -> results/tables/
 include: "workflow/rules/plots.smk"  # results/plots/
+include: "workflow/rules/sensitivity.smk"  # sensitivity studies (experiments with `vary`)
 include: "workflow/rules/report.smk"  # results/report.html
 include: "workflow/rules/estimate.smk"  # GPU-hours of a grid
 
@@ -39,3 +40,4 @@ rule all:
         [f"{d}/eval.json" for d in RUN_DIRS],
         TABLES,
         PLOTS,
+        SENSITIVITY_OUTPUTS,  # a suite with `vary` only

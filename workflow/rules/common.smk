@@ -31,8 +31,8 @@ config.update(_suite)
 
 RUN_TABLE = grid.expand(config)  # one row per run; role = grid (asked for) | teacher (pre-trained only)
 PARAMS = Paramspace(RUN_TABLE[list(grid.COLUMNS)])
-RUN = f"results/runs/{PARAMS.wildcard_pattern}"
-RUN_TABLE["run_dir"] = [f"results/runs/{p}" for p in PARAMS.instance_patterns]
+RUN = f"results/runs/{{variant}}{PARAMS.wildcard_pattern}"  # variant: "" or variant~<option>=<level>/ (vary)
+RUN_TABLE["run_dir"] = grid.run_dirs(RUN_TABLE, PARAMS.instance_patterns)
 RUN_DIRS = list(RUN_TABLE["run_dir"])
 GRID_CSV, RUNS_CSV, HISTORIES_CSV = "results/runs/grid.csv", "results/runs.csv", "results/runs/histories.csv"
 LOGS = "results/runs/logs"  # results/runs/: everything generated per run (git-ignored)
@@ -58,6 +58,7 @@ wildcard_constraints:
     a_bits="[0-9]+",
     teacher_bits="none|[0-9]+(-[0-9]+)*",
     seed="[0-9]+",
+    variant="(variant~[^/]+/)?",
 
 
 def run_dir(key) -> str:
@@ -70,7 +71,7 @@ def teacher_dirs(key) -> list[str]:  # the teacher runs (or teachers-only stage)
 
 
 def train_argv(key) -> list[str]:  # recipe.init = fp: plus the fp run it starts from (grid.init_runs)
-    key = {c: key[c] for c in grid.COLUMNS}
+    key = grid.run_key(key)  # with its variant label in a suite with `vary`
     return grid.train_argv(config, key, teacher_dirs(key), [run_dir(r) for r in grid.init_runs(config, key)])
 
 

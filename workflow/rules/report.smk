@@ -4,4 +4,4 @@
 
 
 onsuccess:
-    html_report.write_report_if_outdated(workflow, config, [*TABLES, *PLOTS, RUNS_CSV], REPORT_HTML, f"{LOGS}/report.log")
+    html_report.write_report_if_outdated(workflow, config, [*TABLES, *PLOTS, *SENSITIVITY_OUTPUTS, RUNS_CSV], REPORT_HTML, f"{LOGS}/report.log")

@@ -72,9 +72,17 @@ rule tables:
         grid=GRID_CSV,
         paper=PAPER_CSV,
         external=EXTERNAL_CSVS,
+        levels=lambda wildcards: [LEVELS_CSV] if SENSITIVITY else [],  # sensitivity.smk
     params:
         runs=RUNS_CSV,
         histories=HISTORIES_CSV,
+        # a sensitivity study (experiments with `vary`) also rebuilds its table and plots
+        sensitivity=lambda wildcards, input: (
+            f' && python "$CMTKD_SCRIPTS/sensitivity.py" --runs {RUNS_CSV} --histories {HISTORIES_CSV}'
+            f" --levels {input.levels[0]} --tables results/tables --plots results/plots"
+            if SENSITIVITY
+            else ""
+        ),
     log:
         f"{LOGS}/tables.log",
     conda:
@@ -85,4 +93,4 @@ rule tables:
         ' && python "$CMTKD_SCRIPTS/make_tables.py" --runs {params.runs:q} --grid {input.grid:q}'
         " --paper {input.paper:q} --external {input.external:q} --out-dir results/tables"
         ' && python "$CMTKD_SCRIPTS/plots.py" --runs {params.runs:q} --histories {params.histories:q}'
-        " --out-dir results/plots) > {log:q} 2>&1; status=$?; cat {log:q}; exit $status"
+        " --out-dir results/plots{params.sensitivity}) > {log:q} 2>&1; status=$?; cat {log:q}; exit $status"

@@ -150,9 +150,10 @@ def cmtkd_train_error(argv: list[str]) -> str | None:
 
 
 def run_label(key: dict) -> str:
+    variant = key.get(grid.VARIANT)
     return (f"{key['method']} {key['dataset']} {key['arch']} "
             f"{grid.bits_label(int(key['w_bits']), int(key['a_bits']))} teachers {key['teacher_bits']} "
-            f"seed {key['seed']}")
+            f"seed {key['seed']}" + (f" variant {variant}" if variant else ""))
 
 
 def uses_conda(workflow) -> bool:
@@ -186,7 +187,7 @@ def cmtkd_problems(config: dict, runs: list[dict], train_argv: Callable[[dict], 
     cells: dict[tuple, list[dict]] = {}  # runs that differ only in their seed resolve alike: one per cell
     for key in runs:
         if key["method"] in registered:
-            cells.setdefault(tuple(str(key[c]) for c in grid.CELL), []).append(key)
+            cells.setdefault(tuple(str(key.get(c, "")) for c in [*grid.CELL, grid.VARIANT]), []).append(key)
     rejected: dict[str, list[dict]] = {}
     for keys in cells.values():
         error = cmtkd_train_error(train_argv(keys[0]))
@@ -196,8 +197,9 @@ def cmtkd_problems(config: dict, runs: list[dict], train_argv: Callable[[dict], 
         methods = sorted({k["method"] for k in keys})
         archs = sorted({k["arch"] for k in keys})
         more = f" and {len(keys) - 1} more run(s)" if len(keys) > 1 else ""
+        varied = ["experiments.*.vary"] if any(k.get(grid.VARIANT) for k in keys) else []
         sections = " / ".join([*(f"method_args.{m}" for m in methods), *(f"arch_method_args.{a}" for a in archs),
-                               "recipe", *(f"arch_recipe.{a}" for a in archs), "dataset"])
+                               *varied, "recipe", *(f"arch_recipe.{a}" for a in archs), "dataset"])
         problems.append(f"cmtkd train rejects the run {run_label(keys[0])}{more}: {error} "
                         f"(set from config keys {sections})")
     return problems
@@ -207,10 +209,15 @@ def needed_runs(workflow, run_table: pd.DataFrame) -> list[dict]:
     """Grid keys of the runs this invocation will train or evaluate (every run of the grid if unknown)."""
     try:
         jobs = [job for job in workflow.dag.needrun_jobs() if job.rule.name in ("train", "evaluate")]
-        keys = {tuple(job.wildcards_dict[c] for c in grid.COLUMNS) for job in jobs}
-        return [dict(zip(grid.COLUMNS, key)) for key in sorted(keys)]
+        keys = {tuple(grid.run_key(job.wildcards_dict).items()) for job in jobs}  # a variant's label too
+        return [dict(key) for key in sorted(keys)]
     except Exception:  # noqa: BLE001  (internal API; fall back to checking every run)
-        return run_table[list(grid.COLUMNS)].astype(str).to_dict("records")
+        return run_table[key_columns(run_table)].astype(str).to_dict("records")
+
+
+def key_columns(run_table: pd.DataFrame) -> list[str]:
+    """The columns that name a run: the grid's, and the variant in a suite with ``vary``."""
+    return [*grid.COLUMNS, *([grid.VARIANT] if grid.VARIANT in run_table else [])]
 
 
 def preflight(workflow, config: dict, config_name: str, run_table: pd.DataFrame,
@@ -246,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmtkd workflow: error: {exc}", file=sys.stderr)
         return 1
     table = grid.expand(config)
-    runs = table[list(grid.COLUMNS)].to_dict("records")
+    runs = table[key_columns(table)].to_dict("records")
     run_dir = lambda key: "results/runs/" + "/".join(f"{c}~{key[c]}" for c in grid.COLUMNS)  # noqa: E731
+    # (a teacher or fp start: never a variant)
     argv_of = lambda key: grid.train_argv(config, key, [run_dir(k) for k in grid.loaded_runs(  # noqa: E731
         key["method"], key["dataset"], key["arch"], key["teacher_bits"], key["seed"])],
         [run_dir(k) for k in grid.init_runs(config, key)])

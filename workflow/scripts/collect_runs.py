@@ -24,6 +24,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import COLUMNS as GRID_COLUMNS
+from grid import VARIANT
 from seed_stats import convergence
 
 from cmtkd.errors import UserError
@@ -74,7 +75,8 @@ def read_run(row: dict) -> tuple[dict, pd.DataFrame | None]:
     if abs(evaluation["top1"] - metrics.get("top1", evaluation["top1"])) > 1e-6:
         print(f"warning: {run}: standalone top-1 {evaluation['top1']} differs from the training log's "
               f"{metrics['top1']}; the table uses the standalone number", file=sys.stderr)
-    record = {k: row[k] for k in KEY}
+    key = run_columns(row)
+    record = {k: row[k] for k in key}
     record.update(
         role=row.get("role", "grid"), top1=evaluation["top1"], top5=evaluation.get("top5"),
         best_val_epoch=metrics.get("best_val_epoch"), epochs=metrics.get("epochs"),
@@ -88,9 +90,14 @@ def read_run(row: dict) -> tuple[dict, pd.DataFrame | None]:
     if (run / "history.csv").exists():
         history = pd.read_csv(run / "history.csv")
         record["val_gain_last20"], record["converged"] = convergence(history)
-        for k in reversed(KEY):
+        for k in reversed(key):
             history.insert(0, k, row[k])
     return record, history
+
+
+def run_columns(row) -> list[str]:
+    """A run's key columns: the grid's, and its variant in a sensitivity study (a grid with ``variant``)."""
+    return [*KEY, VARIANT] if VARIANT in row else KEY
 
 
 def collect(grid: pd.DataFrame, finished_only: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -108,8 +115,10 @@ def collect(grid: pd.DataFrame, finished_only: bool = False) -> tuple[pd.DataFra
                          f"(snakemake) or collect only finished runs (--finished-only / `snakemake tables`)")
     if missing:
         print(f"{len(missing)} of {len(grid)} runs not finished yet; collected {len(records)}", file=sys.stderr)
-    runs = pd.DataFrame(records, columns=COLUMNS)
-    history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(columns=[*KEY, "epoch"])
+    key = run_columns(grid)
+    columns = [*key, *COLUMNS[len(KEY):]]  # the variant (if any) after the seed
+    runs = pd.DataFrame(records, columns=columns)
+    history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(columns=[*key, "epoch"])
     return runs, history
 
 

@@ -63,6 +63,8 @@ def type_text(schema: dict) -> str:
             text += ", no repeats"
     else:
         text = schema.get("type", "")
+        if isinstance(text, list):  # several types allowed
+            text = " | ".join(text)
         if text == "object":
             text = "mapping"
     bounds = [f">= {schema['minimum']}" if "minimum" in schema else "",

@@ -18,10 +18,21 @@ With ``recipe.init: fp`` (an option; the default ``scratch`` is the paper's sett
 the ``fp`` runs starts from one full-precision ``fp`` run per (dataset, arch, student seed) through
 ``cmtkd train --set model.init_from=<its run directory>`` (:func:`init_runs`); that run is added to
 the grid like a teacher and is the grid's own ``fp`` run where the grid has one.
+
+Sensitivity studies: an experiment's ``vary`` maps method options to levels (``{gamma: [0, 1, 10]}``),
+one factor at a time around the suite's ``method_args`` (which must state each varied option: that
+value is the factor's default level). A level other than the default is a *variant* run: the
+experiment's run with that one option overridden, in ``results/runs/variant~<option>=<level>/``
+(:func:`variant_dir`) and with role ``variant``; the default level of every factor is the experiment's
+own run, trained once. ``vary: {teacher_sets: [[8], [8, 6], ...]}`` varies the teacher set instead
+(ordinary run directories). Frozen teachers, stages and fp starts carry no variant: they are shared.
+Only a suite with ``vary`` has the ``variant`` column; the other suites' runs, directories and
+commands do not change. :func:`sensitivity_levels` lists every (factor, level) with its runs.
 """
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -61,6 +72,11 @@ GRID_KEYS = ("method", "arch", "w_bits", "a_bits", "seed", "data.name", "method_
 INIT_KEY = "init"  # recipe.init: how runs start (INIT_CHOICES); read by the grid, not a RunConfig key
 INIT_CHOICES = ("scratch", "fp")  # scratch: the paper's default; fp: from the suite's fp run
 INIT_METHOD = "fp"  # the method of the run that recipe.init=fp starts the others from
+VARIANT = "variant"  # grid column of a suite with `vary`: the run's option override as "<option>=<level>"; "" = none
+VARIANT_DIR = "variant~"  # a variant run's directory: results/runs/variant~<label>/method~.../seed~<s>
+TEACHER_SETS = "teacher_sets"  # the `vary` key that varies the experiment's teacher set (not a method option)
+LEVEL_TEXT = re.compile(r"^[A-Za-z0-9._+,-]+$")  # a level as written into a run directory's name
+SENSITIVITY_COLUMNS = ("experiment", "factor", "level", "value", "default", *COLUMNS[:-1], VARIANT, "n_seeds")
 
 
 class GridError(ValueError):
@@ -163,58 +179,196 @@ def check_config(config: dict) -> None:
         if needs_teachers and not teacher_sets:
             raise GridError(f"config key '{where}.teacher_sets' is missing, but {', '.join(needs_teachers)} "
                             f"need teachers; add e.g. 'teacher_sets: [[8, 6, 4]]'")
-        for i, bits in enumerate(exp["bits"]):
-            w_bits, a_bits = parse_bits(bits)
-            if not needs_teachers:
-                continue
-            for j, tset in enumerate(teacher_sets):
-                low = [b for b in tset if b <= max(w_bits, a_bits)]
-                if low:
-                    raise GridError(
-                        f"config key '{where}.teacher_sets[{j}]' = {tset}: teacher bit-width(s) {low} are not "
-                        f"higher than the student {bits} ('{where}.bits[{i}]'); every teacher must have more "
-                        f"bits than the student's weights and activations: use higher teacher bit-widths, or "
-                        f"move {bits} into its own experiment with a teacher set above it")
+        if needs_teachers:
+            check_teacher_sets(exp, where, f"{where}.teacher_sets", teacher_sets)
+        if "vary" in exp:
+            check_vary(config, name, exp, needs_teachers)
+
+
+def check_teacher_sets(exp: dict, experiment: str, where: str, teacher_sets: list) -> None:
+    """Every teacher of every set above the student's bits (``where``: the key of the sets)."""
+    for i, bits in enumerate(exp["bits"]):
+        w_bits, a_bits = parse_bits(bits)
+        for j, tset in enumerate(teacher_sets):
+            low = [b for b in tset if b <= max(w_bits, a_bits)]
+            if low:
+                raise GridError(
+                    f"config key '{where}[{j}]' = {tset}: teacher bit-width(s) {low} are not "
+                    f"higher than the student {bits} ('{experiment}.bits[{i}]'); every teacher must "
+                    f"have more bits than the student's weights and activations: use higher teacher bit-widths, or "
+                    f"move {bits} into its own experiment with a teacher set above it")
+
+
+def check_vary(config: dict, name: str, exp: dict, needs_teachers: list[str]) -> None:
+    """An experiment's ``vary``: options the workflow does not wire, levels that can name a directory,
+    and a default level (the suite's method_args value) among the levels of each factor."""
+    where = f"experiments.{name}.vary"
+    for option, levels in exp["vary"].items():
+        if option in WIRED_ARGS:
+            raise GridError(f"config key '{where}.{option}' is set by the workflow from the teacher set; vary "
+                            f"'{where}.{TEACHER_SETS}' instead (a list of teacher sets)")
+        for j, level in enumerate(levels):
+            if not LEVEL_TEXT.match(level_text(level)):
+                raise GridError(f"config key '{where}.{option}[{j}]' = {level!r}: a level must be a number, a word "
+                                f"or a list of them (letters, digits, . _ + -), as it names the run's directory")
+        if option == TEACHER_SETS:
+            if not needs_teachers or len(exp.get("teacher_sets") or []) != 1:
+                raise GridError(f"config key '{where}.{TEACHER_SETS}': give the experiment exactly one teacher set "
+                                f"(its default level) under 'experiments.{name}.teacher_sets', and methods that "
+                                f"use teachers")
+            check_teacher_sets(exp, f"experiments.{name}", f"{where}.{TEACHER_SETS}", levels)
+            if exp["teacher_sets"][0] not in levels:
+                raise GridError(f"config key '{where}.{TEACHER_SETS}' = {levels}: add the default level "
+                                f"{exp['teacher_sets'][0]} (experiments.{name}.teacher_sets), the point every level "
+                                f"is compared with")
+            continue
+        for method in exp["methods"]:
+            for arch in exp["archs"]:
+                options = method_options(config, method, arch)
+                if option not in options:
+                    raise GridError(f"config key '{where}.{option}': state the default level in "
+                                    f"'method_args.{method}.{option}' (the value every other factor is held at; "
+                                    f"cmtkd's default: `cmtkd train --method {method} --print-config`)")
+                if options[option] not in levels:
+                    raise GridError(f"config key '{where}.{option}' = {levels}: add the default level "
+                                    f"{options[option]!r} (method_args.{method}.{option}), the point every level "
+                                    f"is compared with")
+
+
+def has_variants(config: dict) -> bool:
+    """Whether the suite is a sensitivity study (an experiment with ``vary``): its grid has a variant column."""
+    return any("vary" in exp for exp in config["experiments"].values())
+
+
+def level_text(value) -> str:
+    """A level as tables and directory names show it: ``0.5``, ``1000``, ``stage-ends``; a list
+    joined by commas (``conv2,conv4``)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(level_text(v) for v in value)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)  # numbers as YAML writes them; true/false
+
+
+def variant_label(option: str, value) -> str:
+    """``gamma=10``: the variant of a run with ``method_args.<option>`` set to ``value``."""
+    return f"{option}={level_text(value)}"
+
+
+def variant_dir(label: str) -> str:
+    """The part of a run directory naming its variant: ``variant~gamma=10/``, empty for no variant."""
+    return f"{VARIANT_DIR}{label}/" if label else ""
+
+
+def variant_overrides(config: dict) -> dict[str, dict]:
+    """Every variant label of the suite -> the method options it overrides."""
+    out = {}
+    for exp in config["experiments"].values():
+        for option, levels in exp.get("vary", {}).items():
+            if option != TEACHER_SETS:
+                out.update({variant_label(option, v): {option: v} for v in levels})
+    return out
+
+
+def run_key(key) -> dict:
+    """The grid key of a run from a grid row or a job's wildcards, with its variant label when the
+    suite has variants (the ``variant`` wildcard holds the directory part, ``variant~<label>/``)."""
+    out = {c: key[c] for c in COLUMNS}
+    variant = key.get(VARIANT)
+    if variant is not None:
+        # NaN: an empty variant read back from a CSV
+        out[VARIANT] = "" if pd.isna(variant) else str(variant).removeprefix(VARIANT_DIR).removesuffix("/")
+    return out
+
+
+def method_options(config: dict, method: str, arch: str) -> dict:
+    """``method_args.<method>`` with ``arch_method_args.<arch>.<method>`` on top."""
+    return {**config.get("method_args", {}).get(method, {}),
+            **config.get("arch_method_args", {}).get(arch, {}).get(method, {})}
+
+
+def experiment_cells(config: dict, exp: dict, teacher_sets: list | None = None) -> list[dict]:
+    """The cells (runs without their seed) of one experiment: method x arch x W/A x teacher set."""
+    dataset = config["dataset"]["name"]
+    cells = []
+    for method in exp["methods"]:
+        spec = METHODS[method]
+        bit_settings = ([(FULL_PRECISION, FULL_PRECISION)] if spec.full_precision
+                        else [parse_bits(b) for b in exp["bits"]])
+        sets = exp.get("teacher_sets", []) if teacher_sets is None else teacher_sets
+        tsets = [NO_TEACHERS] if spec.teachers == NO_TEACHERS else list(dict.fromkeys(
+            teacher_label([max(t)] if spec.use == "one" else t) for t in sets))
+        cells += [{"method": method, "dataset": dataset, "arch": arch, "w_bits": w, "a_bits": a, "teacher_bits": t}
+                  for arch in exp["archs"] for w, a in bit_settings for t in tsets]
+    return cells
+
+
+def sensitivity_levels(config: dict) -> pd.DataFrame:
+    """One row per (experiment, factor, level, cell) of the suite's ``vary`` keys: the level's text and
+    value (JSON), whether it is the default, the run cell holding it (its variant label, "" for the
+    default level and for teacher-set levels) and the experiment's number of seeds. Empty without ``vary``."""
+    rows = []
+    for name, exp in config["experiments"].items():
+        for option, levels in exp.get("vary", {}).items():
+            for value in levels:
+                if option == TEACHER_SETS:
+                    cells = [c for c in experiment_cells(config, exp, [value]) if c["teacher_bits"] != NO_TEACHERS]
+                    rows += [{"experiment": name, "factor": option, "level": teacher_label(value),
+                              "value": json.dumps(value), "default": value == exp["teacher_sets"][0], **c,
+                              VARIANT: "", "n_seeds": len(exp["seeds"])} for c in cells]
+                    continue
+                for cell in experiment_cells(config, exp):
+                    default = method_options(config, cell["method"], cell["arch"]).get(option) == value
+                    rows.append({"experiment": name, "factor": option, "level": level_text(value),
+                                 "value": json.dumps(value), "default": default, **cell,
+                                 VARIANT: "" if default else variant_label(option, value),
+                                 "n_seeds": len(exp["seeds"])})
+    return pd.DataFrame(rows, columns=list(SENSITIVITY_COLUMNS))
 
 
 def expand(config: dict) -> pd.DataFrame:
     """All runs of a (schema-valid) suite config, one row each, with a ``role`` column:
-    ``grid`` (asked for by an experiment) or ``teacher`` (a pre-trained teacher only)."""
+    ``grid`` (asked for by an experiment), ``variant`` (a level of a ``vary`` factor other than the
+    default) or ``teacher`` (a pre-trained teacher only). A suite with ``vary`` also has the
+    ``variant`` column (:data:`VARIANT`)."""
     check_config(config)
-    dataset = config["dataset"]["name"]
-    rows: dict[tuple, str] = {}
+    rows: dict[tuple, str] = {}  # (*COLUMNS, variant label) -> role
     for exp in config["experiments"].values():
-        for method in exp["methods"]:
-            spec = METHODS[method]
-            bit_settings = ([(FULL_PRECISION, FULL_PRECISION)] if spec.full_precision
-                            else [parse_bits(b) for b in exp["bits"]])
-            teacher_sets = [NO_TEACHERS] if spec.teachers == NO_TEACHERS else [
-                teacher_label([max(t)] if spec.use == "one" else t) for t in exp.get("teacher_sets", [])]
-            for arch in exp["archs"]:
-                for w_bits, a_bits in bit_settings:
-                    for tset in teacher_sets:
-                        for seed in exp["seeds"]:
-                            rows[(method, dataset, arch, w_bits, a_bits, tset, seed)] = "grid"
+        for cell in experiment_cells(config, exp):
+            for seed in exp["seeds"]:
+                rows[(*cell.values(), seed, "")] = "grid"
+    for level in sensitivity_levels(config).to_dict("records"):
+        for seed in config["experiments"][level["experiment"]]["seeds"]:
+            rows.setdefault((*(level[c] for c in COLUMNS[:-1]), seed, level[VARIANT]), "variant")
     # The frozen teachers the pretrained-teacher methods load: shared, once per (arch, bits, teacher seed).
-    for (method, dataset_, arch, _w, _a, tset, seed) in list(rows):
+    for (method, dataset_, arch, _w, _a, tset, seed, _v) in list(rows):
         if METHODS[method].teachers == "pretrained":
             for b in teacher_list(tset):
-                rows.setdefault((teacher_method(b), dataset_, arch, b, b, NO_TEACHERS, teacher_seed(seed, b)),
+                rows.setdefault((teacher_method(b), dataset_, arch, b, b, NO_TEACHERS, teacher_seed(seed, b), ""),
                                 "teacher")
     # The teachers-only stages the stage methods load: shared, once per (arch, teacher set, seed).
     for key in list(rows):
         for stage in stage_runs(*key[:3], key[5], key[6]):
-            rows.setdefault(tuple(stage[c] for c in COLUMNS), "teacher")
+            rows.setdefault((*(stage[c] for c in COLUMNS), ""), "teacher")
     # recipe.init = fp: the fp run every other run starts from, once per (arch, student seed).
     for key in list(rows):
         for start in init_runs(config, dict(zip(COLUMNS, key))):
-            rows.setdefault(tuple(start[c] for c in COLUMNS), "teacher")
-    frame = pd.DataFrame([(*key, role) for key, role in rows.items()], columns=[*COLUMNS, "role"])
+            rows.setdefault((*(start[c] for c in COLUMNS), ""), "teacher")
+    frame = pd.DataFrame([(*key, role) for key, role in rows.items()], columns=[*COLUMNS, VARIANT, "role"])
     frame = frame.astype({"w_bits": int, "a_bits": int, "seed": int, "teacher_bits": str})
-    frame = frame.sort_values(list(COLUMNS), kind="stable").reset_index(drop=True)
+    frame = frame.sort_values([*COLUMNS, VARIANT], kind="stable").reset_index(drop=True)
+    if not has_variants(config):
+        frame = frame.drop(columns=VARIANT)  # the other suites' grid.csv stays as it was
     frame["epochs"] = [int(recipe_for(config, arch)["epochs"]) for arch in frame["arch"]]
     frame["val_fraction"] = float(config["dataset"].get("val_fraction", DEFAULT_VAL_FRACTION))
     return frame
+
+
+def run_dirs(table: pd.DataFrame, patterns: list[str]) -> list[str]:
+    """Run directories of the grid's rows from their Paramspace instance patterns (``method~../seed~..``):
+    ``results/runs/<pattern>``, a variant run under ``results/runs/variant~<label>/``."""
+    variants = table[VARIANT] if VARIANT in table else [""] * len(table)
+    return [f"results/runs/{variant_dir(v)}{p}" for v, p in zip(variants, patterns)]
 
 
 def recipe_for(config: dict, arch: str) -> dict:
@@ -267,14 +421,19 @@ def loaded_runs(method: str, dataset: str, arch: str, teacher_bits: str, seed) -
 
 
 def train_sets(config: dict, method: str, arch: str, teacher_bits: str, teacher_dirs: list[str],
-               init_dirs: list[str] = ()) -> list[str]:
+               init_dirs: list[str] = (), variant: str = "") -> list[str]:
     """The ``--set key=value`` overrides of one run: data settings, recipe, per-arch recipe,
-    method options, the teacher wiring and the run it starts from (``init_dirs``: at most one)."""
+    method options (a variant's override on top), the teacher wiring and the run it starts from
+    (``init_dirs``: at most one)."""
     spec = METHODS[method]
     values = {f"data.{k}": v for k, v in config["dataset"].items() if k != "name"}
     values.update(recipe_for(config, arch))
-    options = {**config.get("method_args", {}).get(method, {}),
-               **config.get("arch_method_args", {}).get(arch, {}).get(method, {})}
+    options = method_options(config, method, arch)
+    if variant:
+        overrides = variant_overrides(config)
+        if variant not in overrides:
+            raise GridError(f"run variant '{variant}' is not a level of any 'experiments.*.vary' key of this suite")
+        options.update(overrides[variant])
     values.update({f"method_args.{k}": v for k, v in options.items()})
     if spec.bits_option:
         values["method_args.teacher_bits"] = teacher_list(teacher_bits)
@@ -289,12 +448,14 @@ def train_sets(config: dict, method: str, arch: str, teacher_bits: str, teacher_
 def train_argv(config: dict, key: dict, teacher_dirs: list[str], init_dirs: list[str] = ()) -> list[str]:
     """The ``cmtkd train`` arguments of the run ``key`` (its grid cell, the suite's recipe and data
     settings, the method's options, its teachers' run directories and, with ``recipe.init: fp``, the
-    run directory it starts from: ``init_dirs``, from :func:`init_runs`). The workflow's train jobs run
-    exactly these (plus ``--out`` and ``--threads``), and its pre-start check resolves them."""
+    run directory it starts from: ``init_dirs``, from :func:`init_runs`; a ``variant`` key: the option
+    it overrides). The workflow's train jobs run exactly these (plus ``--out`` and ``--threads``), and
+    its pre-start check resolves them."""
     args = ["--method", key["method"], "--arch", key["arch"], "--dataset", key["dataset"],
             "--w-bits", key["w_bits"], "--a-bits", key["a_bits"], "--seed", key["seed"],
             "--device", "cuda" if config.get("gpu") else "cpu", "--set", "train.progress=none"]
-    for value in train_sets(config, key["method"], key["arch"], key["teacher_bits"], teacher_dirs, init_dirs):
+    for value in train_sets(config, key["method"], key["arch"], key["teacher_bits"], teacher_dirs, init_dirs,
+                            key.get(VARIANT) or ""):
         args += ["--set", value]
     return [str(a) for a in args]
 

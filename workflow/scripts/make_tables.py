@@ -170,7 +170,8 @@ class Notes:
 TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "<": r"\textless{}",
                 ">": r"\textgreater{}", "|": r"\textbar{}", "§": r"\S{}", "±": r"$\pm$", "≥": r"$\geq$",
-                "†": r"\dag{}", "α": r"$\alpha$", "√": r"$\surd$", "·": r"$\cdot$"}
+                "†": r"\dag{}", "α": r"$\alpha$", "√": r"$\surd$", "·": r"$\cdot$", "π": r"$\pi$",
+                "θ": r"$\theta$"}
 TEX_SPECIAL = re.compile("|".join(re.escape(c) for c in TEX_SPECIALS))
 
 

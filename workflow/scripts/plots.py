@@ -30,7 +30,7 @@ from matplotlib.ticker import MaxNLocator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import CELL as KEY
 from seed_stats import spread
-from grid import FULL_PRECISION, METHODS, NO_TEACHERS, bits_label, teacher_list
+from grid import FULL_PRECISION, METHODS, NO_TEACHERS, VARIANT, bits_label, teacher_list
 
 VAL_COLUMN = "val_top1_student"
 PNG_DPI = 200
@@ -129,10 +129,11 @@ def accuracy_vs_bits(runs: pd.DataFrame, path: Path) -> None:
 
 
 def training_curves(histories: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None:
-    grid_runs = runs[runs["role"] == "grid"][KEY].drop_duplicates()
+    key = [*KEY, VARIANT] if VARIANT in runs and VARIANT in histories else KEY  # a sensitivity study's variants
+    grid_runs = runs[runs["role"] == "grid"][key].drop_duplicates()
     if histories.empty or VAL_COLUMN not in histories:
         return empty_figure(path, "no training histories yet")
-    hist = histories.merge(grid_runs, on=KEY)
+    hist = histories.merge(grid_runs, on=key)
     panels = sorted(set(zip(hist["dataset"], hist["arch"], hist["w_bits"], hist["a_bits"])))
     if not panels:
         return empty_figure(path, "no training histories yet")
@@ -170,6 +171,8 @@ def importance_weights(histories: pd.DataFrame, path: Path) -> None:
     if not points:
         return empty_figure(path, "no importance weights logged (history.csv has no pi_* columns: no CMT-KD run yet)")
     columns = [c for cols in points.values() for _, c in cols]
+    if VARIANT in histories:  # a sensitivity study: its option variants are in sensitivity_pi.png
+        histories = histories[histories[VARIANT].fillna("") == ""]
     hist = histories[histories["method"] == "cmtkd"]
     hist = hist if not hist.empty else histories  # plot the ablations' weights if full CMT-KD did not run
     hist = hist.dropna(subset=columns, how="all")
