@@ -273,7 +273,7 @@ def test_sensitivity_suite_dry_run(tmp_path):
     assert n == 3 * (1 + 4 + 2 + 2 + 2 + 2 + 3) == 48
     done = snakemake(tmp_path, "-n", "-p", config=ROOT / "config" / "sensitivity.yaml")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert job_counts(done.stdout) == {"train": n, "evaluate": n, "grid_table": 1, "collect_runs": 1,
+    assert job_counts(done.stdout) == {"train": n, "grid_table": 1, "collect_runs": 1,
                                        "make_tables": 1, "plots": 1, "sensitivity_levels": 1, "sensitivity": 1,
                                        "all": 1}
     planned = planned_jobs(done.stdout, "train")
