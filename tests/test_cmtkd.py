@@ -303,8 +303,9 @@ def test_bad_options_are_rejected():
 
 
 # ------------------------------------------------------------------------- end to end, resume
-def _train_cmd(out, epochs=2, method="cmtkd"):
-    return [sys.executable, "-m", "cmtkd.cli", "train", "--method", method, "--arch", "resnet18",
+def _train_cmd(out, epochs=3, method="cmtkd"):
+    # AlexNet: resuming is architecture-agnostic, and it trains 3-4x faster than ResNet-18 on the CPU.
+    return [sys.executable, "-m", "cmtkd.cli", "train", "--method", method, "--arch", "alexnet",
             "--dataset", "digits", "--epochs", str(epochs), "--seed", "3", "--threads", "1",
             "--set", "model.width=0.125", "--set", "data.batch_size=512", "--set", "data.val_fraction=0.1",
             "--set", "method_args.teacher_bits=[8,4]", "--out", str(out)]
