@@ -189,6 +189,7 @@ def fingerprint(suite: Path, configfiles: list[str], config: dict, runs: pd.Data
                  "commit_at_publishing": git_commit()},
         "runs": {"total": len(runs), "grid": int((runs["role"] == "grid").sum()),
                  "teacher": int((runs["role"] == "teacher").sum()),
+                 "variant": int((runs["role"] == "variant").sum()),  # levels of a sensitivity study (vary)
                  "torch": distinct(runs.get("torch", [])), "python": distinct(e.get("python") for e in envs),
                  "threads_per_job": distinct(e.get("threads") for e in envs),
                  "devices": distinct(runs.get("device_name", [])),
@@ -220,7 +221,8 @@ def environment_md(print_: dict, command: str) -> str:
         f"- Code: the runs recorded {commits or 'no commit'}; any uncommitted changes: "
         f"{'yes' if code['any_run_dirty'] else 'no' if code['any_run_dirty'] is False else 'unknown'}; "
         f"checkout at publishing: {code['commit_at_publishing'] or 'unknown'}.",
-        f"- Runs: {runs['total']} ({runs['grid']} grid runs, {runs['teacher']} teacher runs); torch "
+        f"- Runs: {runs['total']} ({runs['grid']} grid runs, {runs['teacher']} teacher runs"
+        f"{f', {v} variant runs' if (v := runs.get('variant')) else ''}); torch "
         f"{', '.join(runs['torch']) or 'unknown'}, Python {', '.join(runs['python']) or 'unknown'}, "
         f"threads per job {', '.join(map(str, runs['threads_per_job'])) or 'unknown'}.",
         f"- Wall time: {wall_text} ({wall['source']}).",
