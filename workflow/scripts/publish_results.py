@@ -180,7 +180,8 @@ def distinct(values) -> list:
 def fingerprint(suite: Path, configfiles: list[str], config: dict, runs: pd.DataFrame, wall: dict) -> dict:
     envs = run_environments(suite, runs)
     commits = runs["git_commit"].fillna("unknown").value_counts().sort_index() if "git_commit" in runs else None
-    layers = [suite_config.DEFAULT_SUITE, *configfiles]
+    layers = [suite_config.DEFAULT_SUITE, *(f for f in configfiles  # the default suite itself: one layer
+                                            if Path(f).resolve() != Path(suite_config.DEFAULT_SUITE).resolve())]
     return {
         "suite": {"config_layers": [{"file": shown_path(p), "sha256": sha256_file(p)} for p in layers],
                   "resolved_config": config},
