@@ -74,7 +74,7 @@ def test_identical_rerun_agrees_seed_for_seed(tmp_path):
     assert result.loc["qat", "rule"] == "identical" and result.loc["qat", "identical seeds"] == "2 of 2"
     assert result.loc["cmtkd", "identical seeds"] == "1 of 1" and set(result["agree"]) == {"yes"}
     assert "2 cell(s) compared: 2 agree (2 identical" in done.stdout
-    assert (tmp_path / "out" / "reference_check.md").read_text().startswith("| method")
+    assert (tmp_path / "out" / "reference_check.csv").with_suffix(".md").read_text().startswith("| method")
 
 
 def test_other_seeds_within_noise_agree_by_welch_and_a_shift_does_not(tmp_path):
@@ -204,7 +204,7 @@ def make_suite(tmp_path, drop_seed: int | None = None) -> tuple[Path, Path]:
                          seed=seed, role=role, top1=90.0 + seed % 7, train_seconds=10.0 + seed % 7, torch="2.14.1",
                          device_name="x86_64", git_commit="abc123" if seed else "abc123-dirty", run_dir=run_dir))
     pd.DataFrame(rows).to_csv(suite / "results" / "runs.csv", index=False)
-    for name in ("tables/main.csv", "tables/main.md", "tables/main.tex", "plots/curves.png", "plots/curves.pdf"):
+    for name in (*(f"tables/main.{ext}" for ext in ("csv", "md", "tex")), "plots/curves.png", "plots/curves.pdf"):
         (suite / "results" / name).parent.mkdir(parents=True, exist_ok=True)
         (suite / "results" / name).write_text(name)
     logs = suite / ".snakemake" / "log"
@@ -227,8 +227,8 @@ def test_publish_copies_text_and_pictures_with_a_fingerprint(tmp_path):
     done = publish(suite, config, out)
     assert done.returncode == 0, done.stdout + done.stderr
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == ["ENVIRONMENT.md", "FINGERPRINT.json", "plots/curves.png", "runs.csv", "tables/main.csv",
-                     "tables/main.md"]  # no checkpoint, model, log, .tex or .pdf
+    assert files == ["ENVIRONMENT.md", "FINGERPRINT.json", "plots/curves.png", "runs.csv",
+                     *(f"tables/main.{ext}" for ext in ("csv", "md"))]  # no checkpoint, model, log, .tex or .pdf
     print_ = json.loads((out / "FINGERPRINT.json").read_text())
     assert print_["code"]["run_commits"] == {"abc123": 4, "abc123-dirty": 2} and print_["code"]["any_run_dirty"]
     assert print_["runs"]["total"] == 6
@@ -269,7 +269,7 @@ def test_publish_replaces_the_old_folder_whole_or_not_at_all(tmp_path, monkeypat
     suite, config = make_suite(tmp_path)
     out = tmp_path / "reference"
     (out / "tables").mkdir(parents=True)
-    (out / "tables" / "stale.md").write_text("from an older grid")
+    (out / "tables" / "stale.csv").write_text("from an older grid")
 
     copyfile = shutil.copyfile
 
@@ -281,11 +281,11 @@ def test_publish_replaces_the_old_folder_whole_or_not_at_all(tmp_path, monkeypat
     monkeypatch.setattr(publish_results.shutil, "copyfile", broken_copy)
     with pytest.raises(OSError):
         publish_results.publish(suite, [str(config)], out, None, "cmd")
-    assert sorted(p.name for p in out.rglob("*")) == ["stale.md", "tables"]  # untouched
+    assert sorted(p.name for p in out.rglob("*")) == ["stale.csv", "tables"]  # untouched
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
     monkeypatch.undo()
     publish_results.publish(suite, [str(config)], out, None, "cmd")
-    assert not (out / "tables" / "stale.md").exists() and (out / "tables" / "main.md").is_file()
+    assert not (out / "tables" / "stale.csv").exists() and (out / "tables" / "main.csv").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~publish_results.UMASK)
 

@@ -3,6 +3,7 @@
 # results/tables/sensitivity.{csv,md,tex}, results/plots/sensitivity.png (accuracy per level) and
 # sensitivity_pi.png (CMT-KD's importance weights per epoch). Other suites have none of these jobs.
 SENSITIVITY = grid.has_variants(config)
+SENSITIVITY_TABLE = "results/tables/sensitivity"  # .csv, .md, .tex
 LEVELS_CSV = "results/runs/sensitivity_levels.csv"  # every (factor, level) and the run cell holding it
 SENSITIVITY_PLOTS = ("sensitivity", "sensitivity_pi")
 SENSITIVITY_OUTPUTS = (
@@ -40,9 +41,9 @@ rule sensitivity:
         histories=HISTORIES_CSV,
         levels=LEVELS_CSV,
     output:
-        table_csv=report("results/tables/sensitivity.csv", caption="../report/sensitivity_table.rst", category="Tables"),
-        table_md="results/tables/sensitivity.md",
-        table_tex="results/tables/sensitivity.tex",
+        table_csv=report(f"{SENSITIVITY_TABLE}.csv", caption="../report/sensitivity_table.rst", category="Tables"),
+        table_md=f"{SENSITIVITY_TABLE}.md",
+        table_tex=f"{SENSITIVITY_TABLE}.tex",
         **{
             name: report(f"results/plots/{name}.png", caption=f"../report/{name}.rst", category="Plots")
             for name in SENSITIVITY_PLOTS

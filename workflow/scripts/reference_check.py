@@ -60,7 +60,7 @@ REFERENCE = ROOT / "results" / "reference"
 CELL = compare_suites.CELL
 TOLERANCE_PP = 0.5  # rule 4: a committed cell with one seed; 0.5 points = 5 of the 1,000 digits test images
 FAMILY_CONFIDENCE = seed_stats.CONFIDENCE
-OUT_NAMES = ("reference_check.csv", "reference_check.md")
+OUT_NAMES = tuple(f"reference_check.{ext}" for ext in ("csv", "md"))
 CELL_SPEC = re.compile(r"^([^:\s]+):([^:\s]+):([^:\s]+)$")
 
 
