@@ -482,6 +482,18 @@ TITLES = {
 }
 
 
+def write_tidy_csv(tidy: pd.DataFrame, path: Path) -> None:
+    """A table's tidy CSV: counts as integers, p-values with 6 significant digits, the rest 4 decimals."""
+    tidy = tidy.copy()
+    for column in ("n", "n_expected", "n_not_converged", "n_pairs"):
+        if column in tidy:
+            tidy[column] = tidy[column].astype("Int64")
+    for column in ("p_value", "p_holm"):  # small p-values need more than float_format's 4 decimals
+        if column in tidy:
+            tidy[column] = tidy[column].map(lambda p: "" if pd.isna(p) else f"{p:.6g}")
+    tidy.to_csv(path, index=False, float_format="%.4f")
+
+
 def write_markdown(path: Path, title: str, display: pd.DataFrame, notes: list, general: list = GENERAL_NOTES) -> None:
     lines = [f"# {title}", "", display.to_markdown(index=False) if len(display) else "(no rows)", ""]
     lines += [f"- {text}" for text in general]
@@ -517,13 +529,7 @@ def build(runs_csv, grid_csv, paper_csv, external_csvs, out_dir, schema=SCHEMA) 
                        ("comparison", compare)):
         general = GENERAL_NOTES + TABLE_NOTES.get(name, [])
         display, notes, tidy = make(summary, paper, fmt := Fmt("md"))
-        for column in ("n", "n_expected", "n_not_converged", "n_pairs"):
-            if column in tidy:
-                tidy[column] = tidy[column].astype("Int64")
-        for column in ("p_value", "p_holm"):  # small p-values need more than float_format's 4 decimals
-            if column in tidy:
-                tidy[column] = tidy[column].map(lambda p: "" if pd.isna(p) else f"{p:.6g}")
-        tidy.to_csv(out / f"{name}.csv", index=False, float_format="%.4f")
+        write_tidy_csv(tidy, out / f"{name}.csv")
         write_markdown(out / f"{name}.md", TITLES[name], display, notes + fmt.notes(), general)
         display, notes, _ = make(summary, paper, fmt := Fmt("tex"))
         write_latex(out / f"{name}.tex", name, TITLES[name], display, notes + fmt.notes(), general)

@@ -40,7 +40,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import COLUMNS, NO_TEACHERS, TEACHER_SETS, VARIANT, bits_label, teacher_list
-from make_tables import Fmt, not_converged, write_latex, write_markdown
+from make_tables import Fmt, not_converged, write_latex, write_markdown, write_tidy_csv
 from plots import importance_columns, panel_grid, save_figure
 from seed_stats import ALPHA, holm, paired_difference, spread, verdict
 
@@ -171,14 +171,7 @@ def display_table(tidy: pd.DataFrame, fmt: Fmt) -> pd.DataFrame:
 
 def write_tables(tidy: pd.DataFrame, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    csv = tidy.copy()
-    for column in ("n", "n_expected", "n_not_converged", "n_pairs"):
-        if column in csv:
-            csv[column] = csv[column].astype("Int64")
-    for column in ("p_value", "p_holm"):  # small p-values need more than float_format's 4 decimals
-        if column in csv:
-            csv[column] = csv[column].map(lambda p: "" if pd.isna(p) else f"{p:.6g}")
-    csv.to_csv(out / "sensitivity.csv", index=False, float_format="%.4f")
+    write_tidy_csv(tidy, out / "sensitivity.csv")
     for kind in ("md", "tex"):
         fmt = Fmt(kind)
         display = display_table(tidy, fmt)
