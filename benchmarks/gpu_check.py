@@ -239,6 +239,34 @@ def install_missing(wheels: Path, requirements=REQUIREMENTS, target: Path | None
     return missing, where
 
 
+def checkout_importable() -> bool:
+    """Whether a child process run like the phases' (PYTHONPATH = the checkout) imports all of cmtkd,
+    ``cmtkd.baselines`` included: that subpackage lives in the top-level folder baselines/ and exists
+    only once the project is installed (pyproject's package-dir), not from a bare source tree."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    probe = subprocess.run([sys.executable, "-c", "import cmtkd.baselines.qat"], cwd=tempfile.gettempdir(), env=env,
+                           capture_output=True, text=True)
+    return probe.returncode == 0
+
+
+def install_checkout() -> str:
+    """Make this checkout importable as the package (editable, no dependencies, no index, no build isolation:
+    the GPU image's setuptools builds it). Returns what was done; exits with one line if it cannot."""
+    if checkout_importable():
+        return "already importable"
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation",
+               "--no-cache-dir", "--disable-pip-version-check", "--quiet", "-e", str(REPO_ROOT)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    import importlib
+
+    importlib.invalidate_caches()
+    if done.returncode != 0 or not checkout_importable():
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        raise SystemExit(f"gpu_check: error: cannot make this checkout importable ({shlex.join(command)}): "
+                         f"{tail or 'cmtkd.baselines still not importable'}")
+    return "installed the checkout (pip install -e, no deps)"
+
+
 def download_commands(folder: Path, python_version: str = "3.12") -> list[list[str]]:
     """Two pip runs that fill ``folder`` for a CPython ``python_version`` x86-64 Linux machine: ``pip wheel``
     builds the dependencies published only as source (pure Python) here; ``pip download`` then fetches the
@@ -651,6 +679,7 @@ def main(argv=None) -> int:
         return 0
     clock = Clock(args.budget_s)
     installed, where = install_missing(args.wheels) if args.wheels else ([], "")
+    checkout = install_checkout()
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -664,6 +693,7 @@ def main(argv=None) -> int:
           f"commit {fp['git_commit']}; CSV {rec.path}; scratch {args.work}", flush=True)
     if args.wheels:
         rec.add("env", "installed_from_wheels", ", ".join(installed) or "nothing missing", note=where)
+    rec.add("env", "checkout", checkout, note=str(REPO_ROOT))
     ok, results, peak = True, {}, None
     try:
         if "env" in args.phases:
