@@ -7,7 +7,11 @@ fits a short GPU lease (<= 8 minutes on one H100 by default, its phases each und
     python benchmarks/gpu_check.py --tiny --device cpu   # the same phases at toy sizes, on CPU (a self-test)
     python benchmarks/gpu_check.py --dry-run             # print the plan, run nothing
 
-Phases, in order (a phase that fails or runs out of time is recorded and the next one still runs):
+Before the phases it makes the checkout importable (``pip install -e --no-deps``: ``cmtkd.baselines`` exists
+only once installed). Phases, in order (a phase that fails or runs out of time is recorded and the next one
+still runs); on CUDA, phases 2 and 3 run side by side while a background process compiles phase 4's compiled
+cases once, filling torch.compile's on-disk caches (its cold compile times are rows of their own), so the
+timed phase has the GPU to itself and compiles from warm caches:
 
 1. ``env``: the environment fingerprint and the measured bf16 matrix-product peak (8192^3 on CUDA).
 2. ``tests``: ``pytest -m cuda tests/test_cuda.py`` (passed / failed / skipped counts).
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -37,6 +42,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +82,7 @@ class Sizes:
     grid_epochs: int = 2
     grid_methods: list[str] = field(default_factory=lambda: ["fp", "qat", "kd", "cmtkd"])
     budgets: dict[str, float] = field(default_factory=lambda: {
-        "env": 45, "tests": 200, "grid": 110, "throughput": 200, "projection": 20})
+        "env": 45, "tests": 240, "grid": 150, "throughput": 200, "projection": 20})
 
     @classmethod
     def tiny(cls) -> "Sizes":
@@ -94,6 +100,7 @@ class Record:
         self.path = path
         self.fingerprint = fingerprint
         self.rows: list[dict] = []
+        self._lock = threading.Lock()  # the tests and grid phases may run side by side (threads)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(path, "w", newline="")
         self._writer = csv.DictWriter(self._handle, fieldnames=CSV_COLUMNS)
@@ -106,12 +113,13 @@ class Record:
             value = f"{value:.6g}"
         row = {"phase": phase, "name": name, "value": value, "unit": unit, "target": target, "verdict": verdict,
                "note": note, **{k: self.fingerprint.get(k, "") for k in CSV_COLUMNS[7:]}}
-        self._writer.writerow(row)
-        self._handle.flush()
-        self.rows.append(row)
         shown = f"{value} {unit}".strip()
-        print(f"[{phase}] {name}: {shown}" + (f"  ({verdict}{'; ' + note if note else ''})" if verdict else
-                                             (f"  ({note})" if note else "")), flush=True)
+        with self._lock:
+            self._writer.writerow(row)
+            self._handle.flush()
+            self.rows.append(row)
+            print(f"[{phase}] {name}: {shown}" + (f"  ({verdict}{'; ' + note if note else ''})" if verdict else
+                                                 (f"  ({note})" if note else "")), flush=True)
         return row
 
     def close(self) -> None:
@@ -312,6 +320,12 @@ def download_wheels(folder: Path, python_version: str = "3.12") -> int:
     return 0
 
 
+def modified_files() -> list[str]:
+    done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    return [line[3:] for line in done.stdout.splitlines()] if done.returncode == 0 else []
+
+
 # ------------------------------------------------------------------------------------- running
 class Clock:
     def __init__(self, budget_s: float):
@@ -358,7 +372,7 @@ def phase_env(rec: Record, args, sizes: Sizes) -> dict:
 def phase_tests(rec: Record, args, sizes: Sizes, clock: Clock) -> bool:
     limit = clock.limit(sizes.budgets["tests"])
     command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider",
-               "-rfEs"]
+               "-rfEs", "--durations=12"]
     status, tail = run(command, limit, log=args.work / "logs" / "tests.log")
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)\b", tail)}
     note = ", ".join(f"{v} {k}" for k, v in counts.items()) or tail.strip().splitlines()[-1:] and tail.strip().splitlines()[-1]
@@ -528,22 +542,79 @@ def data_batch_ms(sizes: Sizes, device: str) -> float:
     return 1000 * (time.perf_counter() - t0) / steps
 
 
+def prewarm_compile(cases: list[dict], sizes: Sizes, device: str) -> dict:
+    """Child process: compile each case once (one step, no timing), which fills torch.compile's on-disk caches
+    (Inductor's FX-graph and AOTAutograd caches, Triton's kernels) so that the timed case later compiles from
+    them. Returns each case's cold compile time."""
+    quick = dataclasses.replace(sizes, steps=1, warmup=0, repeats=1)
+    return {case_name(case): measure_case(case, quick, device)["compile_s"] for case in cases}
+
+
 def _child(kind: str, payload: dict, sizes: Sizes, device: str) -> dict:
     if kind == "case":
         return measure_case(payload, sizes, device)
+    if kind == "prewarm":
+        return prewarm_compile(payload["cases"], sizes, device)
     return {"data_ms": data_batch_ms(sizes, device)}
 
 
-def run_child(kind: str, payload: dict, args, timeout: float) -> tuple[dict | None, str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(
+def child_command(kind: str, payload: dict, args) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(
         {"kind": kind, "payload": payload, "tiny": args.tiny, "device": args.device})]
-    status, tail = run(command, timeout)
-    if status is None:
-        return None, f"timeout after {timeout:.0f} s"
+
+
+def parse_child(status: int | None, tail: str) -> tuple[dict | None, str]:
     for line in reversed(tail.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[7:]), ""
     return None, f"exit {status}: " + " ".join(tail.strip().splitlines()[-2:])[:300]
+
+
+def start_prewarm(args, sizes: Sizes):
+    """A background process that compiles the throughput phase's compiled cases while the checks run
+    (None when there are none, e.g. on CPU): (process, its log file, start time)."""
+    compiled = [c for c in throughput_cases(sizes, args.device, args.cases) if c["compile"]]
+    if "throughput" not in args.phases or not compiled:
+        return None
+    log = args.work / "logs" / "prewarm.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    handle = open(log, "w")
+    process = subprocess.Popen(child_command("prewarm", {"cases": compiled}, args), cwd=REPO_ROOT, env=env,
+                               stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, handle, log, time.monotonic()
+
+
+def finish_prewarm(rec: Record, prewarm, clock: Clock) -> None:
+    """Wait for the background compilation (at most until a third of the remaining budget is used), record
+    its cold compile times, and stop it if it is still running: the timed cases then compile themselves."""
+    if prewarm is None:
+        return
+    process, handle, log, started = prewarm
+    try:
+        status = process.wait(timeout=max(1.0, clock.left() / 3))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()
+        status = None
+    handle.close()
+    got, note = parse_child(status, log.read_text()[-4000:])
+    seconds = time.monotonic() - started
+    if got is None:
+        rec.add("throughput", "compile_prewarm", "n/a", "s", verdict="failed" if status is not None else "",
+                note=("stopped, unfinished, after " if status is None else "") + f"{seconds:.0f} s; {note}")
+        return
+    for name, compile_s in got.items():
+        rec.add("throughput", f"{name} cold compile", compile_s, "s",
+                note="first compilation, empty caches (in the background, beside the tests and grid)")
+
+
+def run_child(kind: str, payload: dict, args, timeout: float) -> tuple[dict | None, str]:
+    status, tail = run(child_command(kind, payload, args), timeout)
+    if status is None:
+        return None, f"timeout after {timeout:.0f} s"
+    return parse_child(status, tail)
 
 
 def phase_throughput(rec: Record, args, sizes: Sizes, clock: Clock, peak_tflops: float | None) -> dict:
@@ -568,7 +639,8 @@ def phase_throughput(rec: Record, args, sizes: Sizes, clock: Clock, peak_tflops:
         rec.add("throughput", name, got["img_s"], "img/s",
                 note=f"{got['step_ms']:.1f} ms/step, {got['flops_per_step'] / sizes.batch / 1e9:.2f} GFLOP/img, "
                      f"{tflops:.1f} TFLOP/s = {100 * frac:.1f} % of peak, {got['mem_gib']:.1f} GiB"
-                     + (f", compiled in {got['compile_s']:.0f} s" if case["compile"] else ""))
+                     + (f", compiled in {got['compile_s']:.0f} s (warm caches if the prewarm finished)"
+                        if case["compile"] else ""))
     # The targets, on the fastest measured ResNet-18 CMT-KD variant.
     cmtkd = [r for n, r in results.items() if r["arch"] == "resnet18" and r["label"] == "cmtkd"]
     if cmtkd and peak_tflops:
@@ -694,14 +766,32 @@ def main(argv=None) -> int:
     if args.wheels:
         rec.add("env", "installed_from_wheels", ", ".join(installed) or "nothing missing", note=where)
     rec.add("env", "checkout", checkout, note=str(REPO_ROOT))
+    if fp["git_commit"].endswith("-dirty"):  # which tracked files differ from that commit (the CSV names it)
+        rec.add("env", "modified_files", " ".join(modified_files()) or "?", note="git status: differ from git_commit")
     ok, results, peak = True, {}, None
     try:
         if "env" in args.phases:
             peak = phase_env(rec, args, sizes)["peak_tflops"]
-        if "tests" in args.phases:
-            ok &= phase_tests(rec, args, sizes, clock)
-        if "grid" in args.phases:
-            ok &= phase_grid(rec, args, sizes, clock)
+        prewarm = start_prewarm(args, sizes)
+        checks = [phase for phase in (phase_tests, phase_grid) if phase.__name__[6:] in args.phases]
+        if args.device == "cuda" and len(checks) == 2:
+            # On a GPU machine the tests and the grid (correctness, not timings) share the GPU side by side,
+            # while the compile caches fill in the background: the timed phase then has the GPU to itself.
+            outcome = [False, False]
+
+            def run_check(i):
+                outcome[i] = checks[i](rec, args, sizes, clock)
+
+            threads = [threading.Thread(target=run_check, args=(i,)) for i in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            ok &= all(outcome)
+        else:
+            for check in checks:
+                ok &= check(rec, args, sizes, clock)
+        finish_prewarm(rec, prewarm, clock)
         if "throughput" in args.phases:
             if peak is None:
                 peak = matmul_peak_tflops(args.device, sizes.matmul_n)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cmtkd.catalog import method_entry
 from cmtkd.cli import main
 from cmtkd.config import build_config
 from cmtkd.data import DataConfig, DataInfo, build_data
@@ -60,16 +61,19 @@ TIMING = ("time_s", "images_per_s")
 # The fast path against the fp32 step (TF32 off) on the same weights and batch, ResNet-18 (CIFAR stem),
 # at initialisation. bf16 keeps 8 mantissa bits (relative rounding 2^-9), accumulated in fp32.
 # Measured on CPU (bf16 autocast; width 0.25, batch 32): fp logits 1.2 %, loss 2e-5, gradient cosine 0.957
-# (BatchNorm parameters' gradients are the noisiest, cosine 0.87); channels_last + compile alone in fp32:
-# logits 2e-6 (fp) / 1e-7 (W2A2), gradient cosine 1.0000. The W2A2 network in bf16 is NOT comparable step
-# by step: values within bf16 rounding of a 2-bit activation threshold land on the next level and the
-# flips propagate (logits 29 %, gradient cosine 0.03 on CPU), so for it the test holds channels_last +
-# compile to fp32 and bf16 only to the loss value (measured 0.04-0.3 %); bf16 QAT's end result is an
-# accuracy question (digits, W2A2: 90.2 % bf16 vs 91.4 % fp32), outside a unit test. The bounds leave
-# a margin for the full-width network on CUDA, which no GPU has measured yet.
+# (BatchNorm parameters' gradients are the noisiest, cosine 0.87).
+# The W2A2 network is NOT comparable step by step under ANY change of arithmetic: values within rounding of
+# a 2-bit activation threshold land on the next level and the flips propagate through the layers. In bf16 on
+# CPU: logits 29 %, gradient cosine 0.03. In fp32 with channels_last + compile alone, on an NVIDIA H200
+# (torch 2.11, width 1, batch 128; benchmarks/results/gpu-nvidia-h200-2026-11-27.csv): logits 29 %, loss
+# 6e-4, gradient cosine 0.35 (on CPU at width 0.25: 1e-7, as cuDNN's channels_last kernels sum in another
+# order than the contiguous ones and the CPU's do not). So the W2A2 network is held to its loss value only,
+# and what compilation does to quantization is checked where no flip can propagate: on the quantizers
+# themselves (test_compiled_quantizers_match_eager). bf16 QAT's end result is an accuracy question (digits,
+# W2A2: 90.2 % bf16 vs 91.4 % fp32), outside a unit test.
 FAST_PATH_TOLERANCE = {
     ("fp", "bf16"): {"logits_rel_l2": 0.05, "loss_rel": 0.01, "grad_cosine_min": 0.80},
-    ("qat", "none"): {"logits_rel_l2": 1e-3, "loss_rel": 1e-4, "grad_cosine_min": 0.999},
+    ("qat", "none"): {"logits_rel_l2": float("inf"), "loss_rel": 0.01, "grad_cosine_min": -1.0},
     ("qat", "bf16"): {"logits_rel_l2": float("inf"), "loss_rel": 0.05, "grad_cosine_min": -1.0},
 }
 
@@ -86,7 +90,7 @@ def run_args(root: Path, method: str = "qat", epochs: int = 1, seed: int = 0, wi
             "--epochs", str(epochs), "--seed", str(seed), "--threads", "4",
             "--set", f"data.root={root}", "--set", f"data.batch_size={SIZES['batch']}",
             "--set", f"model.width={width or SIZES['width']}", "--set", "train.progress=none"]
-    if bits is not None and method != "fp":
+    if bits is not None and not method_entry(method).full_precision:  # fp, cmtkd-teachers: no student bits
         args += ["--w-bits", str(bits), "--a-bits", str(bits)]
     for key, value in (method_args or {}).items():
         args += ["--set", f"method_args.{key}={json.dumps(value)}"]
@@ -132,11 +136,14 @@ def assert_same_run(a: Path, b: Path) -> None:
 # -------------------------------------------------------------------------- every method on CUDA
 @pytest.fixture(scope="module")
 def teachers(cifar_root, tmp_path_factory) -> dict[str, str]:
-    """Pre-trained (1 epoch) teachers for the methods that load them: fp, W8A8 and W4A4 QAT."""
+    """Pre-trained (1 epoch) teachers for the methods that load them: fp, W8A8 and W4A4 QAT, and a
+    teachers-only run (cmtkd-teachers, W8A8 + W4A4 fused) for cmtkd-frozen."""
     root = tmp_path_factory.mktemp("teachers")
     out = {}
-    for name, method, bits in (("fp", "fp", None), ("w8", "qat", 8), ("w4", "qat", 4)):
-        assert main(["train", *run_args(cifar_root, method, bits=bits), "--out", str(root / name)]) == 0
+    for name, method, bits, method_args in (("fp", "fp", None, None), ("w8", "qat", 8, None), ("w4", "qat", 4, None),
+                                            ("joint", "cmtkd-teachers", None, {"teacher_bits": [8, 4]})):
+        assert main(["train", *run_args(cifar_root, method, bits=bits, method_args=method_args),
+                     "--out", str(root / name)]) == 0
         out[name] = str(root / name)
     return out
 
@@ -149,7 +156,7 @@ def method_args_for(method: str, teachers: dict[str, str]) -> dict:
     if method == "cmtkd-1t":
         return {"teacher_bits": [8]}
     if method == "cmtkd-frozen":
-        return {"teacher_bits": [8, 4], "teacher_checkpoints": [teachers["w8"], teachers["w4"]]}
+        return {"teacher_bits": [8, 4], "teachers_run": teachers["joint"]}
     if method == "dml" or method.startswith("cmtkd"):
         return {"teacher_bits": [8, 4]}
     return {}
@@ -283,6 +290,44 @@ def test_bf16_channels_last_compile_matches_fp32(method, amp):
     assert got["logits_rel_l2"] <= bound["logits_rel_l2"], got
     assert got["loss_rel"] <= bound["loss_rel"], got
     assert got["grad_cosine"] >= bound["grad_cosine_min"], got
+
+
+# The quantizers the paper's networks use (HWGQ activations, Gaussian 2-bit weights) and a learned-step
+# one (LSQ, whose step gradient sums over the tensor), each compiled against eager on the same input.
+QUANTIZER_CASES = [("act", "hwgq"), ("act", "lsq"), ("weight", "gaussian")]
+
+
+@pytest.mark.parametrize("kind,name", QUANTIZER_CASES)
+def test_compiled_quantizers_match_eager(kind, name):
+    """torch.compile gives a quantizer's levels and straight-through gradients unchanged: the same level for
+    every value except those on a level boundary to within rounding (a fused kernel may compute x / step in
+    another order), and the same input and parameter gradients (up to rounding) wherever the levels agree."""
+    from cmtkd.quant import make_act_quantizer, make_weight_quantizer
+
+    device = torch.device(DEVICE)
+    generator = torch.Generator().manual_seed(0)
+    shape = (128, 64, 16, 16) if kind == "act" else (256, 128, 3, 3)
+    x = torch.randn(shape, generator=generator).to(device)
+    upstream = torch.randn(shape, generator=generator).to(device)  # a gradient from above that is not all ones
+    got = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        quantizer = (make_act_quantizer if kind == "act" else make_weight_quantizer)(name, 2).to(device).train()
+        forward = torch.compile(quantizer) if compiled else quantizer
+        inp = x.clone().requires_grad_(True)
+        out = forward(inp)
+        (out * upstream).sum().backward()
+        got[compiled] = (out.detach(), inp.grad.detach(), [p.grad.detach().clone() for p in quantizer.parameters()
+                                                          if p.grad is not None])
+    (out_e, grad_e, params_e), (out_c, grad_c, params_c) = got[False], got[True]
+    # Same level: equal up to rounding of the step itself (LSQ's data-dependent initial step, a mean over the
+    # tensor, may differ in its last bit when compiled); another level differs by a whole step.
+    same = torch.isclose(out_e, out_c, rtol=1e-5, atol=1e-7)
+    assert same.float().mean().item() >= 1 - 1e-4, f"{(~same).sum().item()} of {same.numel()} levels differ"
+    assert torch.allclose(grad_e[same], grad_c[same], rtol=1e-5, atol=1e-7)
+    assert len(params_e) == len(params_c)
+    for a, b in zip(params_e, params_c):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6), (name, a, b)
 
 
 # -------------------------------------------------------------------------- GPU-resident data
