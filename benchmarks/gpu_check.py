@@ -53,6 +53,8 @@ PHASES = ("env", "tests", "grid", "throughput", "projection")
 # What the check needs beyond torch/torchvision/numpy/pandas/pyyaml/matplotlib/tqdm/pytest (present on
 # the usual GPU images): Snakemake for the grid phase, jsonschema for the suite-config validation.
 REQUIREMENTS = ("snakemake>=8", "jsonschema")
+# What building this checkout (pip install -e) needs, carried too in case the image lacks them.
+BUILD_REQUIREMENTS = ("setuptools>=64", "wheel")
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
                    "manylinux2014_x86_64", "manylinux1_x86_64")
 TEACHER_BITS = [8, 6, 4]
@@ -257,14 +259,19 @@ def checkout_importable() -> bool:
     return probe.returncode == 0
 
 
-def install_checkout() -> str:
-    """Make this checkout importable as the package (editable, no dependencies, no index, no build isolation:
-    the GPU image's setuptools builds it). Returns what was done; exits with one line if it cannot."""
+def install_checkout(wheels: Path | None = None) -> str:
+    """Make this checkout importable as the package (editable, no dependencies, no index): built by the
+    image's own setuptools (no build isolation), else, given a wheel folder, in an isolated build from the
+    setuptools and wheel carried there. Returns what was done; exits with one line if it cannot."""
     if checkout_importable():
         return "already importable"
     command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation",
                "--no-cache-dir", "--disable-pip-version-check", "--quiet", "-e", str(REPO_ROOT)]
     done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 and wheels is not None and wheels.is_dir():
+        command = [arg for arg in command if arg != "--no-build-isolation"]
+        command[command.index("--no-index") + 1:command.index("--no-index") + 1] = ["--find-links", str(wheels)]
+        done = subprocess.run(command, capture_output=True, text=True)
     import importlib
 
     importlib.invalidate_caches()
@@ -284,7 +291,7 @@ def download_commands(folder: Path, python_version: str = "3.12") -> list[list[s
               python_version, "--implementation", "cp", "--find-links", str(folder), "-d", str(folder)]
     for plat in WHEEL_PLATFORMS:
         target += ["--platform", plat]
-    return [native, target + ["--platform", "any", *REQUIREMENTS]]
+    return [native, target + ["--platform", "any", *REQUIREMENTS, *BUILD_REQUIREMENTS]]
 
 
 def drop_foreign_wheels(folder: Path, python_version: str = "3.12") -> list[str]:
@@ -751,7 +758,7 @@ def main(argv=None) -> int:
         return 0
     clock = Clock(args.budget_s)
     installed, where = install_missing(args.wheels) if args.wheels else ([], "")
-    checkout = install_checkout()
+    checkout = install_checkout(args.wheels)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
