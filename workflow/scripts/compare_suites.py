@@ -37,10 +37,15 @@ COMPARED_ROLES = ("grid", "variant")  # not "teacher": runs the grid adds for ot
 NO_VARIANT = "–"  # how the table shows the default point
 
 
-def read_runs(path: str) -> pd.DataFrame:
+def runs_csv(path: str | Path) -> Path:
+    """A suite's runs.csv: ``path`` itself, or ``path/results/runs.csv`` for a working directory."""
     file = Path(path)
-    if file.suffix != ".csv":
-        file = file / "results" / "runs.csv"
+    return file if file.suffix == ".csv" else file / "results" / "runs.csv"
+
+
+def read_runs(path: str | Path) -> pd.DataFrame:
+    """The compared rows (roles grid and variant) of a suite's runs.csv, its columns as they are."""
+    file = runs_csv(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist; give a suite's working directory (or its runs.csv) "
                                 f"after the suite has finished")
@@ -48,8 +53,7 @@ def read_runs(path: str) -> pd.DataFrame:
     missing = [c for c in [*CELL, "seed", "top1"] if c not in runs]
     if missing:
         raise ValueError(f"{file} lacks the columns {missing}; is it a cmtkd runs.csv?")
-    comparable(runs, str(file))  # one row per run, or an error naming the file
-    return runs
+    return runs[runs["role"].isin(COMPARED_ROLES)] if "role" in runs else runs
 
 
 def comparable(runs: pd.DataFrame, name: str = "runs") -> pd.DataFrame:
@@ -120,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the table to this file: Markdown, or CSV for a .csv name")
     args = parser.parse_args(argv)
     try:
-        table = compare(read_runs(args.suite_a), read_runs(args.suite_b), tuple(args.labels))
+        files = [runs_csv(args.suite_a), runs_csv(args.suite_b)]
+        suites = [read_runs(file) for file in files]
+        for runs, file in zip(suites, files):
+            comparable(runs, str(file))  # two rows for one run: an error naming the file
+        table = compare(*suites, tuple(args.labels))
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         print(f"compare_suites: error: {exc}", file=sys.stderr)
         return 2
