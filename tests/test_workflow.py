@@ -553,7 +553,8 @@ def test_estimate_cost_layers_several_files_in_order(tmp_path):
     grid = {"dataset": {"name": "cifar100"}, "recipe": {"epochs": 200},
             "experiments": {"one": {"methods": ["qat"], "archs": ["resnet18"], "bits": ["W2A2"],
                                     "teacher_sets": [[8, 6, 4]], "seeds": [0]}}}
-    first, second = write_config(tmp_path / "a.yaml", grid), write_config(tmp_path / "b.yaml", {"recipe": {"epochs": 100}})
+    first = write_config(tmp_path / "a.yaml", grid)
+    second = write_config(tmp_path / "b.yaml", {"recipe": {"epochs": 100}})
     done = run_script("estimate_cost.py", "--config", str(first), "--configfile", str(second),
                       "--images-per-s", "resnet18=5000", cwd=tmp_path)
     # 100 epochs x 37,500 images (50,000 less config/config.yaml's val_fraction 0.25) / 5,000 img/s
