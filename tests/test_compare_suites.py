@@ -52,3 +52,66 @@ def test_not_a_runs_csv_is_one_line(tmp_path, columns):
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "a.csv"), str(tmp_path / "b.csv")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "lacks the columns" in done.stderr
+
+
+def sensitivity_runs(rows):
+    """A sensitivity suite's rows (variant, role, seed, top1): cmtkd W2A2 with teachers 8-6-4."""
+    base = dict(method="cmtkd", dataset="digits", arch="alexnet", w_bits=2, a_bits=2, teacher_bits="8-6-4")
+    return pd.DataFrame([{**base, **dict(zip(("variant", "role", "seed", "top1"), r))} for r in rows])
+
+
+def test_variants_are_cells_of_their_own(tmp_path):
+    """A variant run is compared with the same variant of the other suite, never merged into the default
+    point; the default point is an empty variant in the CSV; teacher rows stay out."""
+    a = sensitivity_runs([("", "grid", 0, 90.0), ("", "grid", 1, 91.0), ("", "grid", 2, 92.0),
+                          ("gamma=10", "variant", 0, 80.0), ("gamma=10", "variant", 1, 80.0),
+                          ("gamma=10", "variant", 2, 80.0)])
+    b = sensitivity_runs([("", "grid", 0, 90.0), ("", "grid", 1, 91.0), ("", "grid", 2, 92.0),
+                          ("gamma=10", "variant", 0, 82.0), ("gamma=10", "variant", 1, 82.1),
+                          ("gamma=10", "variant", 2, 81.9), ("", "teacher", 8000, 10.0)])
+    for frame, name in ((a, "a.csv"), (b, "b.csv")):
+        frame.to_csv(tmp_path / name, index=False)  # "" is written empty and read back as NaN
+    assert compare_suites.read_runs(str(tmp_path / "a.csv"))["variant"].isna().sum() == 3
+    table = compare_suites.compare(compare_suites.read_runs(str(tmp_path / "a.csv")),
+                                   compare_suites.read_runs(str(tmp_path / "b.csv")), ("A", "B"))
+    assert list(table["variant"]) == ["–", "gamma=10"]
+    assert list(table.columns[:7]) == [*compare_suites.CELL, "variant"]
+    default, gamma = table.iloc[0], table.iloc[1]
+    assert (default["A"], default["n A"], default["n B"], default["B − A"]) == ("91.00 ± 2.48", 3, 3, "0.00 ± 0.00")
+    assert (gamma["A"], gamma["n A"], gamma["n B"], gamma["B − A"]) == ("80.00 ± 0.00", 3, 3, "2.00 ± 0.25")
+    assert gamma["verdict"] == "B higher" and default["verdict"] == "no significant difference"
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "a.csv"), str(tmp_path / "b.csv")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "gamma=10" in done.stdout, done.stderr
+
+
+def test_a_suite_without_variants_meets_the_default_point():
+    """Suite A has no variant column (all its runs are the default point); suite B's variant is a cell
+    A lacks, shown as such rather than dropped."""
+    a = sensitivity_runs([("", "grid", s, 90.0 + s) for s in range(3)]).drop(columns="variant")
+    b = sensitivity_runs([(float("nan"), "grid", s, 91.0 + s) for s in range(3)]
+                         + [("beta=0", "variant", s, 70.0) for s in range(3)])
+    table = compare_suites.compare(a, b, ("A", "B")).set_index("variant")
+    assert table.loc["–", "B − A"] == "1.00 ± 0.00" and table.loc["–", "pairs"] == 3
+    assert (table.loc["beta=0", "n A"], table.loc["beta=0", "n B"]) == (0, 3)
+    assert table.loc["beta=0", "verdict"] == "only in B" and table.loc["beta=0", "A"] == "–"
+
+
+def test_two_rows_for_one_run_are_an_error(tmp_path):
+    """Without the variant in the cell, a variant run and the default run of a seed would be one run:
+    two rows for one (cell, variant, seed) are refused, naming the file."""
+    same = sensitivity_runs([("", "grid", 0, 90.0), (float("nan"), "variant", 0, 80.0)])
+    same.to_csv(tmp_path / "a.csv", index=False)
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "a.csv"), str(tmp_path / "a.csv")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "a.csv has 2 rows for one run" in done.stderr and "seed=0" in done.stderr
+
+
+def test_the_sensitivity_suite_keeps_every_level():
+    """The committed sensitivity runs: 16 cells (the default point, 11 option levels, 3 other teacher
+    sets), 3 seeds each, compared with themselves."""
+    runs = compare_suites.read_runs(str(ROOT / "results" / "sensitivity" / "runs.csv"))
+    table = compare_suites.compare(runs, runs, ("A", "B"))
+    assert len(table) == 16 and (table["n A"] == 3).all() and (table["pairs"] == 3).all()
+    assert (table["variant"] == "–").sum() == 4 and "gamma=1000" in set(table["variant"])

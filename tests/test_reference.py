@@ -245,6 +245,28 @@ def test_publish_copies_text_and_pictures_with_a_fingerprint(tmp_path):
     assert "Wall time: 120" in (out / "ENVIRONMENT.md").read_text()
 
 
+@pytest.mark.parametrize("log, expected", [
+    ("SNAKEMAKE\n=========\n  Command: /venv/lib/python3.11/site-packages/snakemake/__main__.py --cores 2 "
+     "--configfile tiny.yaml --directory suite\nBuilding DAG of jobs...\nProvided cores: 2\n",
+     "- Command (from the suite's Snakemake logs, oldest first): "
+     "`snakemake --cores 2 --configfile tiny.yaml --directory suite`"),
+    ("Building DAG of jobs...\nProvided cores: 3\n", "--cores 3 --configfile"),  # an older log: cores only
+    ("Building DAG of jobs...\n", "`snakemake --cores N --configfile"),  # nothing recorded
+])
+def test_environment_md_quotes_the_command_the_logs_record(tmp_path, log, expected):
+    suite, config = make_suite(tmp_path)
+    (suite / ".snakemake" / "log" / "2026-11-27T090240.090239.snakemake.log").write_text(
+        log + "[Fri Nov 27 09:02:41 2026]\nElapsed time: 0:01:40.5\n")
+    out = tmp_path / "reference"
+    done = publish(suite, config, out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    environment = (out / "ENVIRONMENT.md").read_text()
+    assert expected in environment, environment
+    assert ("were not recorded" in environment) == ("--cores N" in expected)
+    recorded = json.loads((out / "FINGERPRINT.json").read_text())["suite"]["invocations"]
+    assert [i["cores"] for i in recorded] == ([] if "--cores N" in expected else [2 if "Command" in log else 3])
+
+
 def test_publish_refuses_a_suite_with_a_missing_run_and_keeps_the_old_results(tmp_path):
     suite, config = make_suite(tmp_path, drop_seed=1)
     out = tmp_path / "reference"

@@ -524,7 +524,7 @@ def test_train_run_under_torchrun_on_cpu(tmp_path):
 
 
 def test_estimate_cost(tmp_path):
-    config = {"dataset": {"name": "cifar100"}, "recipe": {"epochs": 200},
+    config = {"dataset": {"name": "cifar100"}, "recipe": {"epochs": 200, "data": {"val_fraction": 0.1}},
               "experiments": {"one": {"methods": ["qat", "cmtkd"], "archs": ["resnet18"], "bits": ["W2A2"],
                                       "teacher_sets": [[8, 6, 4]], "seeds": [0]}}}
     path = write_config(tmp_path / "c.yaml", config)
@@ -533,6 +533,40 @@ def test_estimate_cost(tmp_path):
     assert "Total: 2.5 GPU-hours" in done.stdout, done.stdout
     smk = snakemake(tmp_path, "estimate", config=path)  # no data needed, nothing trained
     assert smk.returncode == 0 and "No throughput known for resnet18" in smk.stdout, smk.stdout + smk.stderr
+
+
+def test_estimate_cost_layers_configs_as_the_workflow_does(tmp_path):
+    """config/sensitivity.yaml sets no recipe: layered over config/config.yaml (11 epochs) as Snakemake
+    layers it, with every variant run of its `vary` priced at its own number of teachers."""
+    done = run_script("estimate_cost.py", "--config", str(ROOT / "config" / "sensitivity.yaml"),
+                      "--images-per-s", "alexnet=1000", cwd=tmp_path)
+    assert "Runs: 48 (0 teacher-only, 45 sensitivity variants)." in done.stdout, done.stdout
+    # 11 epochs x 3,000 training images (4,000 less the recipe's val_fraction 0.25) / 1,000 img/s per
+    # network; networks per step 1 + n teachers: 3 runs with 1 teacher, 3 with 2, 39 with 3 (the default
+    # point + 12 option levels), 3 with 4.
+    hours = 11 * 3000 / 1000 / 3600 * (3 * 2 + 3 * 3 + 39 * 4 + 3 * 5)
+    assert f"Total: {hours:.1f} GPU-hours" in done.stdout, done.stdout
+    assert "|       11 |" in done.stdout  # the default suite's epochs
+
+
+def test_estimate_cost_layers_several_files_in_order(tmp_path):
+    grid = {"dataset": {"name": "cifar100"}, "recipe": {"epochs": 200},
+            "experiments": {"one": {"methods": ["qat"], "archs": ["resnet18"], "bits": ["W2A2"],
+                                    "teacher_sets": [[8, 6, 4]], "seeds": [0]}}}
+    first = write_config(tmp_path / "a.yaml", grid)
+    second = write_config(tmp_path / "b.yaml", {"recipe": {"epochs": 100}})
+    done = run_script("estimate_cost.py", "--config", str(first), "--configfile", str(second),
+                      "--images-per-s", "resnet18=5000", cwd=tmp_path)
+    # 100 epochs x 37,500 images (50,000 less config/config.yaml's val_fraction 0.25) / 5,000 img/s
+    assert "Total: 0.2 GPU-hours" in done.stdout, done.stdout
+    done = run_script("estimate_cost.py", "--configfile", str(second), str(first),
+                      "--images-per-s", "resnet18=5000", cwd=tmp_path)
+    assert "Total: 0.4 GPU-hours" in done.stdout, done.stdout  # the later file wins: 200 epochs
+    # Without config/config.yaml underneath, a file without `dataset` is no suite: one line naming the key.
+    alone = subprocess.run([sys.executable, str(SCRIPTS / "estimate_cost.py"), "--replace-workflow-config",
+                            "--config", str(second)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0 and alone.stderr.count("\n") == 1, alone.stderr
+    assert alone.stderr.startswith("cmtkd: error: invalid suite config") and "'dataset'" in alone.stderr
 
 
 def test_paper_numbers_have_provenance():

@@ -4,7 +4,13 @@
                                              [--images-per-s resnet18=9000 --images-per-s alexnet=20000]
     snakemake estimate --configfile config/cifar100.yaml      (the same, from the workflow)
 
-For every run of the grid (teachers included):
+The suite is layered as the workflow layers it (workflow/scripts/suite_config.py): config/config.yaml,
+then every ``--config``/``--configfile`` file in the order given (a file with ``experiments`` brings
+its own grid), validated with the schema's defaults filled in; ``--replace-workflow-config`` starts
+from nothing instead of config/config.yaml. So ``--config config/sensitivity.yaml``, which sets no
+recipe, is priced with the default suite's recipe, as ``snakemake --configfile`` would train it.
+
+For every run of the grid (teachers and sensitivity variants included):
 
     hours = epochs x training images x networks per step / images per second / 3600
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -29,26 +36,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid as G
 
 TRAIN_SET_SIZE = {"digits": 4000, "cifar100": 50000, "imagenet": 1281167}  # before the val hold-out
-SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
 
-def load_grid(config_path: str | None, grid_csv: str | None) -> tuple[pd.DataFrame, dict]:
+def load_grid(configfiles: str | Sequence[str] | None, grid_csv: str | None, *,
+              replace: bool = False) -> tuple[pd.DataFrame, dict]:
+    """The runs (one row each, with their role) and the config's ``throughput``: from a grid.csv the
+    workflow wrote, or from config files layered as the workflow layers them (module docstring)."""
     if grid_csv:
         return pd.read_csv(grid_csv, dtype={"teacher_bits": str}, keep_default_na=False), {}
-    import jsonschema
-    import yaml
+    import suite_config  # jsonschema + snakemake's validation: not needed for --grid (the estimate rule)
 
-    config = G.load_config(config_path)
-    validator = jsonschema.Draft202012Validator(yaml.safe_load(SCHEMA.read_text()))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
-    if error is not None:
-        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise SystemExit(f"{config_path}: invalid suite config: key '{where}': {error.message} "
-                         f"(see workflow/schemas/config.schema.yaml)")
+    files = [configfiles] if isinstance(configfiles, str) else list(configfiles or [])
     try:
+        config, _ = suite_config.load_suite(files, replace=replace)
         return G.expand(config), config.get("throughput", {})
-    except G.GridError as exc:
-        raise SystemExit(f"{config_path}: {exc}")
+    except (suite_config.SuiteConfigError, G.GridError) as exc:
+        first, *problems = [line.strip() for line in str(exc).splitlines()]  # one line: problems joined
+        raise SystemExit(f"cmtkd: error: {first} {'; '.join(problems)}".rstrip())
 
 
 def measured(runs_csv: str | None) -> pd.DataFrame:
@@ -92,7 +96,9 @@ def report(costs: pd.DataFrame) -> str:
     lines = ["# Estimated cost of the grid", "", by_method.to_markdown(index=False, floatfmt=".2f"), ""]
     total = costs["gpu_hours"].sum(min_count=1)
     unknown = costs[costs["basis"] == "unknown"]
-    lines.append(f"Runs: {len(costs)} ({(costs['role'] == 'teacher').sum()} teacher-only).")
+    n_variants = int((costs["role"] == "variant").sum())
+    variants = f", {n_variants} sensitivity variants" if n_variants else ""
+    lines.append(f"Runs: {len(costs)} ({(costs['role'] == 'teacher').sum()} teacher-only{variants}).")
     if not unknown.empty:
         archs = ", ".join(sorted(set(unknown["arch"])))
         lines.append(f"No throughput known for {archs} on {', '.join(sorted(set(unknown['dataset'])))}: pass "
@@ -120,14 +126,19 @@ def parse_throughput(values: list[str]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="suite config (config/cifar100.yaml, ...)")
-    source.add_argument("--grid", help="results/grid.csv written by the workflow")
+    parser.add_argument("--config", "--configfile", dest="configfiles", nargs="+", action="extend", default=[],
+                        metavar="FILE", help="suite config(s) (config/cifar100.yaml, ...), layered in order over "
+                                             "config/config.yaml as the workflow does (may repeat)")
+    parser.add_argument("--replace-workflow-config", action="store_true",
+                        help="layer the config files over nothing instead of config/config.yaml")
+    parser.add_argument("--grid", help="results/runs/grid.csv written by the workflow (instead of --config)")
     parser.add_argument("--runs", help="a runs.csv with measured images_per_s")
     parser.add_argument("--images-per-s", action="append", default=[], metavar="ARCH=N",
                         help="training images/s of one QAT run of ARCH on the target GPU (may repeat)")
     args = parser.parse_args(argv)
-    runs, config_throughput = load_grid(args.config, args.grid)
+    if bool(args.grid) == bool(args.configfiles):
+        parser.error("give --config FILE... (suite configs) or --grid results/runs/grid.csv, one of the two")
+    runs, config_throughput = load_grid(args.configfiles, args.grid, replace=args.replace_workflow_config)
     throughput = {**config_throughput, **parse_throughput(args.images_per_s)}
     print(report(estimate(runs, throughput, measured(args.runs))), end="")
     return 0

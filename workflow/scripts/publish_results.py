@@ -9,8 +9,11 @@ SUITE_DIR is the suite's working directory (``snakemake --directory SUITE_DIR``)
 checkpoint, model or log). Written next to them: ``FINGERPRINT.json`` and ``ENVIRONMENT.md`` (the
 same facts for people):
 
-- the suite: each config layer (config/config.yaml, then each --configfile) with its SHA-256, and the
-  resolved config;
+- the suite: each config layer (config/config.yaml, then each --configfile) with its SHA-256, the
+  resolved config, and the command line and cores of each Snakemake invocation that its logs under
+  ``SUITE_DIR/.snakemake/log`` record (ENVIRONMENT.md quotes those commands; where no log records one,
+  it rebuilds the command from this script's arguments, with the cores from the logs' "Provided
+  cores" or, when no log has them either, ``--cores N`` and a note that they were not recorded);
 - the code: the git commit every run recorded (with ``-dirty`` when its tree had uncommitted changes)
   and how many runs each, and the commit of this checkout at publishing;
 - the runs: how many (grid runs and teacher runs), torch and Python of the runs, threads per job
@@ -57,6 +60,9 @@ LOG_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{6}\.\d+)\.snakemake\.log$")
 ELAPSED = re.compile(r"^Elapsed time: (?:(\d+) days?, )?(\d+):(\d+):(\d+(?:\.\d+)?)", re.M)
 STARTED = re.compile(r"^\s*Date: (\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})", re.M)
 STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d{2}:\d{2}:\d{2} \d{4})\]", re.M)
+COMMAND = re.compile(r"^\s*Command: (.+)$", re.M)  # Snakemake's header: its program and arguments
+CORES = re.compile(r"^Provided cores: (\d+)", re.M)
+UNKNOWN_CORES = "--cores N"  # in the command rebuilt from this script's arguments
 SHOWN_MISSING = 5
 UMASK = os.umask(0o022)
 os.umask(UMASK)
@@ -161,6 +167,44 @@ def wall_time(suite: Path, given: float | None) -> dict:
             "source": f"sum of the elapsed times of {len(seconds)} Snakemake invocation(s) in .snakemake/log"}
 
 
+def snakemake_program(command: str) -> str:
+    """A recorded command line with its program (``.../snakemake/__main__.py``, ``.../bin/snakemake``)
+    shown as ``snakemake``."""
+    program, _, args = command.strip().partition(" ")
+    path = Path(program)
+    if path.name == "snakemake" or (path.name == "__main__.py" and path.parent.name == "snakemake"):
+        program = "snakemake"
+    return f"{program} {args}".strip()
+
+
+def invocations(suite: Path) -> list[dict]:
+    """Each Snakemake invocation of the suite (dry runs write no log), oldest first, with the command
+    line and the cores its log records (None where it does not; logs that record neither are left out)."""
+    found = []
+    for log in sorted((suite / ".snakemake" / "log").glob("*.snakemake.log")):
+        text = log.read_text(errors="replace")
+        command, cores = COMMAND.search(text), CORES.search(text)
+        if command or cores:
+            found.append({"log": log.name, "command": snakemake_program(command.group(1)) if command else None,
+                          "cores": int(cores.group(1)) if cores else None})
+    return found
+
+
+def command_text(recorded: list[dict], rebuilt: str) -> str:
+    """The ENVIRONMENT.md line of the command(s) that made the suite: the recorded ones, else ``rebuilt``
+    (this script's arguments, ``--cores N``) with the recorded cores, else ``rebuilt`` and a note."""
+    commands = list(dict.fromkeys(i["command"] for i in recorded if i["command"]))
+    if commands:
+        return (f"Command{'s' if len(commands) > 1 else ''} (from the suite's Snakemake logs, oldest first): "
+                + "; ".join(f"`{c}`" for c in commands))
+    cores = list(dict.fromkeys(i["cores"] for i in recorded if i["cores"] is not None))
+    if cores:
+        return ("Command: " + "; ".join(f"`{rebuilt.replace(UNKNOWN_CORES, f'--cores {c}', 1)}`" for c in cores)
+                + " (cores from the suite's Snakemake logs, which do not record the command line)")
+    return (f"Command: `{rebuilt}` (N: the cores used were not recorded; no Snakemake log of the suite "
+            f"says, in .snakemake/log)")
+
+
 def version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -184,7 +228,7 @@ def fingerprint(suite: Path, configfiles: list[str], config: dict, runs: pd.Data
                                             if Path(f).resolve() != Path(suite_config.DEFAULT_SUITE).resolve())]
     return {
         "suite": {"config_layers": [{"file": shown_path(p), "sha256": sha256_file(p)} for p in layers],
-                  "resolved_config": config},
+                  "resolved_config": config, "invocations": invocations(suite)},
         "code": {"run_commits": {} if commits is None else {str(k): int(v) for k, v in commits.items()},
                  "any_run_dirty": None if commits is None else any(str(c).endswith("-dirty") for c in commits.index),
                  "commit_at_publishing": git_commit()},
@@ -204,7 +248,8 @@ def fingerprint(suite: Path, configfiles: list[str], config: dict, runs: pd.Data
 
 
 def environment_md(print_: dict, command: str) -> str:
-    """FINGERPRINT.json for people."""
+    """FINGERPRINT.json for people; ``command``: the suite's command rebuilt from this script's arguments
+    (with ``--cores N``), quoted where the Snakemake logs record no command line."""
     runs, code, wall, machine = print_["runs"], print_["code"], print_["wall_time"], print_["machine"]
     seconds = wall["seconds"]
     wall_text = "unknown" if seconds is None else f"{seconds:,.0f} s ({seconds / 60:.1f} min)"
@@ -217,7 +262,7 @@ def environment_md(print_: dict, command: str) -> str:
         "",
         "Machine-made by `workflow/scripts/publish_results.py` (all of it is in `FINGERPRINT.json`).",
         "",
-        f"- Command: `{command}`",
+        f"- {command_text(print_['suite'].get('invocations', []), command)}",
         f"- Config layers: {layers}; the resolved config is in `FINGERPRINT.json`.",
         f"- Code: the runs recorded {commits or 'no commit'}; any uncommitted changes: "
         f"{'yes' if code['any_run_dirty'] else 'no' if code['any_run_dirty'] is False else 'unknown'}; "
@@ -290,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wall-seconds", type=float, help="the suite's wall time (default: from its Snakemake logs)")
     args = parser.parse_args(argv)
     suite = Path(args.suite)
-    command = "snakemake --cores N " + " ".join(f"--configfile {shown_path(c)}" for c in args.configfile) + \
+    command = f"snakemake {UNKNOWN_CORES} " + " ".join(f"--configfile {shown_path(c)}" for c in args.configfile) + \
         f" --directory {args.suite}"
     try:
         print_ = publish(suite, args.configfile, Path(args.out), args.wall_seconds, command)

@@ -83,6 +83,8 @@ def load_runs(path: str | Path) -> pd.DataFrame:
         runs = compare_suites.read_runs(str(runs_file(path)))
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise CheckError(str(exc)) from None
+    if "role" in runs:  # compare_suites also keeps sensitivity variants; the reference grid has none
+        runs = runs[runs["role"] == "grid"]
     duplicated = runs[runs.duplicated([*CELL, "seed"], keep=False)]
     if not duplicated.empty:
         first = duplicated.iloc[0]
