@@ -725,6 +725,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=470, help="total time limit in seconds (default 470)")
     p.add_argument("--csv", type=Path, help="output CSV (default benchmarks/results/gpu-<device>-<date>.csv)")
     p.add_argument("--work", type=Path, help="scratch folder (default: a new temporary folder)")
+    p.add_argument("--side-by-side", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the tests and grid phases at the same time (default: on CUDA only)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -781,7 +783,8 @@ def main(argv=None) -> int:
             peak = phase_env(rec, args, sizes)["peak_tflops"]
         prewarm = start_prewarm(args, sizes)
         checks = [phase for phase in (phase_tests, phase_grid) if phase.__name__[6:] in args.phases]
-        if args.device == "cuda" and len(checks) == 2:
+        side_by_side = args.device == "cuda" if args.side_by_side is None else args.side_by_side
+        if side_by_side and len(checks) == 2:
             # On a GPU machine the tests and the grid (correctness, not timings) share the GPU side by side,
             # while the compile caches fill in the background: the timed phase then has the GPU to itself.
             outcome = [False, False]
