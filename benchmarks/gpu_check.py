@@ -20,7 +20,9 @@ timed phase has the GPU to itself and compiles from warm caches:
 4. ``throughput``: img/s of one training step of fp, qat and cmtkd (3 teachers) on the CIFAR ResNet-18,
    batch 256, bf16 + channels_last, without and with torch.compile, and on AlexNet; each case in its own
    process; FLOPs per step counted with ``torch.utils.flop_counter`` -> the fraction of the measured
-   peak; the data pipeline's time per batch against the step.
+   peak; the data pipeline's time per batch against the step; for ResNet-18 QAT and CMT-KD (eager) and FP
+   (compiled), the step's device time by kernel (torch.profiler; ``profile`` rows: conv/matmul, batch norm,
+   compiled Triton kernels, copies, the rest element-wise).
 5. ``projection``: the wall time of one 200-epoch CIFAR-100 CMT-KD run and of the whole CIFAR-100 grid
    (workflow/scripts/estimate_cost.py with the measured throughputs), against the targets.
 
@@ -520,8 +522,58 @@ def measure_case(case: dict, sizes: Sizes, device: str) -> dict:
         times.append((time.perf_counter() - t0) / sizes.steps)
     step_s = statistics.median(times)
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0
+    kernels = kernel_breakdown(lambda: train_step(method, optimizer, scaler, images, targets, cfg, dev), dev) \
+        if profiled(case) else []
     return {"step_ms": 1000 * step_s, "img_s": sizes.batch / step_s, "flops_per_step": flops,
-            "compile_s": t_compile, "mem_gib": mem}
+            "compile_s": t_compile, "mem_gib": mem, "kernels": kernels}
+
+
+def profiled(case: dict) -> bool:
+    """The cases whose step time is broken down by kernel: where the time goes in a quantized step (ResNet-18
+    QAT and CMT-KD, eager), and why compiling FP did not help (ResNet-18 FP, compiled)."""
+    return case["arch"] == "resnet18" and ((case["label"] in ("qat", "cmtkd") and not case["compile"])
+                                           or (case["label"] == "fp" and case["compile"]))
+
+
+KERNEL_GROUPS = (("conv/matmul", ("conv", "gemm", "sm90", "sm80", "cutlass", "wgmma", "xmma", "matmul", "mm_")),
+                 ("batch norm", ("batch_norm", "bn_", "welford")),
+                 ("triton (compiled)", ("triton",)),
+                 ("copy/layout", ("copy", "nchw", "nhwc", "transpose", "cat")))
+
+
+def kernel_breakdown(step, dev, steps: int = 3, top: int = 8) -> list[dict]:
+    """Device time per kernel over ``steps`` training steps (torch.profiler): the ``top`` kernels and the
+    share of coarse groups (convolution/matmul, batch norm, compiled Triton kernels, copies; the rest is
+    element-wise work, the quantizers' among it). On CPU, the CPU time of the top-level ops instead."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        if dev.type == "cuda":  # the kernels themselves (an op's own row would count its kernels twice)
+            if getattr(event, "device_type", None) != DeviceType.CUDA:
+                continue
+            us = getattr(event, "self_device_time_total", None)
+            us = getattr(event, "self_cuda_time_total", 0) if us is None else us
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            rows.append((event.key, us / steps / 1000))
+    total = sum(ms for _, ms in rows) or 1.0
+    groups: dict[str, float] = {}
+    for key, ms in rows:
+        name = next((g for g, marks in KERNEL_GROUPS if any(m in key.lower() for m in marks)), "element-wise/other")
+        groups[name] = groups.get(name, 0.0) + ms
+    out = [{"name": f"group: {g}", "ms": ms, "share": ms / total} for g, ms in sorted(groups.items(), key=lambda x: -x[1])]
+    out += [{"name": key[:90], "ms": ms, "share": ms / total} for key, ms in sorted(rows, key=lambda x: -x[1])[:top]]
+    return out
 
 
 def data_batch_ms(sizes: Sizes, device: str) -> float:
@@ -648,6 +700,9 @@ def phase_throughput(rec: Record, args, sizes: Sizes, clock: Clock, peak_tflops:
                      f"{tflops:.1f} TFLOP/s = {100 * frac:.1f} % of peak, {got['mem_gib']:.1f} GiB"
                      + (f", compiled in {got['compile_s']:.0f} s (warm caches if the prewarm finished)"
                         if case["compile"] else ""))
+        for kernel in got.get("kernels", []):
+            rec.add("profile", f"{name}: {kernel['name']}", kernel["ms"], "ms/step",
+                    note=f"{100 * kernel['share']:.1f} % of the step's {'device' if args.device == 'cuda' else 'CPU'} time")
     # The targets, on the fastest measured ResNet-18 CMT-KD variant.
     cmtkd = [r for n, r in results.items() if r["arch"] == "resnet18" and r["label"] == "cmtkd"]
     if cmtkd and peak_tflops:
