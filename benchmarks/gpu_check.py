@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,13 +252,19 @@ def install_missing(wheels: Path, requirements=REQUIREMENTS, target: Path | None
     return missing, where
 
 
+def child_env() -> dict[str, str]:
+    """The environment of every child process: unbuffered output, the checkout first on PYTHONPATH."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 def checkout_importable() -> bool:
     """Whether a child process run like the phases' (PYTHONPATH = the checkout) imports all of cmtkd,
     ``cmtkd.baselines`` included: that subpackage lives in the top-level folder baselines/ and exists
     only once the project is installed (pyproject's package-dir), not from a bare source tree."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    probe = subprocess.run([sys.executable, "-c", "import cmtkd.baselines.qat"], cwd=tempfile.gettempdir(), env=env,
-                           capture_output=True, text=True)
+    probe = subprocess.run([sys.executable, "-c", "import cmtkd.baselines.qat"], cwd=tempfile.gettempdir(),
+                           env=child_env(), capture_output=True, text=True)
     return probe.returncode == 0
 
 
@@ -350,10 +357,8 @@ class Clock:
 
 def run(command: list[str], timeout: float, cwd: Path = REPO_ROOT, log: Path | None = None) -> tuple[int | None, str]:
     """(exit status or None on timeout, output tail); the whole output goes to ``log`` if given."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     try:
-        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        done = subprocess.run(command, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout,
                               start_new_session=True)
         output, status = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as exc:
@@ -465,7 +470,7 @@ def case_name(case: dict) -> str:
             + ("+compile" if case["compile"] else ""))
 
 
-def measure_case(case: dict, sizes: Sizes, device: str) -> dict:
+def measure_case(case: dict, sizes: Sizes, device: str, profile: bool = True) -> dict:
     """Child process: img/s and FLOPs per step of one method's training step (the engine's train_step)."""
     import statistics
 
@@ -523,7 +528,7 @@ def measure_case(case: dict, sizes: Sizes, device: str) -> dict:
     step_s = statistics.median(times)
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0
     kernels = kernel_breakdown(lambda: train_step(method, optimizer, scaler, images, targets, cfg, dev), dev) \
-        if profiled(case) else []
+        if profile and profiled(case) else []
     return {"step_ms": 1000 * step_s, "img_s": sizes.batch / step_s, "flops_per_step": flops,
             "compile_s": t_compile, "mem_gib": mem, "kernels": kernels}
 
@@ -606,7 +611,7 @@ def prewarm_compile(cases: list[dict], sizes: Sizes, device: str) -> dict:
     (Inductor's FX-graph and AOTAutograd caches, Triton's kernels) so that the timed case later compiles from
     them. Returns each case's cold compile time."""
     quick = dataclasses.replace(sizes, steps=1, warmup=0, repeats=1)
-    return {case_name(case): measure_case(case, quick, device)["compile_s"] for case in cases}
+    return {case_name(case): measure_case(case, quick, device, profile=False)["compile_s"] for case in cases}
 
 
 def _child(kind: str, payload: dict, sizes: Sizes, device: str) -> dict:
@@ -637,10 +642,8 @@ def start_prewarm(args, sizes: Sizes):
         return None
     log = args.work / "logs" / "prewarm.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     handle = open(log, "w")
-    process = subprocess.Popen(child_command("prewarm", {"cases": compiled}, args), cwd=REPO_ROOT, env=env,
+    process = subprocess.Popen(child_command("prewarm", {"cases": compiled}, args), cwd=REPO_ROOT, env=child_env(),
                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     return process, handle, log, time.monotonic()
 
@@ -837,25 +840,12 @@ def main(argv=None) -> int:
         if "env" in args.phases:
             peak = phase_env(rec, args, sizes)["peak_tflops"]
         prewarm = start_prewarm(args, sizes)
-        checks = [phase for phase in (phase_tests, phase_grid) if phase.__name__[6:] in args.phases]
+        checks = [phase for name, phase in (("tests", phase_tests), ("grid", phase_grid)) if name in args.phases]
         side_by_side = args.device == "cuda" if args.side_by_side is None else args.side_by_side
-        if side_by_side and len(checks) == 2:
-            # On a GPU machine the tests and the grid (correctness, not timings) share the GPU side by side,
-            # while the compile caches fill in the background: the timed phase then has the GPU to itself.
-            outcome = [False, False]
-
-            def run_check(i):
-                outcome[i] = checks[i](rec, args, sizes, clock)
-
-            threads = [threading.Thread(target=run_check, args=(i,)) for i in range(2)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            ok &= all(outcome)
-        else:
-            for check in checks:
-                ok &= check(rec, args, sizes, clock)
+        # On a GPU machine the tests and the grid (correctness, not timings) share the GPU side by side,
+        # while the compile caches fill in the background: the timed phase then has the GPU to itself.
+        with ThreadPoolExecutor(max_workers=len(checks) if side_by_side and checks else 1) as pool:
+            ok &= all(list(pool.map(lambda check: check(rec, args, sizes, clock), checks)))
         finish_prewarm(rec, prewarm, clock)
         if "throughput" in args.phases:
             if peak is None:

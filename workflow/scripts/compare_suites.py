@@ -44,7 +44,7 @@ def runs_csv(path: str | Path) -> Path:
 
 
 def read_runs(path: str | Path) -> pd.DataFrame:
-    """The compared rows (roles grid and variant) of a suite's runs.csv, its columns as they are."""
+    """A suite's runs.csv, every row and column as they are (:func:`comparable` picks the compared rows)."""
     file = runs_csv(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist; give a suite's working directory (or its runs.csv) "
@@ -53,7 +53,7 @@ def read_runs(path: str | Path) -> pd.DataFrame:
     missing = [c for c in [*CELL, "seed", "top1"] if c not in runs]
     if missing:
         raise ValueError(f"{file} lacks the columns {missing}; is it a cmtkd runs.csv?")
-    return runs[runs["role"].isin(COMPARED_ROLES)] if "role" in runs else runs
+    return runs
 
 
 def comparable(runs: pd.DataFrame, name: str = "runs") -> pd.DataFrame:
@@ -77,10 +77,13 @@ def fmt(value: float, ci: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if pd.isna(ci) else f"{value:.{digits}f} ± {ci:.{digits}f}"
 
 
-def compare(a: pd.DataFrame, b: pd.DataFrame, labels: tuple[str, str]) -> pd.DataFrame:
-    """The comparison table, one row per cell of either suite (see the module docstring)."""
+def compare(a: pd.DataFrame, b: pd.DataFrame, labels: tuple[str, str],
+            names: tuple[str, str] | None = None) -> pd.DataFrame:
+    """The comparison table, one row per cell of either suite (see the module docstring); ``names`` (default
+    ``labels``) name the suites in errors, e.g. their runs.csv files."""
     shows_variant = VARIANT in a or VARIANT in b
-    a, b = comparable(a, labels[0]), comparable(b, labels[1])
+    names = names or labels
+    a, b = comparable(a, names[0]), comparable(b, names[1])
     key = [*CELL, VARIANT]
     cells = pd.concat([a[key], b[key]]).drop_duplicates().sort_values(key, kind="stable")
     by_cell_a, by_cell_b = dict(list(a.groupby(key))), dict(list(b.groupby(key)))
@@ -124,11 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the table to this file: Markdown, or CSV for a .csv name")
     args = parser.parse_args(argv)
     try:
-        files = [runs_csv(args.suite_a), runs_csv(args.suite_b)]
-        suites = [read_runs(file) for file in files]
-        for runs, file in zip(suites, files):
-            comparable(runs, str(file))  # two rows for one run: an error naming the file
-        table = compare(*suites, tuple(args.labels))
+        files = (runs_csv(args.suite_a), runs_csv(args.suite_b))
+        table = compare(read_runs(files[0]), read_runs(files[1]), tuple(args.labels), tuple(map(str, files)))
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         print(f"compare_suites: error: {exc}", file=sys.stderr)
         return 2

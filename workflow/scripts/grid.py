@@ -359,11 +359,11 @@ def expand(config: dict) -> pd.DataFrame:
     frame = frame.sort_values([*COLUMNS, VARIANT], kind="stable").reset_index(drop=True)
     if not has_variants(config):
         frame = frame.drop(columns=VARIANT)  # the other suites' grid.csv stays as it was
-    frame["epochs"] = [int(recipe_for(config, arch)["epochs"]) for arch in frame["arch"]]
+    recipes = {arch: recipe_for(config, arch) for arch in frame["arch"].unique()}
+    frame["epochs"] = [int(recipes[arch]["epochs"]) for arch in frame["arch"]]
     # as train_sets passes it to the run: the recipe's data.val_fraction over dataset.val_fraction
     held_out = float(config["dataset"].get("val_fraction", DEFAULT_VAL_FRACTION))
-    frame["val_fraction"] = [float(recipe_for(config, arch).get("data.val_fraction", held_out))
-                             for arch in frame["arch"]]
+    frame["val_fraction"] = [float(recipes[arch].get("data.val_fraction", held_out)) for arch in frame["arch"]]
     return frame
 
 

@@ -83,7 +83,7 @@ def load_runs(path: str | Path) -> pd.DataFrame:
         runs = compare_suites.read_runs(str(runs_file(path)))
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise CheckError(str(exc)) from None
-    if "role" in runs:  # compare_suites also keeps sensitivity variants; the reference grid has none
+    if "role" in runs:  # read_runs keeps every row (teachers, variants); the reference compares grid runs
         runs = runs[runs["role"] == "grid"]
     duplicated = runs[runs.duplicated([*CELL, "seed"], keep=False)]
     if not duplicated.empty:
