@@ -115,7 +115,7 @@ def cmd_export(args) -> int:
         raise UserError(f"{run_dir} is a teachers-only run ({blob['method']}: fused teachers, no student); "
                         f"export a run that trained a student")
     model.eval()
-    size = args.image_size or EXPORT_IMAGE_SIZE.get(cfg.data.name, 32)
+    size = args.image_size or cfg.data.image_size or EXPORT_IMAGE_SIZE.get(cfg.data.name, 32)
     example = torch.zeros(2, blob["arch_config"]["in_channels"], size, size)
     if args.format == "onnx":
         return _export_onnx(run_dir, model, blob, example, Path(args.out or run_dir / "student.onnx"))

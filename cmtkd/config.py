@@ -231,9 +231,15 @@ def to_dict(cfg: RunConfig) -> dict:
     return asdict(cfg)
 
 
+# Keys added after runs were published, left out of the hash while at their default, so that adding
+# them changed no existing run's hash (committed results and resumable run directories stay valid).
+HASH_OMITTED_AT_DEFAULT = {"data.image_size": None}
+
+
 def config_hash(cfg: RunConfig | dict) -> str:
     d = cfg if isinstance(cfg, dict) else asdict(cfg)
-    flat = {k: v for k, v in flatten(d).items() if k not in NON_RESULT_KEYS}
+    flat = {k: v for k, v in flatten(d).items() if k not in NON_RESULT_KEYS
+            and not (k in HASH_OMITTED_AT_DEFAULT and v == HASH_OMITTED_AT_DEFAULT[k])}
     blob = json.dumps(flat, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -304,6 +304,60 @@ def test_imagenet_missing_train_names_path(tmp_path):
         build_data(DataConfig(name="imagenet", root=str(tmp_path / "nowhere")))
 
 
+# ---------------------------------------------------------------- digits at a smaller size (data.image_size)
+
+
+def test_downsample_is_the_exact_block_mean_rounded_half_to_even():
+    from cmtkd.data.digits import downsample
+
+    images = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    images[0, 0, 0:2, 0:2] = torch.tensor([[1, 2], [2, 1]], dtype=torch.uint8)      # mean 1.5 -> 2
+    images[0, 0, 0:2, 2:4] = torch.tensor([[2, 3], [3, 2]], dtype=torch.uint8)      # mean 2.5 -> 2
+    images[0, 0, 2:4, 0:2] = torch.tensor([[255, 255], [255, 254]], dtype=torch.uint8)  # 254.75 -> 255
+    small = downsample(images, 14)
+    assert small.shape == (1, 1, 14, 14) and small.dtype == torch.uint8
+    assert small[0, 0, :2, :2].tolist() == [[2, 2], [255, 0]] and int(small.sum()) == 259
+    assert downsample(images, 28) is images
+    assert downsample(images, 7)[0, 0, 0, 0].item() == round((1 + 2 + 2 + 1 + 2 + 3 + 3 + 2 + 255 * 3 + 254) / 16)
+
+
+def test_digits_at_14_pixels_same_splits_smaller_images(digits):
+    small = build_data(DataConfig(name="digits", batch_size=64, image_size=14))
+    info = small.info
+    assert (info.image_size, info.num_train, info.num_val, info.num_test) == (14, 3600, 400, 1000)
+    test_small, labels_small = collect(small.eval_batches("test"))
+    test_full, labels_full = collect(digits.eval_batches("test"))
+    assert test_small.shape == (1000, 1, 14, 14) and torch.equal(labels_small, labels_full)
+    # the same images: the normalized 2x2 block means of the full-size ones, up to the uint8 rounding
+    full_pixels = test_full * 0.30835 + 0.13118
+    small_pixels = test_small * 0.28000 + 0.13118
+    assert (small_pixels - torch.nn.functional.avg_pool2d(full_pixels, 2)).abs().max() < 0.5 / 255 + 1e-4
+    train, _ = collect(small.train_batches(0, seed=0))
+    assert train.shape == (3584, 1, 14, 14)
+    assert abs(train.mean().item()) < 0.05 and abs(train.std().item() - 1) < 0.05
+
+
+def test_frozen_statistics_of_every_size_are_the_computed_ones():
+    from cmtkd.data.digits import SIZES, pixel_statistics
+
+    for size, (mean, std, augmentation) in SIZES.items():
+        computed = pixel_statistics(size)
+        assert abs(computed[0] - mean[0]) < 1e-5 and abs(computed[1] - std[0]) < 1e-5, size
+        assert augmentation.crop_padding == max(1, round(2 * size / 28)) and not augmentation.horizontal_flip
+
+
+def test_image_size_left_unset_keeps_every_existing_config_hash():
+    from dataclasses import asdict
+
+    from cmtkd.config import RunConfig, config_hash
+
+    cfg = asdict(RunConfig())
+    before = {**cfg, "data": {k: v for k, v in cfg["data"].items() if k != "image_size"}}  # a run written before the key
+    assert cfg["data"]["image_size"] is None
+    assert config_hash(cfg) == config_hash(before)
+    assert config_hash({**cfg, "data": {**cfg["data"], "image_size": 14}}) != config_hash(cfg)
+
+
 # ---------------------------------------------------------------- config errors
 
 
@@ -314,6 +368,8 @@ def test_imagenet_missing_train_names_path(tmp_path):
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"batch_size": 0}, "batch size"),
         ({"batch_size": 5000}, "data.batch_size"),
+        ({"image_size": 13}, "choose one of 28, 14, 7"),
+        ({"image_size": 14, "name": "cifar100"}, "digits dataset only"),
     ],
 )
 def test_bad_config_is_user_error(overrides, fragment):

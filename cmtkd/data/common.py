@@ -32,6 +32,9 @@ class DataConfig:
     augment: bool = True
     drop_last: bool = True
     num_workers: int = 2  # imagenet only: the in-memory datasets need no loader workers
+    # digits only: side of the images after averaging k x k pixel blocks (28, 14 or 7; None keeps 28).
+    # A cost lever for CPU suites (config/reference.yaml trains ResNet-18 at 14; ASSUMPTIONS.md W14).
+    image_size: int | None = None
 
 
 @dataclass
@@ -92,6 +95,9 @@ def check_config(cfg: DataConfig) -> None:
         )
     if cfg.num_workers < 0:
         raise UserError(f"data.num_workers={cfg.num_workers} is negative; use 0 or more")
+    if cfg.image_size is not None and cfg.name != "digits":
+        raise UserError(f"data.image_size applies to the digits dataset only (got data.name={cfg.name!r}); "
+                        "remove data.image_size")
 
 
 def steps_for(num_examples: int, batch_size: int, drop_last: bool) -> int:

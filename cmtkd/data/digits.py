@@ -31,6 +31,15 @@ STD = (0.30835,)
 # Small translations only: a flip turns digits into other shapes (2 vs 5, 6 vs 9 rotated, ...).
 AUGMENTATION = Augmentation(crop_padding=2, horizontal_flip=False)
 
+# data.image_size: the digits averaged over k x k pixel blocks (k = 28 / size), rounded to uint8.
+# Per size, the frozen statistics of the downsampled non-test images (same command) and a crop
+# padding of the same share of the image (2 of 28 pixels; at least 1).
+SIZES = {
+    IMAGE_SIZE: (MEAN, STD, AUGMENTATION),
+    14: ((0.13118,), (0.28000,), Augmentation(crop_padding=1, horizontal_flip=False)),
+    7: ((0.13118,), (0.23023,), Augmentation(crop_padding=1, horizontal_flip=False)),
+}
+
 
 @functools.lru_cache(maxsize=1)
 def load_arrays() -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,16 +73,41 @@ def test_and_rest(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return stratified_split(labels, NUM_TEST / labels.numel(), TEST_SPLIT_SEED)
 
 
-def pixel_statistics() -> tuple[float, float]:
-    """Mean and std of pixel/255 over the non-test images: the source of MEAN and STD."""
+def check_size(size: int | None) -> int:
+    """``data.image_size`` for digits: None means the native 28."""
+    if size is None:
+        return IMAGE_SIZE
+    if size not in SIZES:
+        raise UserError(f"data.image_size={size!r} is not available for digits; "
+                        f"choose one of {', '.join(map(str, sorted(SIZES, reverse=True)))} (or leave it unset for 28)")
+    return size
+
+
+def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, C, 28, 28) -> uint8 (N, C, size, size): the mean of each k x k block, rounded half to even.
+    Exact: the block sums are integers below 2^24 and k*k is a power of two, so no float rounding occurs."""
+    if size == images.shape[-1]:
+        return images
+    k = images.shape[-1] // size
+    n, c = images.shape[:2]
+    blocks = images.to(torch.float32).reshape(n, c, size, k, size, k)
+    return blocks.sum(dim=(3, 5)).div(k * k).round().to(torch.uint8)
+
+
+def pixel_statistics(size: int = IMAGE_SIZE) -> tuple[float, float]:
+    """Mean and std of pixel/255 over the non-test images at ``size``: the source of MEAN, STD and SIZES."""
     images, labels = load_arrays()
+    images = downsample(images, check_size(size))
     rest, _ = test_and_rest(labels)
     pixels = images[rest].double() / 255.0
     return pixels.mean().item(), pixels.std().item()
 
 
 def build_digits(cfg: DataConfig, device: torch.device | str = "cpu") -> TensorBundle:
+    size = check_size(cfg.image_size)
+    mean, std, augmentation = SIZES[size]
     images, labels = load_arrays()
+    images = downsample(images, size)
     rest, test = test_and_rest(labels)
     train_in_rest, val_in_rest = stratified_split(labels[rest], cfg.val_fraction, cfg.split_seed)
     train, val = rest[train_in_rest], rest[val_in_rest]
@@ -81,7 +115,7 @@ def build_digits(cfg: DataConfig, device: torch.device | str = "cpu") -> TensorB
         name="digits",
         num_classes=NUM_CLASSES,
         in_channels=1,
-        image_size=IMAGE_SIZE,
+        image_size=size,
         variant="cifar",
         num_train=train.numel(),
         num_val=val.numel(),
@@ -92,14 +126,15 @@ def build_digits(cfg: DataConfig, device: torch.device | str = "cpu") -> TensorB
         TensorSplit(images[train], labels[train]),
         TensorSplit(images[val], labels[val]),
         TensorSplit(images[test], labels[test]),
-        MEAN,
-        STD,
-        AUGMENTATION,
+        mean,
+        std,
+        augmentation,
         cfg,
         device,
     )
 
 
 if __name__ == "__main__":
-    mean, std = pixel_statistics()
-    print(f"MEAN = ({mean:.5f},)\nSTD = ({std:.5f},)")
+    for side in SIZES:
+        mean, std = pixel_statistics(side)
+        print(f"{side}: MEAN = ({mean:.5f},)  STD = ({std:.5f},)")
