@@ -208,6 +208,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
     # Names and bit-widths the model builder and data loader would reject, checked here so that a
     # typo fails before a run directory is created (and `--print-config` never shows an unusable config).
     check_data_config(cfg.data)
+    if cfg.data.name == "digits" and cfg.data.image_size == 28:
+        cfg.data.image_size = None  # the native size: the same data, so the same config hash
     policy = get_policy(cfg.model.policy)
     for role in ("first", "body", "last"):
         make_weight_quantizer(cfg.model.weight_quant, policy.weight_bits(role, cfg.w_bits))

@@ -32,8 +32,8 @@ class DataConfig:
     augment: bool = True
     drop_last: bool = True
     num_workers: int = 2  # imagenet only: the in-memory datasets need no loader workers
-    # digits only: side of the images after averaging k x k pixel blocks (28, 14 or 7; None keeps 28).
-    # A cost lever for CPU suites (config/reference.yaml trains ResNet-18 at 14; ASSUMPTIONS.md W14).
+    # digits only: side of the images after averaging 2 x 2 pixel blocks (14; None or 28 keeps 28).
+    # A cost lever for CPU suites (config/reference-resnet18.yaml trains at 14; ASSUMPTIONS.md W16).
     image_size: int | None = None
 
 
@@ -98,6 +98,10 @@ def check_config(cfg: DataConfig) -> None:
     if cfg.image_size is not None and cfg.name != "digits":
         raise UserError(f"data.image_size applies to the digits dataset only (got data.name={cfg.name!r}); "
                         "remove data.image_size")
+    if cfg.name == "digits":
+        from cmtkd.data.digits import check_size  # the sizes digits offers
+
+        check_size(cfg.image_size)
 
 
 def steps_for(num_examples: int, batch_size: int, drop_last: bool) -> int:

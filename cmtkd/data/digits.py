@@ -31,13 +31,13 @@ STD = (0.30835,)
 # Small translations only: a flip turns digits into other shapes (2 vs 5, 6 vs 9 rotated, ...).
 AUGMENTATION = Augmentation(crop_padding=2, horizontal_flip=False)
 
-# data.image_size: the digits averaged over k x k pixel blocks (k = 28 / size), rounded to uint8.
+# data.image_size: the digits averaged over k x k pixel blocks (k = 28 / size), rounded to uint8
+# (14 only: at 7, AlexNet's three max-pools leave no pixel).
 # Per size, the frozen statistics of the downsampled non-test images (same command) and a crop
 # padding of the same share of the image (2 of 28 pixels; at least 1).
 SIZES = {
     IMAGE_SIZE: (MEAN, STD, AUGMENTATION),
     14: ((0.13118,), (0.28000,), Augmentation(crop_padding=1, horizontal_flip=False)),
-    7: ((0.13118,), (0.23023,), Augmentation(crop_padding=1, horizontal_flip=False)),
 }
 
 
@@ -85,7 +85,8 @@ def check_size(size: int | None) -> int:
 
 def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, C, 28, 28) -> uint8 (N, C, size, size): the mean of each k x k block, rounded half to even.
-    Exact: the block sums are integers below 2^24 and k*k is a power of two, so no float rounding occurs."""
+    Exact: the block sums are integers below 2^24 and k*k (4 or 16) is a power of two, so no float
+    rounding occurs."""
     if size == images.shape[-1]:
         return images
     k = images.shape[-1] // size
