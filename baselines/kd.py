@@ -51,7 +51,8 @@ class KD(Method):
     def load_frozen_teacher(self, path: str, sha256: str | None) -> FrozenTeacher:
         """A teacher of the student's architecture trained on the same dataset (any bit-width)."""
         return FrozenTeacher(path, arch=self.cfg.arch, num_classes=self.info.num_classes,
-                             in_channels=self.info.in_channels, expected_sha256=sha256)
+                             in_channels=self.info.in_channels, image_size=self.info.image_size,
+                             expected_sha256=sha256)
 
     def loss_terms(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                    targets: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -94,7 +94,7 @@ class MTKD(Method):
         hashes = o.teacher_sha256 or [None] * len(o.teachers)
         self.teachers = nn.ModuleList(
             FrozenTeacher(path, arch=cfg.arch, num_classes=info.num_classes, in_channels=info.in_channels,
-                          expected_sha256=sha)
+                          image_size=info.image_size, expected_sha256=sha)
             for path, sha in zip(o.teachers, hashes))
 
     def loss_terms(self, student_logits: torch.Tensor, teacher_logits: list[torch.Tensor],

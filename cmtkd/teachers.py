@@ -34,15 +34,30 @@ def check_sha256_option(value: str, key: str) -> None:
                         f"from `sha256sum RUN_DIR/model.pt` or drop it")
 
 
+def trained_image_size(model_file: Path) -> int | None:
+    """Side of the digits images the run beside ``model_file`` trained on (``data.image_size``; 28
+    when unset), read from its ``config.yaml``; None for other datasets or a model file without one."""
+    run_config = model_file.parent / "config.yaml"
+    if not run_config.is_file():
+        return None
+    from cmtkd.config import load_yaml  # cmtkd.config imports the method registry, which imports us
+
+    data = load_yaml(run_config).get("data") or {}
+    if not isinstance(data, dict) or data.get("name", "digits") != "digits":
+        return None
+    return data.get("image_size") or 28
+
+
 def load_teacher(path: str | Path, *, arch: str, num_classes: int, w_bits: int | None = None,
                  a_bits: int | None = None, expected_sha256: str | None = None,
-                 in_channels: int | None = None) -> tuple[nn.Module, str]:
+                 in_channels: int | None = None, image_size: int | None = None) -> tuple[nn.Module, str]:
     """Load the network saved in ``path`` (a run directory or its ``model.pt``) as a frozen teacher.
 
     Checks, in this order: the file exists; its SHA-256 equals ``expected_sha256`` (when given); it
     is a cmtkd model file; its architecture, number of classes, input channels (when given) and
-    weight/activation bit-widths (when given) are the expected ones; the weights fit the rebuilt
-    network. Returns ``(model, sha256)`` with the model in eval mode and ``requires_grad=False``.
+    weight/activation bit-widths (when given) are the expected ones; for digits, the image size its
+    run trained on (when given and its config.yaml sits beside it) is ``image_size``; the weights
+    fit the rebuilt network. Returns ``(model, sha256)`` with the model in eval mode and ``requires_grad=False``.
     """
     given = Path(path)
     file = teacher_file(given)
@@ -71,6 +86,10 @@ def load_teacher(path: str | Path, *, arch: str, num_classes: int, w_bits: int |
         if want is not None and config.get(key) != want:
             raise UserError(f"teacher checkpoint {file}: {key} expected {want}, found {config.get(key)}; "
                             f"{fixes[key]}")
+    trained = trained_image_size(file) if image_size is not None else None
+    if trained is not None and trained != image_size:
+        raise UserError(f"teacher checkpoint {file}: trained on {trained}x{trained} digits, the student sees "
+                        f"{image_size}x{image_size}; train the teacher with the student's data.image_size")
     model = checkpoint.build_network(blob, file, "retrain the teacher with this version", what)
     model.eval()
     model.requires_grad_(False)

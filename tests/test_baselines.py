@@ -394,6 +394,25 @@ def test_load_teacher_bad_files_are_user_errors(tmp_path, teacher_files):
         assert str(path) in str(info.value) and "\n" not in str(info.value), path
 
 
+def test_load_teacher_checks_the_digits_size_its_run_trained_on(tmp_path, teacher_files):
+    run = tmp_path / "teacher_run"
+    run.mkdir()
+    shutil.copy(teacher_files["w4"], run / "model.pt")
+    args = {"arch": "resnet18", "num_classes": 10}
+    load_teacher(run, **args, image_size=14)  # no config.yaml beside it: nothing to compare
+    (run / "config.yaml").write_text("data: {name: digits, image_size: 14}\n")
+    load_teacher(run, **args, image_size=14)
+    load_teacher(run, **args)  # the caller gave no size
+    with pytest.raises(UserError, match=r"trained on 14x14 digits, the student sees 28x28"):
+        load_teacher(run / "model.pt", **args, image_size=28)
+    (run / "config.yaml").write_text("data: {name: digits}\n")  # unset: the native 28
+    load_teacher(run, **args, image_size=28)
+    with pytest.raises(UserError, match=r"trained on 28x28 digits, the student sees 14x14"):
+        FrozenTeacher(run, **args, image_size=14)
+    (run / "config.yaml").write_text("data: {name: cifar100}\n")  # no size option there
+    load_teacher(run, **args, image_size=14)
+
+
 def test_method_rejects_teacher_of_other_arch(teacher_files):
     with pytest.raises(UserError, match="arch expected alexnet, found resnet18"):
         KD(make_cfg("kd", arch="alexnet", teacher=str(teacher_files["w4"])), DIGITS)

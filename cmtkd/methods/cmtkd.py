@@ -184,7 +184,8 @@ class CMTKD(Method):
             paths = paths * len(self.teacher_bits)
         digests = []
         for teacher, bits, path in zip(self.teachers, self.teacher_bits, paths):
-            source, digest = load_teacher(path, arch=self.cfg.arch, num_classes=self.info.num_classes)
+            source, digest = load_teacher(path, arch=self.cfg.arch, num_classes=self.info.num_classes,
+                                          image_size=self.info.image_size)
             if source.quant_layout != teacher.quant_layout:  # AlexNet layouts share their parameter names
                 raise UserError(f"teacher checkpoint {path} was trained with model.quant_layout="
                                 f"{source.quant_layout}, this run uses {teacher.quant_layout}; set it to match")
