@@ -8,8 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cmtkd-installed
 CORES  ?= 2
 
-.PHONY: all test install tables bench gpu-check gpu-wheels reference reference-publish reference-check \
-	reference-resnet18 reference-resnet18-publish reference-resnet18-check
+.PHONY: all test install tables bench gpu-check gpu-wheels reference reference-publish reference-check
 
 all: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
@@ -40,8 +39,6 @@ gpu-wheels:
 
 # Reference results (README, "Reference results"): config/reference.yaml, run in $(REFERENCE_RUN), published
 # into $(REFERENCE)/ (runs.csv, tables, plots, FINGERPRINT.json, ENVIRONMENT.md; no checkpoints).
-# The ResNet-18 reference (config/reference-resnet18.yaml -> results/reference-resnet18/) has the same
-# three targets with -resnet18 in their names.
 REFERENCE_CONFIG ?= config/reference.yaml
 REFERENCE_RUN    ?= runs/reference
 REFERENCE        ?= results/reference
@@ -66,15 +63,6 @@ reference-check: $(STAMP)
 	$(BIN)/python -m snakemake tables --cores 1 --configfile $(REFERENCE_CONFIG) --directory $(CHECK_DIR) && \
 	$(BIN)/python workflow/scripts/reference_check.py compare $(CHECK_DIR) --reference $(REFERENCE) --out-dir $(CHECK_DIR)/reference-check
 
-RESNET18_REFERENCE = REFERENCE_CONFIG=config/reference-resnet18.yaml REFERENCE_RUN=runs/reference-resnet18 \
-	REFERENCE=results/reference-resnet18 CHECK_DIR=runs/reference-resnet18-check
-RESNET18_CELLS := $(if $(filter command line,$(origin CELLS)),$(CELLS),resnet18:W2A2:qat,resnet18:W2A2:cmtkd)
-reference-resnet18:
-	$(MAKE) reference $(RESNET18_REFERENCE)
-reference-resnet18-publish:
-	$(MAKE) reference-publish $(RESNET18_REFERENCE)
-reference-resnet18-check:
-	$(MAKE) reference-check $(RESNET18_REFERENCE) CELLS='$(RESNET18_CELLS)'
 
 # torch/torchvision have lower bounds only (pyproject.toml): an installed newer torch is kept.
 $(STAMP): pyproject.toml

@@ -144,6 +144,27 @@ def test_frozen_teachers_get_seeds_of_their_own_shared_between_methods():
         grid.teacher_seed(1000, 8)
 
 
+def test_arch_recipe_writes_the_command_a_recipe_with_its_keys_writes():
+    """An arch_recipe key merges into its recipe section: the run's `cmtkd train` command (Snakemake's
+    params) is the one a suite with that key in its recipe writes, token for token, and other
+    architectures' commands do not change; an overridden key keeps its place with the new value."""
+    base, per_arch, in_recipe = tiny_config(), tiny_config(), tiny_config()
+    for config in (base, per_arch, in_recipe):
+        config["recipe"] |= {"optim": {"lr": 0.1, "momentum": 0.9}, "data": {"batch_size": 64},
+                             "train": {"select": "best_val"}}
+    per_arch["arch_recipe"] = {"resnet18": {"data": {"image_size": 14}, "optim": {"lr": 0.05}}}
+    in_recipe["recipe"] = grid.merge_nested(in_recipe["recipe"], per_arch["arch_recipe"]["resnet18"])
+    resnet, alexnet = run_key("qat", tset="none") | {"arch": "resnet18"}, run_key("qat", tset="none")
+    assert grid.train_argv(per_arch, resnet, []) == grid.train_argv(in_recipe, resnet, [])
+    assert "data.image_size=14" in grid.train_argv(per_arch, resnet, [])
+    assert grid.train_argv(per_arch, alexnet, []) == grid.train_argv(base, alexnet, [])
+    assert [a.split("=")[0] for a in grid.train_argv(per_arch, resnet, [])] == \
+        [a.split("=")[0] for a in grid.train_argv(in_recipe, resnet, [])]
+    assert grid.merge_nested({"optim": {"lr": 0.1, "momentum": 0.9}}, {"optim": {"lr": 0.05}}) == \
+        {"optim": {"lr": 0.05, "momentum": 0.9}}
+    assert list(grid.merge_nested({"data": {"a": 1}, "train": {}}, {"data": {"b": 2}})["data"]) == ["a", "b"]
+
+
 def test_recipe_init_is_the_grids_key_not_cmtkd_trains():
     """recipe.init: fp adds `model.init_from` for the runs it starts and changes nothing else of a command;
     scratch (or no key) gives today's commands; a per-arch init or a hand-set init_from beside it is refused."""

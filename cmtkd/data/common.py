@@ -33,7 +33,7 @@ class DataConfig:
     drop_last: bool = True
     num_workers: int = 2  # imagenet only: the in-memory datasets need no loader workers
     # digits only: side of the images after averaging 2 x 2 pixel blocks (14; None or 28 keeps 28).
-    # A cost lever for CPU suites (config/reference-resnet18.yaml trains at 14; ASSUMPTIONS.md W16).
+    # A cost lever for CPU suites (config/reference.yaml trains ResNet-18 at 14; ASSUMPTIONS.md W16).
     image_size: int | None = None
 
 

@@ -374,11 +374,22 @@ def run_dirs(table: pd.DataFrame, patterns: list[str]) -> list[str]:
     return [f"results/runs/{variant_dir(v)}{p}" for v, p in zip(variants, patterns)]
 
 
+def merge_nested(base: dict, top: dict) -> dict:
+    """``top`` merged into ``base`` mapping by mapping; a key new to a mapping goes after that mapping's
+    keys, so ``{data: {batch_size}}`` + ``{data: {image_size}}`` lists data.image_size beside data.*."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merge_nested(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
 def recipe_for(config: dict, arch: str) -> dict:
-    """The dotted RunConfig keys shared by every run of ``arch``: recipe, then arch_recipe on top."""
-    values = flatten(config.get("recipe", {}))
+    """The dotted RunConfig keys shared by every run of ``arch``: recipe, then arch_recipe merged on top
+    (a key it adds is listed with its section's keys: the command line, hence Snakemake's params, is
+    the one a suite with that key in its recipe writes)."""
+    values = flatten(merge_nested(config.get("recipe", {}), config.get("arch_recipe", {}).get(arch, {})))
     values.pop(INIT_KEY, None)  # the grid's key (init_runs), not cmtkd train's
-    values.update(flatten(config.get("arch_recipe", {}).get(arch, {})))
     return values
 
 
