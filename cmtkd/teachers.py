@@ -17,7 +17,7 @@ from torch import nn
 from cmtkd import checkpoint
 from cmtkd.checkpoint import MODEL_FILE
 from cmtkd.errors import UserError
-from cmtkd.files import sha256_bytes
+from cmtkd.files import read_yaml_mapping, sha256_bytes
 SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -40,9 +40,8 @@ def trained_image_size(model_file: Path) -> int | None:
     run_config = model_file.parent / "config.yaml"
     if not run_config.is_file():
         return None
-    from cmtkd.config import load_yaml  # cmtkd.config imports the method registry, which imports us
-
-    data = load_yaml(run_config).get("data") or {}
+    data = read_yaml_mapping(run_config, "teacher run config", missing=f"{run_config} does not exist",
+                             not_mapping=f"teacher run config {run_config} must hold a mapping").get("data") or {}
     if not isinstance(data, dict) or data.get("name", "digits") != "digits":
         return None
     return data.get("image_size") or 28

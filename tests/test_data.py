@@ -340,7 +340,10 @@ def test_digits_at_14_pixels_same_splits_smaller_images(digits):
 
 
 def test_frozen_statistics_of_every_size_are_the_computed_ones():
+    from cmtkd.data.common import DIGITS_SIZES
     from cmtkd.data.digits import SIZES, pixel_statistics
+
+    assert sorted(SIZES) == sorted(DIGITS_SIZES)  # every offered size has its statistics
 
     for size, (mean, std, augmentation) in SIZES.items():
         computed = pixel_statistics(size)

@@ -99,9 +99,20 @@ def check_config(cfg: DataConfig) -> None:
         raise UserError(f"data.image_size applies to the digits dataset only (got data.name={cfg.name!r}); "
                         "remove data.image_size")
     if cfg.name == "digits":
-        from cmtkd.data.digits import check_size  # the sizes digits offers
+        check_digits_size(cfg.image_size)
 
-        check_size(cfg.image_size)
+
+DIGITS_SIZES = (28, 14)  # data.image_size of digits: 28 (native) or 2 x 2 block means (cmtkd.data.digits.SIZES)
+
+
+def check_digits_size(size: int | None) -> int:
+    """``data.image_size`` of digits, checked: None means the native 28."""
+    if size is None:
+        return DIGITS_SIZES[0]
+    if size not in DIGITS_SIZES:
+        raise UserError(f"data.image_size={size!r} is not available for digits; "
+                        f"choose one of {', '.join(map(str, DIGITS_SIZES))} (or leave it unset for 28)")
+    return size
 
 
 def steps_for(num_examples: int, batch_size: int, drop_last: bool) -> int:

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from cmtkd.data.common import DataConfig, DataInfo, stratified_split
+from cmtkd.data.common import DataConfig, DataInfo, check_digits_size, stratified_split
 from cmtkd.data.in_memory import Augmentation, TensorBundle, TensorSplit
 from cmtkd.errors import UserError
 
@@ -73,16 +73,6 @@ def test_and_rest(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return stratified_split(labels, NUM_TEST / labels.numel(), TEST_SPLIT_SEED)
 
 
-def check_size(size: int | None) -> int:
-    """``data.image_size`` for digits: None means the native 28."""
-    if size is None:
-        return IMAGE_SIZE
-    if size not in SIZES:
-        raise UserError(f"data.image_size={size!r} is not available for digits; "
-                        f"choose one of {', '.join(map(str, sorted(SIZES, reverse=True)))} (or leave it unset for 28)")
-    return size
-
-
 def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, C, 28, 28) -> uint8 (N, C, size, size): the mean of each k x k block, rounded half to even.
     Exact: the block sums are integers below 2^24 and k*k (4 or 16) is a power of two, so no float
@@ -98,14 +88,14 @@ def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
 def pixel_statistics(size: int = IMAGE_SIZE) -> tuple[float, float]:
     """Mean and std of pixel/255 over the non-test images at ``size``: the source of MEAN, STD and SIZES."""
     images, labels = load_arrays()
-    images = downsample(images, check_size(size))
+    images = downsample(images, check_digits_size(size))
     rest, _ = test_and_rest(labels)
     pixels = images[rest].double() / 255.0
     return pixels.mean().item(), pixels.std().item()
 
 
 def build_digits(cfg: DataConfig, device: torch.device | str = "cpu") -> TensorBundle:
-    size = check_size(cfg.image_size)
+    size = check_digits_size(cfg.image_size)
     mean, std, augmentation = SIZES[size]
     images, labels = load_arrays()
     images = downsample(images, size)
