@@ -95,6 +95,10 @@ def process_group(device: torch.device) -> Iterator[None]:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield
+        # A finished run: every rank's collectives are complete before any rank tears its group down.
+        # (A 2-process gloo run once aborted in teardown, SIGABRT "terminate called without an active
+        # exception", after writing all its files; pending gloo work at exit is the known cause.)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
