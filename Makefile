@@ -63,7 +63,6 @@ reference-check: $(STAMP)
 	$(BIN)/python -m snakemake tables --cores 1 --configfile $(REFERENCE_CONFIG) --directory $(CHECK_DIR) && \
 	$(BIN)/python workflow/scripts/reference_check.py compare $(CHECK_DIR) --reference $(REFERENCE) --out-dir $(CHECK_DIR)/reference-check
 
-
 # torch/torchvision have lower bounds only (pyproject.toml): an installed newer torch is kept.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

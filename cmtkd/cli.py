@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="directory written by `cmtkd train --out`")
     p.add_argument("--format", choices=("pt2", "onnx"), default="pt2", help="pt2 (torch.export) or onnx (QDQ)")
     p.add_argument("--out", help="output file (default: RUN_DIR/student.pt2 or RUN_DIR/student.onnx)")
-    p.add_argument("--image-size", type=int, help="input height/width (default: the run's data.image_size, else by dataset: digits 28, "
-                   "cifar100 32, imagenet 224)")
+    p.add_argument("--image-size", type=int, help="input height/width (default: the run's data.image_size, "
+                   "else by dataset: digits 28, cifar100 32, imagenet 224)")
     sub.add_parser("list", help="list methods, architectures, datasets, policies and quantizers")
     return parser
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from cmtkd import checkpoint
 from cmtkd.checkpoint import MODEL_FILE
+from cmtkd.data.common import DIGITS_SIZES
 from cmtkd.errors import UserError
 from cmtkd.files import read_yaml_mapping, sha256_bytes
 SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -44,7 +45,7 @@ def trained_image_size(model_file: Path) -> int | None:
                              not_mapping=f"teacher run config {run_config} must hold a mapping").get("data") or {}
     if not isinstance(data, dict) or data.get("name", "digits") != "digits":
         return None
-    return data.get("image_size") or 28
+    return data.get("image_size") or DIGITS_SIZES[0]
 
 
 def load_teacher(path: str | Path, *, arch: str, num_classes: int, w_bits: int | None = None,

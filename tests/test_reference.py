@@ -316,15 +316,14 @@ def test_publish_replaces_the_old_folder_whole_or_not_at_all(tmp_path, monkeypat
 def test_reference_grid_matches_its_header_and_the_dry_run(tmp_path):
     """The run counts config/reference.yaml's header states are the grid's (derived independently in
     test_workflow.expected_runs) and the jobs a dry run plans: one train job per run."""
-    reference_yaml = REFERENCE_YAML
-    text = reference_yaml.read_text()
+    text = REFERENCE_YAML.read_text()
     alexnet, resnet18, total = map(int, re.search(r"(\d+) AlexNet runs \+ (\d+) ResNet-18 runs = (\d+) runs",
                                                   text).groups())
-    planned = expected_runs(suite_config.layer_suite([reference_yaml]))  # over config/config.yaml, as the workflow
+    planned = expected_runs(suite_config.layer_suite([REFERENCE_YAML]))  # over config/config.yaml, as the workflow
     assert (sum(r[2] == "alexnet" for r in planned), sum(r[2] == "resnet18" for r in planned)) == (alexnet, resnet18)
     assert len(planned) == total == alexnet + resnet18
     assert {r[6] for r in planned if r[6] < 1000} == {0, 1, 2, 3, 4}
-    done = snakemake(tmp_path, "-n", config=reference_yaml)
+    done = snakemake(tmp_path, "-n", config=REFERENCE_YAML)
     assert done.returncode == 0, done.stdout + done.stderr
     assert job_counts(done.stdout)["train"] == total
 

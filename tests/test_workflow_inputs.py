@@ -153,16 +153,16 @@ def test_arch_recipe_writes_the_command_a_recipe_with_its_keys_writes():
         config["recipe"] |= {"optim": {"lr": 0.1, "momentum": 0.9}, "data": {"batch_size": 64},
                              "train": {"select": "best_val"}}
     per_arch["arch_recipe"] = {"resnet18": {"data": {"image_size": 14}, "optim": {"lr": 0.05}}}
-    in_recipe["recipe"] = grid.merge_nested(in_recipe["recipe"], per_arch["arch_recipe"]["resnet18"])
+    in_recipe["recipe"] = grid.merge(in_recipe["recipe"], per_arch["arch_recipe"]["resnet18"])
     resnet, alexnet = run_key("qat", tset="none") | {"arch": "resnet18"}, run_key("qat", tset="none")
     assert grid.train_argv(per_arch, resnet, []) == grid.train_argv(in_recipe, resnet, [])
     assert "data.image_size=14" in grid.train_argv(per_arch, resnet, [])
     assert grid.train_argv(per_arch, alexnet, []) == grid.train_argv(base, alexnet, [])
     assert [a.split("=")[0] for a in grid.train_argv(per_arch, resnet, [])] == \
         [a.split("=")[0] for a in grid.train_argv(in_recipe, resnet, [])]
-    assert grid.merge_nested({"optim": {"lr": 0.1, "momentum": 0.9}}, {"optim": {"lr": 0.05}}) == \
+    assert grid.merge({"optim": {"lr": 0.1, "momentum": 0.9}}, {"optim": {"lr": 0.05}}) == \
         {"optim": {"lr": 0.05, "momentum": 0.9}}
-    assert list(grid.merge_nested({"data": {"a": 1}, "train": {}}, {"data": {"b": 2}})["data"]) == ["a", "b"]
+    assert list(grid.merge({"data": {"a": 1}, "train": {}}, {"data": {"b": 2}})["data"]) == ["a", "b"]
 
 
 def test_recipe_init_is_the_grids_key_not_cmtkd_trains():

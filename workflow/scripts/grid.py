@@ -31,6 +31,7 @@ commands do not change. :func:`sensitivity_levels` lists every (factor, level) w
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shlex
@@ -374,13 +375,22 @@ def run_dirs(table: pd.DataFrame, patterns: list[str]) -> list[str]:
     return [f"results/runs/{variant_dir(v)}{p}" for v, p in zip(variants, patterns)]
 
 
-def merge_nested(base: dict, top: dict) -> dict:
-    """``top`` merged into ``base`` mapping by mapping; a key new to a mapping goes after that mapping's
-    keys, so ``{data: {batch_size}}`` + ``{data: {image_size}}`` lists data.image_size beside data.*."""
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = merge_nested(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
+def merge(base: dict, layer: dict, layer_order: bool = False) -> dict:
+    """``layer`` over ``base``: nested mappings merge key by key, anything else replaces
+    (snakemake.utils.update_config, without modifying either argument). Keys keep the order of
+    ``base`` (new ones last), or with ``layer_order`` the order of ``layer`` (base-only ones last).
+    The order matters: it is the order of each run's ``--set`` flags, i.e. of the train jobs'
+    params, so a suite file gives the same jobs layered as alone (finished runs stay up to date)."""
+    out = {key: copy.deepcopy(value) for key, value in base.items() if not (layer_order and key in layer)}
+    merged = {}
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = merge(base[key], value, layer_order)
+        else:
+            merged[key] = copy.deepcopy(value)
+    if layer_order:
+        return {**merged, **out}
+    out.update(merged)
     return out
 
 
@@ -388,7 +398,7 @@ def recipe_for(config: dict, arch: str) -> dict:
     """The dotted RunConfig keys shared by every run of ``arch``: recipe, then arch_recipe merged on top
     (a key it adds is listed with its section's keys: the command line, hence Snakemake's params, is
     the one a suite with that key in its recipe writes)."""
-    values = flatten(merge_nested(config.get("recipe", {}), config.get("arch_recipe", {}).get(arch, {})))
+    values = flatten(merge(config.get("recipe", {}), config.get("arch_recipe", {}).get(arch, {})))
     values.pop(INIT_KEY, None)  # the grid's key (init_runs), not cmtkd train's
     return values
 

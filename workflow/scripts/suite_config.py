@@ -20,7 +20,6 @@ Pure Python (PyYAML, jsonschema, Snakemake's validation for the defaults); never
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -45,23 +44,7 @@ class SuiteConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------- layers
-def merge(base: dict, layer: dict, layer_order: bool = False) -> dict:
-    """``layer`` over ``base``: nested mappings merge key by key, anything else replaces
-    (snakemake.utils.update_config, without modifying either argument). Keys keep the order of
-    ``base`` (new ones last), or with ``layer_order`` the order of ``layer`` (base-only ones last).
-    The order matters: it is the order of each run's ``--set`` flags, i.e. of the train jobs'
-    params, so a suite file gives the same jobs layered as alone (finished runs stay up to date)."""
-    out = {key: copy.deepcopy(value) for key, value in base.items() if not (layer_order and key in layer)}
-    merged = {}
-    for key, value in layer.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merged[key] = merge(base[key], value, layer_order)
-        else:
-            merged[key] = copy.deepcopy(value)
-    if layer_order:
-        return {**merged, **out}
-    out.update(merged)
-    return out
+merge = grid.merge  # config layers merge as arch_recipe merges into recipe (grid.recipe_for)
 
 
 def read_yaml(path: str | Path) -> dict:
