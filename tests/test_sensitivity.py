@@ -201,6 +201,7 @@ def test_sensitivity_table_golden_numbers(tmp_path):
     assert gamma1000["p_holm"] == 0.0 and gamma1000["verdict"] == "worse"
     assert gamma0["p_holm"] == pytest.approx(1 - math.sqrt(6 / 7)) and gamma0["verdict"] == "no significant difference"
     assert gamma1000["n_not_converged"] == 1 and math.isnan(gamma1000["pi_deviation"])
+    assert gamma1000["not_converged"] and not default["not_converged"]  # no gains in the fixture: the runs' flags
     # teachers {8}: seeds 0, 1 only: differences 1.5, 0.5 -> mean 1, s = 1/sqrt(2), t = 2; df 1 (Cauchy):
     # p = 1 - (2/pi) atan(2); ci = t(0.975, 1) * 0.5. Its own family in Holm (one test: unchanged).
     one = row[("teacher_sets", "8")]

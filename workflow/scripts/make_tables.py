@@ -15,8 +15,10 @@ reading and as a tidy ``.csv`` (one row per cell, numbers unformatted: mean, ci9
   seed: the difference, its 95 % t interval, the paired t-test's p-value, Holm-adjusted across the
   table, and a verdict (better / worse / no significant difference / too few seeds).
 
-A cell with a run that has not converged (``converged`` false in runs.csv: its best validation top-1
-still rose by >= 1 point over the last 20 % of its epochs) carries a dagger and the table a footnote.
+A cell that has not converged carries a dagger and the table a footnote: the mean over its runs of
+``val_gain_last20`` (how far a run's best validation top-1 rose over the last 20 % of its epochs) is
+>= 1 point (seed_stats.CONVERGENCE_SCOPE "cell"; "run": any run's gain is). The tidy CSVs carry
+``val_gain_mean``, ``not_converged`` (the cell's mark) and ``n_not_converged`` (runs >= 1 point).
 Statistics: workflow/scripts/seed_stats.py.
 Numbers that are not ours carry a footnote with their provenance; the general notes point at
 ASSUMPTIONS.md for everything the paper leaves open.
@@ -35,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checks
 from grid import CELL as KEY
 from grid import METHODS, NO_TEACHERS, bits_label
-from seed_stats import ALPHA, CONVERGENCE_GAIN_PP, holm, paired_difference, spread, verdict
+from seed_stats import (ALPHA, CONVERGENCE_GAIN_PP, CONVERGENCE_SCOPE, cell_not_converged, gains, holm,
+                        not_converged, paired_difference, spread, verdict)
 
 METHOD_ORDER = list(METHODS)
 ABLATION_VARIANTS = {  # the paper's Table 1 rows first, then the natural further switches (docs/method.md §7)
@@ -65,8 +68,12 @@ GENERAL_NOTES = [
 ]
 REFERENCE = "cmtkd"  # the full method: every other method of ours is compared with it
 DAGGER = "†"
-NOT_CONVERGED_NOTE = (f"not converged: best validation top-1 still rose by ≥ {CONVERGENCE_GAIN_PP:g} pp over the "
-                      f"last 20 % of epochs (ASSUMPTIONS.md)")
+NOT_CONVERGED_NOTE = {
+    "cell": (f"not converged: the best validation top-1 of this cell's runs still rose by ≥ {CONVERGENCE_GAIN_PP:g} "
+             "pp over their last 20 % of epochs, on average over the runs (ASSUMPTIONS.md W13)"),
+    "run": (f"not converged: the best validation top-1 of at least one of this cell's runs still rose by "
+            f"≥ {CONVERGENCE_GAIN_PP:g} pp over its last 20 % of epochs (ASSUMPTIONS.md W13)"),
+}[CONVERGENCE_SCOPE]
 TABLE_NOTES = {"comparison": [
     ("Δ top-1 = method − CMT-KD (cmtkd) in points over the seeds both have (paired by seed; Pairs = their number), "
      "mean ± half-width of the 95 % Student-t interval of the differences; p: two-sided paired t-test "
@@ -101,11 +108,6 @@ def read_paper(path: str) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------- summaries
-def not_converged(converged: pd.Series) -> pd.Series:
-    """True where a run is known not to have converged (runs.csv ``converged`` is False; empty = unknown)."""
-    return converged.map(lambda value: value is False or str(value).strip().lower() == "false")
-
-
 def ci95_of(values: pd.Series) -> float:
     return spread(values).ci95
 
@@ -115,27 +117,33 @@ def std_of(values: pd.Series) -> float:
 
 
 def summarize(runs: pd.DataFrame, grid: pd.DataFrame, external: pd.DataFrame) -> pd.DataFrame:
-    """One row per (source, method, setting): top-1/top-5 mean, 95 % t half-width (ci95), std, n and
-    the number of runs not converged; n_expected from the grid."""
+    """One row per (source, method, setting): top-1/top-5 mean, 95 % t half-width (ci95), std, n, the
+    number of runs not converged, the mean gain and the cell's mark (seed_stats.cell_not_converged);
+    n_expected from the grid."""
     ours = runs[runs["role"] == "grid"].assign(source="ours", origin="ours")
     expected = grid[grid["role"] == "grid"].groupby(KEY).size().rename("n_expected").reset_index()
     rows = pd.concat([ours, external.assign(origin="external")], ignore_index=True)
-    rows["not_converged"] = not_converged(rows["converged"]) if "converged" in rows else False
-    stats = rows.groupby([*KEY, "source", "origin"], dropna=False).agg(
+    rows = rows.reindex(columns=list(dict.fromkeys([*rows.columns, "val_gain_last20", "converged"])))
+    rows["run_not_converged"], rows["gain"] = not_converged(rows["converged"]), gains(rows)
+    groups = rows.groupby([*KEY, "source", "origin"], dropna=False)
+    marks = groups[["val_gain_last20", "converged"]].apply(cell_not_converged)
+    stats = groups.agg(
         top1_mean=("top1", "mean"), top1_ci95=("top1", ci95_of), top1_std=("top1", std_of),
         top5_mean=("top5", "mean"), top5_ci95=("top5", ci95_of), top5_std=("top5", std_of), n=("top1", "size"),
-        n_not_converged=("not_converged", "sum"),
+        n_not_converged=("run_not_converged", "sum"), val_gain_mean=("gain", "mean"),
         seeds=("seed", lambda s: ",".join(str(int(x)) for x in sorted(s.dropna()))),
-    ).reset_index()
+    )
+    stats = stats.assign(not_converged=marks.reindex(stats.index).fillna(False).astype(bool)).reset_index()
     # Grid cells with no finished run yet still get a row (n = 0).
     started = stats[stats["origin"] == "ours"].set_index(KEY).index
     not_started = expected[~expected.set_index(KEY).index.isin(started)][KEY]
-    stats = pd.concat([stats, not_started.assign(source="ours", origin="ours", n=0, n_not_converged=0, seeds="")],
+    stats = pd.concat([stats, not_started.assign(source="ours", origin="ours", n=0, n_not_converged=0,
+                                                 not_converged=False, seeds="")],
                       ignore_index=True)
     stats = stats.merge(expected, on=KEY, how="left")
     # Imported rows count their own seeds; ours count against the seeds the grid asks for.
     stats["n_expected"] = stats["n_expected"].where(stats["origin"] == "ours", stats["n"]).fillna(stats["n"])
-    stats = stats.astype({"n": int, "n_expected": int, "n_not_converged": int})
+    stats = stats.astype({"n": int, "n_expected": int, "n_not_converged": int, "not_converged": bool})
     return sort_rows(stats)
 
 
@@ -200,14 +208,14 @@ class Fmt:
         return Tex(rf"\textsuperscript{{{marker}}}") if self.kind == "tex" else f" [{marker}]"
 
     def dagger(self, not_converged) -> str:
-        """The not-converged mark for a cell with ``not_converged`` such runs ('' for none)."""
-        if pd.isna(not_converged) or int(not_converged) == 0:
+        """The not-converged mark for a cell marked ``not_converged`` ('' when false or unknown)."""
+        if pd.isna(not_converged) or not bool(not_converged):
             return ""
         self.marked_not_converged = True
         return r"\,\dag" if self.kind == "tex" else f" {DAGGER}"
 
-    def ours(self, mean, ci95, n, n_expected, not_converged=0) -> str:
-        """mean ± 95 % t half-width (n), or the mean alone for one seed; a dagger if a run has not converged."""
+    def ours(self, mean, ci95, n, n_expected, not_converged=False) -> str:
+        """mean ± 95 % t half-width (n), or the mean alone for one seed; a dagger if the cell has not converged."""
         pm = r"$\pm$" if self.kind == "tex" else "±"
         n, n_expected = int(n), int(n_expected)
         count = f"n={n}" if n >= n_expected else f"n={n}/{n_expected}"
@@ -221,9 +229,9 @@ class Fmt:
     def cell(self, summary_row: dict) -> str:
         """A cell of ours (or imported) from its summarize() row."""
         r = summary_row
-        return self.ours(r["top1_mean"], r["top1_ci95"], r["n"], r["n_expected"], r["n_not_converged"])
+        return self.ours(r["top1_mean"], r["top1_ci95"], r["n"], r["n_expected"], r["not_converged"])
 
-    def difference(self, mean, ci95, n_pairs, not_converged=0) -> str:
+    def difference(self, mean, ci95, n_pairs, not_converged=False) -> str:
         if n_pairs == 0 or pd.isna(mean):
             return "—"
         mark = self.dagger(not_converged)
@@ -307,7 +315,8 @@ def main_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[pd
                                                                *columns])
     tidy = cells.rename(columns={"top1": "reported_top1", "top5": "reported_top5"})
     tidy = tidy.reindex(columns=[*KEY, "origin", "source", "top1_mean", "top1_ci95", "top1_std", "top5_mean",
-                                 "top5_ci95", "top5_std", "n", "n_expected", "n_not_converged", "seeds", "reported_top1",
+                                 "top5_ci95", "top5_std", "n", "n_expected", "n_not_converged", "val_gain_mean",
+                                 "not_converged", "seeds", "reported_top1",
                                  "reported_top5", "provenance"])
     return display, notes.lines(), tidy
 
@@ -338,7 +347,8 @@ def ablation_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tupl
                 line[f"{setting(r)}: ours"] = fmt.cell(r)
                 tidy.append({**{k: r[k] for k in KEY}, "variant": variant, "origin": "ours", "source": "ours",
                              "top1_mean": r["top1_mean"], "top1_ci95": r["top1_ci95"], "top1_std": r["top1_std"],
-                             "n": r["n"], "n_expected": r["n_expected"], "n_not_converged": r["n_not_converged"]})
+                             "n": r["n"], "n_expected": r["n_expected"], "n_not_converged": r["n_not_converged"],
+                             "val_gain_mean": r["val_gain_mean"], "not_converged": r["not_converged"]})
             for r in reported_variants[reported_variants["method"] == method].to_dict("records"):
                 line[f"{setting(r)}: reported"] = fmt.reported(r["top1"], paper_note(r, notes))
                 tidy.append({**{k: r[k] for k in KEY if k != "teacher_bits"}, "teacher_bits": NO_TEACHERS,
@@ -359,11 +369,13 @@ def ablation_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tupl
         tidy.append({**{k: r[k] for k in KEY}, "variant": "(comparison)", "origin": r["origin"],
                      "source": r["source"], "top1_mean": r.get("top1_mean"), "top1_ci95": r.get("top1_ci95"),
                      "top1_std": r.get("top1_std"), "n": r.get("n"), "n_expected": r.get("n_expected"),
-                     "n_not_converged": r.get("n_not_converged"), "reported_top1": r.get("top1"),
+                     "n_not_converged": r.get("n_not_converged"), "val_gain_mean": r.get("val_gain_mean"),
+                     "not_converged": r.get("not_converged"), "reported_top1": r.get("top1"),
                      "provenance": r.get("provenance")})
     display = pd.DataFrame(rows, columns=["Variant", "Method", "Teachers", "Source", *names])
     tidy = pd.DataFrame(tidy).reindex(columns=["variant", *KEY, "origin", "source", "top1_mean", "top1_ci95",
-                                               "top1_std", "n", "n_expected", "n_not_converged", "reported_top1",
+                                               "top1_std", "n", "n_expected", "n_not_converged", "val_gain_mean",
+                                               "not_converged", "reported_top1",
                                                "provenance"])
     return display, notes.lines(), tidy
 
@@ -397,6 +409,8 @@ def delta_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[p
                          "top1_std": None if m is None else m["top1_std"],
                          "top5_mean": None if m is None else m["top5_mean"], "n": None if m is None else m["n"],
                          "n_not_converged": None if m is None else m["n_not_converged"],
+                         "val_gain_mean": None if m is None else m["val_gain_mean"],
+                         "not_converged": None if m is None else m["not_converged"],
                          "delta_top1": d1, "delta_top5": d5})
     display = pd.DataFrame(rows, columns=["Method", "Dataset", "Arch", "W/A", "Reported top-1", "Ours / imported",
                                           "Teachers", "Top-1", "Δ top-1", "Δ top-5"])
@@ -405,7 +419,8 @@ def delta_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[p
 
 COMPARISON_FIELDS = ["dataset", "arch", "w_bits", "a_bits", "method", "teacher_bits", "reference",
                      "reference_teacher_bits", "n_pairs", "seeds", "diff_mean", "diff_ci95", "diff_ci95_low",
-                     "diff_ci95_high", "diff_std", "p_value", "p_holm", "verdict", "n_not_converged"]
+                     "diff_ci95_high", "diff_std", "p_value", "p_holm", "verdict", "n_not_converged",
+                     "not_converged"]
 
 
 def reference_sets(teacher_bits: str, reference_bits: list[str]) -> list[str]:
@@ -429,12 +444,14 @@ def compare_cells(setting_key: dict, cell: pd.DataFrame, reference: pd.DataFrame
     both = pd.concat([cell, reference])
     both = both[both["seed"].isin(seeds)]
     flagged = not_converged(both["converged"]).sum() if "converged" in both else 0
+    paired_only = lambda frame: frame[frame["seed"].isin(seeds)]  # noqa: E731
+    marked = cell_not_converged(paired_only(cell)) or cell_not_converged(paired_only(reference))
     return {**setting_key, "method": cell["method"].iloc[0], "teacher_bits": cell["teacher_bits"].iloc[0],
             "reference": REFERENCE, "reference_teacher_bits": reference["teacher_bits"].iloc[0],
             "n_pairs": paired.n_pairs, "seeds": ",".join(map(str, seeds)), "diff_mean": paired.mean,
             "diff_ci95": paired.ci95, "diff_ci95_low": paired.mean - paired.ci95,
             "diff_ci95_high": paired.mean + paired.ci95, "diff_std": paired.std, "p_value": paired.p_value,
-            "n_not_converged": int(flagged)}
+            "n_not_converged": int(flagged), "not_converged": bool(marked)}
 
 
 def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
@@ -455,7 +472,7 @@ def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     frame["verdict"] = [verdict(d, n, p) for d, n, p in zip(frame["diff_mean"], frame["n_pairs"], frame["p_holm"])]
     if len(frame):
         frame = sort_rows(frame.assign(origin="ours", source="ours")).drop(columns=["origin", "source"])
-    return frame.astype({"n_pairs": int, "n_not_converged": int})
+    return frame.astype({"n_pairs": int, "n_not_converged": int, "not_converged": bool})
 
 
 def comparison_table(runs: pd.DataFrame, fmt: Fmt) -> tuple[pd.DataFrame, list, pd.DataFrame]:
@@ -466,7 +483,7 @@ def comparison_table(runs: pd.DataFrame, fmt: Fmt) -> tuple[pd.DataFrame, list, 
         "Method": method_label(r["method"], notes, fmt),
         "Teachers": "—" if r["teacher_bits"] == NO_TEACHERS else r["teacher_bits"],
         "CMT-KD teachers": r["reference_teacher_bits"], "Pairs": f"n={r['n_pairs']}",
-        "Δ top-1 (95 % CI)": fmt.difference(r["diff_mean"], r["diff_ci95"], r["n_pairs"], r["n_not_converged"]),
+        "Δ top-1 (95 % CI)": fmt.difference(r["diff_mean"], r["diff_ci95"], r["n_pairs"], r["not_converged"]),
         "p": fmt.p_value(r["p_value"]), "p (Holm)": fmt.p_value(r["p_holm"]), "Verdict": r["verdict"],
     } for r in tidy.to_dict("records")]
     display = pd.DataFrame(rows, columns=["Dataset", "Arch", "W/A", "Method", "Teachers", "CMT-KD teachers", "Pairs",

@@ -9,7 +9,9 @@ comparisons with CMT-KD, the Holm correction and the "not converged" rule.
   (paired by seed), their 95 % t interval and a two-sided paired t-test (``scipy.stats.ttest_rel``);
   the p-values of one table are Holm-adjusted together and a verdict is read off at ALPHA;
 - a run is "not converged" when its best-so-far validation top-1 still rose by at least
-  CONVERGENCE_GAIN_PP percentage points over the last 20 % of its epochs.
+  CONVERGENCE_GAIN_PP percentage points over the last 20 % of its epochs (its "gain"); a table cell
+  is marked not converged when the mean gain of its runs reaches CONVERGENCE_GAIN_PP
+  (CONVERGENCE_SCOPE "cell", the default) or when any one of its runs does ("run").
 
 Pure functions of numbers: no file is read here, and nothing imports torch.
 """
@@ -27,6 +29,11 @@ CONFIDENCE = 0.95
 ALPHA = 0.05  # family-wise error rate of one table's comparisons (Holm)
 CONVERGENCE_GAIN_PP = 1.0  # best validation top-1 still rising by this much (points) = not converged
 LAST_FRACTION = 0.2  # ... over this final share of the epochs
+# "cell": a cell is marked when the mean gain of its runs reaches CONVERGENCE_GAIN_PP (the rise of
+# the mean best-so-far curve: the number the table reports); "run": when any one run's gain does.
+# ASSUMPTIONS.md W13 says why "cell" is the default.
+CONVERGENCE_SCOPES = ("cell", "run")
+CONVERGENCE_SCOPE = "cell"
 VAL_COLUMN = "val_top1_student"  # history.csv: validation top-1 of the selected (student) network
 DECIMALS = 9  # accuracies differ from their float sum/difference by ~1e-14: round that noise away
 
@@ -134,6 +141,32 @@ def verdict(mean_difference: float, n_pairs: int, p_adjusted: float, alpha: floa
     if p_adjusted < alpha:
         return "better" if mean_difference > 0 else "worse"
     return "no significant difference"
+
+
+def not_converged(converged: pd.Series) -> pd.Series:
+    """True where a run is known not to have converged (runs.csv ``converged`` is False; empty = unknown)."""
+    return converged.map(lambda value: value is False or str(value).strip().lower() == "false")
+
+
+def gains(runs: pd.DataFrame) -> pd.Series:
+    """The runs' ``val_gain_last20`` as numbers, NaN where unknown (or all NaN without the column)."""
+    if "val_gain_last20" not in runs:
+        return pd.Series(math.nan, index=runs.index, dtype=float)
+    return pd.to_numeric(runs["val_gain_last20"], errors="coerce").astype(float)
+
+
+def cell_not_converged(runs: pd.DataFrame, scope: str = CONVERGENCE_SCOPE) -> bool:
+    """Whether a table cell, given its runs' rows (runs.csv columns ``val_gain_last20`` and
+    ``converged``), is marked not converged. ``scope`` "cell": the mean of the known gains, rounded
+    to DECIMALS, is at least CONVERGENCE_GAIN_PP; rows with no gain known (imported results may carry
+    only ``converged``) fall back to "run": some run has ``converged`` false."""
+    if scope not in CONVERGENCE_SCOPES:
+        raise ValueError(f"convergence scope {scope!r}: expected one of {', '.join(CONVERGENCE_SCOPES)}")
+    flagged = bool(not_converged(runs["converged"]).any()) if "converged" in runs else False
+    known = gains(runs).dropna()
+    if scope == "run" or known.empty:
+        return flagged
+    return round(float(known.mean()), DECIMALS) >= CONVERGENCE_GAIN_PP
 
 
 def convergence(history: pd.DataFrame, val_column: str = VAL_COLUMN) -> tuple[float, bool | None]:

@@ -10,7 +10,8 @@ factor's default level, whose runs every factor shares. Writes
 - ``sensitivity.{csv,md,tex}`` (tables): one row per factor and level: top-1 mean ± half-width of
   the 95 % Student-t interval over seeds (n); level − default paired by seed with its 95 % t
   interval, the paired t-test's p-value, Holm-adjusted within each factor, and the verdict
-  (workflow/scripts/seed_stats.py); a dagger on a level with a run that has not converged; and
+  (workflow/scripts/seed_stats.py); a dagger on a level that has not converged (the make_tables rule,
+  seed_stats.cell_not_converged); and
   ``max |π − 1/n|``: how far CMT-KD's importance weights moved from uniform by the last epoch
   (largest over fusion points and teachers, mean over seeds; 0 = θ did not move);
 - ``sensitivity.png`` (plots): one panel per factor, top-1 against the level (mean, bars = 95 % t
@@ -40,9 +41,9 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import COLUMNS, NO_TEACHERS, TEACHER_SETS, VARIANT, bits_label, teacher_list
-from make_tables import Fmt, not_converged, write_latex, write_markdown, write_tidy_csv
+from make_tables import Fmt, write_latex, write_markdown, write_tidy_csv
 from plots import importance_columns, panel_grid, save_figure
-from seed_stats import ALPHA, holm, paired_difference, spread, verdict
+from seed_stats import ALPHA, cell_not_converged, gains, holm, not_converged, paired_difference, spread, verdict
 
 CELL = list(COLUMNS[:-1])  # a run without its seed
 GROUP = ["experiment", "factor", "method", "dataset", "arch", "w_bits", "a_bits"]  # + teacher set, see groups()
@@ -126,6 +127,7 @@ def level_rows(part: pd.DataFrame, runs: pd.DataFrame, histories: pd.DataFrame) 
         out.append({**{k: level[k] for k in ["experiment", "factor", "level", "default", *CELL, VARIANT]},
                     "mean": s.mean, "ci95": s.ci95, "std": s.std, "n": s.n, "n_expected": level["n_seeds"],
                     "n_not_converged": int(not_converged(mine["converged"]).sum()) if "converged" in mine else 0,
+                    "val_gain_mean": float(gains(mine).mean()), "not_converged": cell_not_converged(mine),
                     "diff_mean": d.mean if d else math.nan, "diff_ci95": d.ci95 if d else math.nan,
                     "n_pairs": d.n_pairs if d else 0, "p_value": d.p_value if d else math.nan,
                     "pi_deviation": float(np.mean(devs)) if devs else math.nan})
@@ -159,7 +161,7 @@ def level_label(row: dict) -> str:
 def display_table(tidy: pd.DataFrame, fmt: Fmt) -> pd.DataFrame:
     rows = [{
         "Setting": setting_label(r), "Factor": r["factor"], "Level": level_label(r),
-        "Top-1 (95 % CI)": fmt.ours(r["mean"], r["ci95"], r["n"], r["n_expected"], r["n_not_converged"]),
+        "Top-1 (95 % CI)": fmt.ours(r["mean"], r["ci95"], r["n"], r["n_expected"], r["not_converged"]),
         "Δ vs default (95 % CI)": "—" if r["default"] else fmt.difference(r["diff_mean"], r["diff_ci95"], r["n_pairs"]),
         "p": fmt.p_value(r["p_value"]), "p (Holm)": fmt.p_value(r["p_holm"]), "Verdict": r["verdict"],
         "max abs(π − 1/n)": "—" if pd.isna(r["pi_deviation"]) else f"{r['pi_deviation']:.4f}",
