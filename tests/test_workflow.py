@@ -364,7 +364,7 @@ def test_tables_mark_missing_seeds_and_provenance(fixture_workdir):
     ours = {line.split("|")[3].strip(): line for line in main.splitlines() if "| ours " in line}
     # 68.91 and 69.35: mean ± t(0.975, 1) · s / √2 = 12.706 · 0.311 / 1.414; converged (no dagger)
     assert "69.13 ± 2.80 (n=2)" in ours["cmtkd"] and "†" not in ours["cmtkd"]
-    assert "67.02 ± 2.29 (n=2) †" in ours["cmtkd-noml"] and "- † not converged: best validation top-1" in main
+    assert "67.02 ± 2.29 (n=2) †" in ours["cmtkd-noml"] and "- † not converged: the best validation top-1" in main
     assert "imported [a]" in main and "72.1 [b]" in main and "SECONDARY" in main and "ASSUMPTIONS.md" in main
     delta = pd.read_csv(results / "tables" / "paper_delta.csv")
     cmtkd = delta[delta["method"] == "cmtkd"].iloc[0]
