@@ -145,7 +145,7 @@ def test_comparison_markdown_shows_the_verdict_column_and_the_dagger():
         "| cifar100  | alexnet | W2A2  | cmtkd-avg  | 8-6-4      | 8-6-4             | n=1     "
         "| +3.00               | —      | —          | too few seeds             |",
     ]
-    assert fmt.notes() == [("†", make_tables.NOT_CONVERGED_NOTE)]
+    assert fmt.notes() == [("†", make_tables.NOT_CONVERGED_NOTES["cell"])]
 
 
 def test_one_teacher_and_teacherless_methods_meet_the_matching_cmtkd_sets():
@@ -231,10 +231,41 @@ def test_a_comparison_is_marked_when_either_of_its_paired_cells_is():
     # cmtkd's seed 2 rose 3 points: over all three seeds its mean gain is 1.0, over the pairs with kd
     # (seeds 0, 1) it is 0.0. Only the seeds a comparison uses decide its mark.
     runs.loc[runs["method"].eq("cmtkd") & runs["seed"].eq(2), ["val_gain_last20", "converged"]] = [3.0, False]
-    runs.loc[runs["method"].eq("qat"), "val_gain_last20"] = 1.2
+    runs.loc[runs["method"].eq("qat"), ["val_gain_last20", "converged"]] = [1.2, False]
     table = make_tables.comparisons(runs).set_index("method")
     assert table["not_converged"].to_dict() == {"qat": True, "kd": False}
-    assert table["n_not_converged"].to_dict() == {"qat": 0, "kd": 0}
+    assert table["n_not_converged"].to_dict() == {"qat": 2, "kd": 0}
+    # The reference side alone: cmtkd's seeds 0 and 1 rise on average by 1.0, kd's runs are flat.
+    runs.loc[runs["method"].eq("cmtkd") & runs["seed"].isin([0, 1]), "val_gain_last20"] = [0.8, 1.2]
+    assert make_tables.comparisons(runs).set_index("method").loc["kd", "not_converged"]
+
+
+def test_the_run_scope_marks_a_cell_with_one_rising_run_and_says_so(monkeypatch):
+    runs = fake_runs({("cmtkd", "8-6-4"): {0: 68.91, 1: 69.35}, ("qat", "none"): {0: 60.0, 1: 61.0}},
+                     not_converged={("qat", 1)})
+    runs["val_gain_last20"] = runs["seed"].map({0: 0.0, 1: 1.8}).where(runs["method"].eq("qat"), 0.0)
+    grid = runs.drop(columns=["top1", "top5", "converged", "val_gain_last20"])
+    paper = pd.DataFrame(columns=["method", "dataset", "arch", "w_bits", "a_bits", "top1", "top5", "teacher_bits"])
+    marked = {}
+    for scope in ("cell", "run"):
+        monkeypatch.setattr(seed_stats, "CONVERGENCE_SCOPE", scope)
+        summary = make_tables.summarize(runs, grid, make_tables.read_external([]))
+        display, _, _ = make_tables.main_table(summary, paper, fmt := make_tables.Fmt("md"))
+        marked[scope] = (dict(zip(display["Method"], display["W2A2"]))["qat"], fmt.notes())
+    assert marked["cell"] == ("60.50 ± 6.35 (n=2)", [])
+    assert marked["run"] == ("60.50 ± 6.35 (n=2) †", [("†", "not converged: the best validation top-1 of at least one "
+                                                        "of this cell's runs still rose by ≥ 1 pp over its last 20 % "
+                                                        "of epochs (ASSUMPTIONS.md W13)")])
+
+
+def test_tables_before_any_student_run_has_finished():
+    """Only teacher runs (or nothing) in runs.csv: every grid cell is a row with n = 0, nothing marked."""
+    runs = fake_runs({("cmtkd", "8-6-4"): {0: 68.91}}).assign(val_gain_last20=0.0)
+    grid = runs.drop(columns=["top1", "top5", "converged", "val_gain_last20"])
+    for finished in (runs.assign(role="teacher"), runs.iloc[:0]):
+        summary = make_tables.summarize(finished, grid, make_tables.read_external([]))
+        assert summary[["method", "n", "n_not_converged", "not_converged"]].to_dict("records") == [
+            {"method": "cmtkd", "n": 0, "n_not_converged": 0, "not_converged": False}]
 
 
 def test_collected_runs_record_convergence_from_their_history(fixture_workdir):  # noqa: F811

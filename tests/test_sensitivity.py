@@ -297,3 +297,23 @@ def test_tables_target_of_a_sensitivity_suite_rebuilds_its_table(tmp_path):
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
     done = snakemake(tmp_path, "tables", "-n", "-p", config=write_config(tmp_path / "plain.yaml", config))
     assert done.returncode == 0 and "sensitivity" not in done.stdout, done.stdout + done.stderr
+
+
+def test_a_level_is_marked_by_the_mean_rise_of_its_runs(tmp_path):
+    workdir, _ = fixture_study(tmp_path)
+    runs = pd.read_csv(workdir / "runs.csv", keep_default_na=False, na_values=[""])
+    # gamma 1000: only seed 2 rose (1.5 points; mean 0.5): counted, not marked. gamma 0: every run rose 1.0.
+    runs["val_gain_last20"] = 0.0
+    runs.loc[runs[grid.VARIANT].eq("gamma=1000") & runs["seed"].eq(2), "val_gain_last20"] = 1.5
+    runs.loc[runs[grid.VARIANT].eq("gamma=0"), ["val_gain_last20", "converged"]] = [1.0, False]
+    runs.to_csv(workdir / "runs.csv", index=False)
+    tidy = sensitivity.build(str(workdir / "runs.csv"), str(workdir / "histories.csv"), str(workdir / "levels.csv"),
+                             str(workdir / "tables"), str(workdir / "plots"))
+    row = {(r["factor"], r["level"]): r for r in tidy.to_dict("records")}
+    assert (row[("gamma", "1000")]["n_not_converged"], row[("gamma", "1000")]["not_converged"]) == (1, False)
+    assert row[("gamma", "1000")]["val_gain_mean"] == pytest.approx(0.5)
+    assert (row[("gamma", "0")]["n_not_converged"], row[("gamma", "0")]["not_converged"]) == (3, True)
+    md = (workdir / "tables" / "sensitivity.md").read_text()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("| ")]
+    top1 = {(c[0], c[1]): c[2] for c in cells[1:]}
+    assert top1[("gamma", "0")] == "93.00 ± 2.48 (n=3) †" and top1[("gamma", "1000")] == "86.00 ± 2.48 (n=3)"

@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checks
 from grid import CELL as KEY
 from grid import METHODS, NO_TEACHERS, bits_label
-from seed_stats import (ALPHA, CONVERGENCE_GAIN_PP, CONVERGENCE_SCOPE, cell_not_converged, gains, holm,
-                        not_converged, paired_difference, spread, verdict)
+import seed_stats
+from seed_stats import (ALPHA, CONVERGENCE_GAIN_PP, cell_mark, cell_not_converged, gains, holm, not_converged,
+                        paired_difference, spread, verdict)
 
 METHOD_ORDER = list(METHODS)
 ABLATION_VARIANTS = {  # the paper's Table 1 rows first, then the natural further switches (docs/method.md §7)
@@ -68,12 +69,12 @@ GENERAL_NOTES = [
 ]
 REFERENCE = "cmtkd"  # the full method: every other method of ours is compared with it
 DAGGER = "†"
-NOT_CONVERGED_NOTE = {
+NOT_CONVERGED_NOTES = {  # by seed_stats.CONVERGENCE_SCOPE
     "cell": (f"not converged: the best validation top-1 of this cell's runs still rose by ≥ {CONVERGENCE_GAIN_PP:g} "
              "pp over their last 20 % of epochs, on average over the runs (ASSUMPTIONS.md W13)"),
     "run": (f"not converged: the best validation top-1 of at least one of this cell's runs still rose by "
             f"≥ {CONVERGENCE_GAIN_PP:g} pp over its last 20 % of epochs (ASSUMPTIONS.md W13)"),
-}[CONVERGENCE_SCOPE]
+}
 TABLE_NOTES = {"comparison": [
     ("Δ top-1 = method − CMT-KD (cmtkd) in points over the seeds both have (paired by seed; Pairs = their number), "
      "mean ± half-width of the 95 % Student-t interval of the differences; p: two-sided paired t-test "
@@ -123,17 +124,15 @@ def summarize(runs: pd.DataFrame, grid: pd.DataFrame, external: pd.DataFrame) ->
     ours = runs[runs["role"] == "grid"].assign(source="ours", origin="ours")
     expected = grid[grid["role"] == "grid"].groupby(KEY).size().rename("n_expected").reset_index()
     rows = pd.concat([ours, external.assign(origin="external")], ignore_index=True)
-    rows = rows.reindex(columns=list(dict.fromkeys([*rows.columns, "val_gain_last20", "converged"])))
-    rows["run_not_converged"], rows["gain"] = not_converged(rows["converged"]), gains(rows)
-    groups = rows.groupby([*KEY, "source", "origin"], dropna=False)
-    marks = groups[["val_gain_last20", "converged"]].apply(cell_not_converged)
-    stats = groups.agg(
+    rows["run_not_converged"] = not_converged(rows["converged"]) if "converged" in rows else False
+    rows["gain"] = gains(rows)
+    stats = rows.groupby([*KEY, "source", "origin"], dropna=False).agg(
         top1_mean=("top1", "mean"), top1_ci95=("top1", ci95_of), top1_std=("top1", std_of),
         top5_mean=("top5", "mean"), top5_ci95=("top5", ci95_of), top5_std=("top5", std_of), n=("top1", "size"),
         n_not_converged=("run_not_converged", "sum"), val_gain_mean=("gain", "mean"),
         seeds=("seed", lambda s: ",".join(str(int(x)) for x in sorted(s.dropna()))),
-    )
-    stats = stats.assign(not_converged=marks.reindex(stats.index).fillna(False).astype(bool)).reset_index()
+    ).reset_index()
+    stats["not_converged"] = [cell_mark(g, n > 0) for g, n in zip(stats["val_gain_mean"], stats["n_not_converged"])]
     # Grid cells with no finished run yet still get a row (n = 0).
     started = stats[stats["origin"] == "ours"].set_index(KEY).index
     not_started = expected[~expected.set_index(KEY).index.isin(started)][KEY]
@@ -247,7 +246,7 @@ class Fmt:
 
     def notes(self) -> list[tuple[str, str]]:
         """The dagger's footnote, if a cell was marked."""
-        return [(DAGGER, NOT_CONVERGED_NOTE)] if self.marked_not_converged else []
+        return [(DAGGER, NOT_CONVERGED_NOTES[seed_stats.CONVERGENCE_SCOPE])] if self.marked_not_converged else []
 
     def reported(self, value, marker: str) -> str:
         body = "unknown" if pd.isna(value) else f"{value:g}"

@@ -155,18 +155,26 @@ def gains(runs: pd.DataFrame) -> pd.Series:
     return pd.to_numeric(runs["val_gain_last20"], errors="coerce").astype(float)
 
 
-def cell_not_converged(runs: pd.DataFrame, scope: str = CONVERGENCE_SCOPE) -> bool:
-    """Whether a table cell, given its runs' rows (runs.csv columns ``val_gain_last20`` and
-    ``converged``), is marked not converged. ``scope`` "cell": the mean of the known gains, rounded
-    to DECIMALS, is at least CONVERGENCE_GAIN_PP; rows with no gain known (imported results may carry
-    only ``converged``) fall back to "run": some run has ``converged`` false."""
+def cell_mark(gain_mean: float, any_not_converged: bool, scope: str | None = None) -> bool:
+    """Whether a table cell is marked not converged, from the mean of its runs' known gains (NaN when
+    none is known) and whether any of its runs has ``converged`` false. ``scope`` (default: this
+    module's CONVERGENCE_SCOPE, read at call time) "cell": the mean gain, rounded to DECIMALS, is at
+    least CONVERGENCE_GAIN_PP, or, with no gain known (imported results may carry only ``converged``),
+    some run is not converged; "run": some run is not converged. Runs without a gain in a cell where
+    others have one do not count under "cell" (the workflow writes both columns from the same history)."""
+    scope = scope or CONVERGENCE_SCOPE
     if scope not in CONVERGENCE_SCOPES:
         raise ValueError(f"convergence scope {scope!r}: expected one of {', '.join(CONVERGENCE_SCOPES)}")
+    if scope == "run" or pd.isna(gain_mean):
+        return bool(any_not_converged)
+    return round(float(gain_mean), DECIMALS) >= CONVERGENCE_GAIN_PP
+
+
+def cell_not_converged(runs: pd.DataFrame, scope: str | None = None) -> bool:
+    """cell_mark of a cell given its runs' rows (runs.csv columns ``val_gain_last20``, ``converged``;
+    either may be missing)."""
     flagged = bool(not_converged(runs["converged"]).any()) if "converged" in runs else False
-    known = gains(runs).dropna()
-    if scope == "run" or known.empty:
-        return flagged
-    return round(float(known.mean()), DECIMALS) >= CONVERGENCE_GAIN_PP
+    return cell_mark(gains(runs).mean(), flagged, scope)
 
 
 def convergence(history: pd.DataFrame, val_column: str = VAL_COLUMN) -> tuple[float, bool | None]:
