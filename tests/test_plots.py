@@ -88,6 +88,37 @@ def test_legends_sit_outside_every_axes_and_colours_follow_the_method(fixture_wo
     assert len({plots.method_color(m) for m in plots.METHODS}) == len(plots.METHODS)
 
 
+def test_teachers_of_different_bit_widths_never_share_a_colour(monkeypatch):
+    """Importance weights of a W2A2 grid (teachers 8/6/4) beside a W4A4 one (8/6/5): teacher 2 is 4-bit in
+    one row and 5-bit in the other; each legend entry has its own colour, none the uniform line's grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    sys.modules.pop("plots", None)
+    import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    rows = [{"method": "cmtkd", "dataset": "digits", "arch": "alexnet", "w_bits": w, "a_bits": w, "teacher_bits": t,
+             "seed": 0, "epoch": e, **{f"pi_conv2_{i}": 1 / 3 for i in range(3)}}
+            for w, t in ((2, "8-6-4"), (4, "8-6-5")) for e in (1, 2)]
+    plots.importance_weights(pd.DataFrame(rows), Path("i.png"))
+    colour_of: dict[str, str] = {}
+    for ax in figures[0].axes:
+        for line in ax.get_lines():
+            colour_of.setdefault(line.get_label(), matplotlib.colors.to_hex(line.get_color()))
+    plt.close(figures[0])
+    teachers = {label: colour for label, colour in colour_of.items() if label.startswith("teacher")}
+    assert set(teachers) == {"teacher 0 (8-bit)", "teacher 1 (6-bit)", "teacher 2 (4-bit)", "teacher 2 (5-bit)"}
+    assert len(set(teachers.values())) == 4
+    assert matplotlib.colors.to_hex(colour_of["uniform 1/3"]) not in teachers.values()
+    assert len({plots.teacher_color(b, 0) for b in range(2, 9)}) == 7  # 2- to 8-bit: all distinct
+
+
 def test_every_plot_has_a_report_caption_and_a_pdf_output():
     rule = (REPO_ROOT / "workflow" / "rules" / "plots.smk").read_text()
     assert '.pdf"' in rule

@@ -47,6 +47,18 @@ def method_color(method: str) -> str:
     return _PALETTE[names.index(method) % len(_PALETTE)] if method in names else "#7f7f7f"
 
 
+# Teachers in the importance-weight plot: one colour per bit-width (tab10 without its grey, which
+# marks the uniform line), so a 4-bit and a 5-bit teacher at the same index never share a colour.
+_TEACHER_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
+                    "#17becf"]
+
+
+def teacher_color(bits: int | None, index: int) -> str:
+    """The colour of a teacher of ``bits`` bits (by its index when its bit-width is unknown)."""
+    key = bits if bits is not None else index
+    return _TEACHER_PALETTE[key % len(_TEACHER_PALETTE)]
+
+
 def save_figure(fig, png_path: Path) -> None:
     """``NAME.png`` at PNG_DPI and ``NAME.pdf`` (vector) next to it."""
     fig.savefig(png_path, dpi=PNG_DPI, bbox_inches="tight")
@@ -191,9 +203,11 @@ def importance_weights(histories: pd.DataFrame, path: Path) -> None:
             for index, column in cols:
                 by_epoch = part.groupby("epoch")[column]
                 mean, low, high = by_epoch.mean(), by_epoch.min(), by_epoch.max()
-                teacher = f"teacher {index}" + (f" ({bits[index]}-bit)" if index < len(bits) else "")
-                ax.plot(mean.index, mean.values, marker=".", label=teacher)
-                ax.fill_between(mean.index, low.values, high.values, alpha=0.2)
+                known = bits[index] if index < len(bits) else None
+                teacher = f"teacher {index}" + (f" ({known}-bit)" if known is not None else "")
+                colour = teacher_color(known, index)
+                ax.plot(mean.index, mean.values, marker=".", label=teacher, color=colour)
+                ax.fill_between(mean.index, low.values, high.values, alpha=0.2, color=colour)
             # Zoom on the weights (they move slowly: theta learns at lr/10), around the uniform 1/n.
             uniform = 1.0 / len(cols)
             ax.axhline(uniform, color="grey", linestyle=":", linewidth=1, label=f"uniform 1/{len(cols)}")
