@@ -42,7 +42,7 @@ def test_missing_suite_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "nowhere"), str(tmp_path)],
                           capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "compare_suites: error:" in done.stderr and "runs.csv" in done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("cmtkd: error: ") and "runs.csv" in done.stderr
 
 
 @pytest.mark.parametrize("columns", [["method", "top1"]])

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         files = (runs_csv(args.suite_a), runs_csv(args.suite_b))
         table = compare(read_runs(files[0]), read_runs(files[1]), tuple(args.labels), tuple(map(str, files)))
     except (OSError, ValueError, pd.errors.ParserError) as exc:
-        print(f"compare_suites: error: {exc}", file=sys.stderr)
+        print(f"cmtkd: error: {exc}", file=sys.stderr)
         return 2
     text = table.to_markdown(index=False)
     print(text)
