@@ -106,7 +106,13 @@ def test_teachers_of_different_bit_widths_never_share_a_colour(monkeypatch):
     rows = [{"method": "cmtkd", "dataset": "digits", "arch": "alexnet", "w_bits": w, "a_bits": w, "teacher_bits": t,
              "seed": 0, "epoch": e, **{f"pi_conv2_{i}": 1 / 3 for i in range(3)}}
             for w, t in ((2, "8-6-4"), (4, "8-6-5")) for e in (1, 2)]
+    # ResNet-18 fuses at layer1: its row shows layer1 only, AlexNet's rows conv2 only (no empty panels).
+    rows += [{"method": "cmtkd", "dataset": "digits", "arch": "resnet18", "w_bits": 2, "a_bits": 2,
+              "teacher_bits": "8-6-4", "seed": 0, "epoch": e, **{f"pi_layer1_{i}": 1 / 3 for i in range(3)}}
+             for e in (1, 2)]
     plots.importance_weights(pd.DataFrame(rows), Path("i.png"))
+    titles = [ax.get_title().split("\n")[0] for ax in figures[0].axes if ax.get_visible()]
+    assert titles == ["conv2", "conv2", "layer1"] and len(figures[0].axes) == 3
     colour_of: dict[str, str] = {}
     for ax in figures[0].axes:
         for line in ax.get_lines():

@@ -192,13 +192,20 @@ def importance_weights(histories: pd.DataFrame, path: Path) -> None:
         return empty_figure(path, "no importance weights logged yet")
     runs = sorted(set(zip(hist["method"], hist["dataset"], hist["arch"], hist["w_bits"], hist["a_bits"],
                           hist["teacher_bits"])))
-    fig, axes = plt.subplots(len(runs), len(points), figsize=(3.6 * len(points), 2.8 * len(runs)), squeeze=False,
+    parts = [hist[(hist["method"] == method) & (hist["dataset"] == dataset) & (hist["arch"] == arch)
+                  & (hist["w_bits"] == w) & (hist["a_bits"] == a) & (hist["teacher_bits"] == tset)] for
+             method, dataset, arch, w, a, tset in runs]
+    # Each row shows its own fusion points (AlexNet's conv2.. and ResNet-18's layer1.. differ).
+    row_points = [[(p, cols) for p, cols in points.items() if part[[c for _, c in cols]].notna().any().any()]
+                  for part in parts]
+    width = max(len(rp) for rp in row_points)
+    fig, axes = plt.subplots(len(runs), width, figsize=(3.6 * width, 2.8 * len(runs)), squeeze=False,
                              layout="constrained")
-    for r, (method, dataset, arch, w, a, tset) in enumerate(runs):
-        part = hist[(hist["method"] == method) & (hist["dataset"] == dataset) & (hist["arch"] == arch)
-                    & (hist["w_bits"] == w) & (hist["a_bits"] == a) & (hist["teacher_bits"] == tset)]
+    for r, ((method, dataset, arch, w, a, tset), part) in enumerate(zip(runs, parts)):
         bits = teacher_list(tset)
-        for c, (point, cols) in enumerate(points.items()):
+        for c in range(len(row_points[r]), width):
+            axes[r][c].set_visible(False)
+        for c, (point, cols) in enumerate(row_points[r]):
             ax = axes[r][c]
             for index, column in cols:
                 by_epoch = part.groupby("epoch")[column]
