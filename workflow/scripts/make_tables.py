@@ -38,7 +38,7 @@ import checks
 from grid import CELL as KEY
 from grid import METHODS, NO_TEACHERS, bits_label
 import seed_stats
-from seed_stats import (ALPHA, CONVERGENCE_GAIN_PP, cell_mark, cell_not_converged, gains, holm, not_converged,
+from seed_stats import (ALPHA, CONVERGENCE_GAIN_PP, cell_convergence, cell_mark, gains, holm, not_converged,
                         paired_difference, spread, verdict)
 
 METHOD_ORDER = list(METHODS)
@@ -119,7 +119,7 @@ def std_of(values: pd.Series) -> float:
 
 def summarize(runs: pd.DataFrame, grid: pd.DataFrame, external: pd.DataFrame) -> pd.DataFrame:
     """One row per (source, method, setting): top-1/top-5 mean, 95 % t half-width (ci95), std, n, the
-    number of runs not converged, the mean gain and the cell's mark (seed_stats.cell_not_converged);
+    number of runs not converged, the mean gain and the cell's mark (seed_stats.cell_mark);
     n_expected from the grid."""
     ours = runs[runs["role"] == "grid"].assign(source="ours", origin="ours")
     expected = grid[grid["role"] == "grid"].groupby(KEY).size().rename("n_expected").reset_index()
@@ -440,17 +440,14 @@ def compare_cells(setting_key: dict, cell: pd.DataFrame, reference: pd.DataFrame
     mine, theirs = by_seed(cell), by_seed(reference)
     paired = paired_difference(mine, theirs)
     seeds = sorted(set(mine) & set(theirs))
-    both = pd.concat([cell, reference])
-    both = both[both["seed"].isin(seeds)]
-    flagged = not_converged(both["converged"]).sum() if "converged" in both else 0
-    paired_only = lambda frame: frame[frame["seed"].isin(seeds)]  # noqa: E731
-    marked = cell_not_converged(paired_only(cell)) or cell_not_converged(paired_only(reference))
+    mine_c, theirs_c = (cell_convergence(frame[frame["seed"].isin(seeds)]) for frame in (cell, reference))
     return {**setting_key, "method": cell["method"].iloc[0], "teacher_bits": cell["teacher_bits"].iloc[0],
             "reference": REFERENCE, "reference_teacher_bits": reference["teacher_bits"].iloc[0],
             "n_pairs": paired.n_pairs, "seeds": ",".join(map(str, seeds)), "diff_mean": paired.mean,
             "diff_ci95": paired.ci95, "diff_ci95_low": paired.mean - paired.ci95,
             "diff_ci95_high": paired.mean + paired.ci95, "diff_std": paired.std, "p_value": paired.p_value,
-            "n_not_converged": int(flagged), "not_converged": bool(marked)}
+            "n_not_converged": mine_c.n_not_converged + theirs_c.n_not_converged,
+            "not_converged": mine_c.not_converged or theirs_c.not_converged}
 
 
 def comparisons(runs: pd.DataFrame) -> pd.DataFrame:

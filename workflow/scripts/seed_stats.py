@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -170,11 +171,23 @@ def cell_mark(gain_mean: float, any_not_converged: bool, scope: str | None = Non
     return round(float(gain_mean), DECIMALS) >= CONVERGENCE_GAIN_PP
 
 
+class CellConvergence(NamedTuple):
+    n_not_converged: int  # runs with ``converged`` false
+    val_gain_mean: float  # mean of the known gains (NaN when none is known)
+    not_converged: bool  # the cell's mark (cell_mark)
+
+
+def cell_convergence(runs: pd.DataFrame, scope: str | None = None) -> CellConvergence:
+    """The convergence columns of a table cell from its runs' rows (runs.csv columns
+    ``val_gain_last20`` and ``converged``; either may be missing)."""
+    n = int(not_converged(runs["converged"]).sum()) if "converged" in runs else 0
+    gain_mean = float(gains(runs).mean())
+    return CellConvergence(n, gain_mean, cell_mark(gain_mean, n > 0, scope))
+
+
 def cell_not_converged(runs: pd.DataFrame, scope: str | None = None) -> bool:
-    """cell_mark of a cell given its runs' rows (runs.csv columns ``val_gain_last20``, ``converged``;
-    either may be missing)."""
-    flagged = bool(not_converged(runs["converged"]).any()) if "converged" in runs else False
-    return cell_mark(gains(runs).mean(), flagged, scope)
+    """cell_mark of a cell given its runs' rows (cell_convergence)."""
+    return cell_convergence(runs, scope).not_converged
 
 
 def convergence(history: pd.DataFrame, val_column: str = VAL_COLUMN) -> tuple[float, bool | None]:

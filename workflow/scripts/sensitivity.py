@@ -11,7 +11,7 @@ factor's default level, whose runs every factor shares. Writes
   the 95 % Student-t interval over seeds (n); level − default paired by seed with its 95 % t
   interval, the paired t-test's p-value, Holm-adjusted within each factor, and the verdict
   (workflow/scripts/seed_stats.py); a dagger on a level that has not converged (the make_tables rule,
-  seed_stats.cell_not_converged); and
+  seed_stats.cell_convergence); and
   ``max |π − 1/n|``: how far CMT-KD's importance weights moved from uniform by the last epoch
   (largest over fusion points and teachers, mean over seeds; 0 = θ did not move);
 - ``sensitivity.png`` (plots): one panel per factor, top-1 against the level (mean, bars = 95 % t
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import COLUMNS, NO_TEACHERS, TEACHER_SETS, VARIANT, bits_label, teacher_list
 from make_tables import Fmt, write_latex, write_markdown, write_tidy_csv
 from plots import importance_columns, panel_grid, save_figure
-from seed_stats import ALPHA, cell_not_converged, gains, holm, not_converged, paired_difference, spread, verdict
+from seed_stats import ALPHA, cell_convergence, holm, paired_difference, spread, verdict
 
 CELL = list(COLUMNS[:-1])  # a run without its seed
 GROUP = ["experiment", "factor", "method", "dataset", "arch", "w_bits", "a_bits"]  # + teacher set, see groups()
@@ -126,8 +126,7 @@ def level_rows(part: pd.DataFrame, runs: pd.DataFrame, histories: pd.DataFrame) 
         devs = [v for v in devs if not math.isnan(v)]
         out.append({**{k: level[k] for k in ["experiment", "factor", "level", "default", *CELL, VARIANT]},
                     "mean": s.mean, "ci95": s.ci95, "std": s.std, "n": s.n, "n_expected": level["n_seeds"],
-                    "n_not_converged": int(not_converged(mine["converged"]).sum()) if "converged" in mine else 0,
-                    "val_gain_mean": float(gains(mine).mean()), "not_converged": cell_not_converged(mine),
+                    **cell_convergence(mine)._asdict(),
                     "diff_mean": d.mean if d else math.nan, "diff_ci95": d.ci95 if d else math.nan,
                     "n_pairs": d.n_pairs if d else 0, "p_value": d.p_value if d else math.nan,
                     "pi_deviation": float(np.mean(devs)) if devs else math.nan})
