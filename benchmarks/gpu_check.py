@@ -17,14 +17,18 @@ timed phase has the GPU to itself and compiles from warm caches:
 2. ``tests``: ``pytest -m cuda tests/test_cuda.py`` (passed / failed / skipped counts).
 3. ``grid``: a 2-epoch grid (fp, qat, kd, cmtkd; ResNet-18 at width 1/4) through Snakemake with
    ``gpu: true`` and ``profiles/local-gpu`` on a synthetic dataset in the real cifar-100-python format.
-4. ``throughput``: img/s of one training step of fp, qat and cmtkd (3 teachers) on the CIFAR ResNet-18,
-   batch 256, bf16 + channels_last, without and with torch.compile, and on AlexNet; each case in its own
-   process; FLOPs per step counted with ``torch.utils.flop_counter`` -> the fraction of the measured
-   peak; the data pipeline's time per batch against the step; for ResNet-18 QAT and CMT-KD (eager) and FP
-   (compiled), the step's device time by kernel (torch.profiler; ``profile`` rows: conv/matmul, batch norm,
-   compiled Triton kernels, copies, the rest element-wise).
+4. ``throughput``: img/s of one training step (batch 256), each case in its own process: fp, qat and
+   cmtkd (3 teachers) on the CIFAR ResNet-18 and AlexNet as config/cifar100.yaml trains them (bf16 +
+   channels_last, deterministic: the ``+det`` rows); then, on ResNet-18, CMT-KD without determinism (cuDNN
+   autotuning), QAT with plain (lossy) autocast in its quantized layers (``+lossy``: what exact low-bit
+   arithmetic costs), and fp, qat, cmtkd compiled (``+compile``). FLOPs per step counted with
+   ``torch.utils.flop_counter`` -> the fraction of the measured peak; the data pipeline's time per batch
+   against the step; for ResNet-18 QAT and CMT-KD (the suite's mode) and FP (compiled), the step's device
+   time by kernel (torch.profiler; ``profile`` rows: conv/matmul, batch norm, compiled Triton kernels,
+   copies, the rest element-wise).
 5. ``projection``: the wall time of one 200-epoch CIFAR-100 CMT-KD run and of the whole CIFAR-100 grid
-   (workflow/scripts/estimate_cost.py with the measured throughputs), against the targets.
+   (workflow/scripts/estimate_cost.py with the throughputs measured in the suite's train settings),
+   against the targets.
 
 Every row goes to ``benchmarks/results/gpu-<device>-<date>.csv`` as soon as it is measured (a cut-off
 run still leaves its evidence), each with the fingerprint; a missed target says by how much. One
@@ -86,6 +90,7 @@ class Sizes:
     grid_test: int = 1000
     grid_epochs: int = 2
     grid_methods: list[str] = field(default_factory=lambda: ["fp", "qat", "kd", "cmtkd"])
+    toy: bool = False
     budgets: dict[str, float] = field(default_factory=lambda: {
         "env": 45, "tests": 240, "grid": 150, "throughput": 200, "projection": 20})
 
@@ -93,7 +98,7 @@ class Sizes:
     def tiny(cls) -> "Sizes":
         return cls(matmul_n=512, batch=16, width=0.125, steps=1, warmup=0, repeats=1, amp="none",
                    channels_last=False, grid_width=0.125, grid_train=400,
-                   grid_test=100, grid_epochs=2, grid_methods=["qat", "cmtkd"],
+                   grid_test=100, grid_epochs=2, grid_methods=["qat", "cmtkd"], toy=True,
                    budgets={"env": 60, "tests": 120, "grid": 400, "throughput": 400, "projection": 60})
 
 
@@ -380,6 +385,10 @@ def phase_env(rec: Record, args, sizes: Sizes) -> dict:
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         rec.add("env", "gpu_memory", props.total_memory / 2**30, "GiB", note=f"{props.multi_processor_count} SMs")
+        # fp32 work (the quantized layers' exact integer codes under autocast, ASSUMPTIONS Q13) runs on
+        # TF32 tensor cores only where these allow it: cuDNN convolutions by default, matmuls not.
+        rec.add("env", "tf32_allowed", f"cudnn {torch.backends.cudnn.allow_tf32}, "
+                f"matmul {torch.backends.cuda.matmul.allow_tf32}", note="torch defaults, unchanged by the engine")
     return {"peak_tflops": tflops}
 
 
@@ -451,22 +460,58 @@ def phase_grid(rec: Record, args, sizes: Sizes, clock: Clock) -> bool:
     return ok
 
 
+SUITE_CONFIG = REPO_ROOT / "config" / "cifar100.yaml"
+SUITE_TRAIN_KEYS = ("amp", "channels_last", "compile", "deterministic")
+
+
+def suite_train_settings(arch: str, config: Path = SUITE_CONFIG) -> dict:
+    """How the CIFAR-100 grid trains ``arch``: its recipe's (and arch_recipe's) train.amp, channels_last,
+    compile and deterministic over the engine's defaults. The projection is timed in exactly this mode."""
+    sys.path.insert(0, str(REPO_ROOT / "workflow" / "scripts"))
+    import grid
+
+    from cmtkd.config import TrainConfig
+
+    recipe, defaults = grid.recipe_for(grid.load_config(config), arch), TrainConfig()
+    return {key: recipe.get(f"train.{key}", getattr(defaults, key)) for key in SUITE_TRAIN_KEYS}
+
+
 def throughput_cases(sizes: Sizes, device: str, only: str | None = None) -> list[dict]:
+    """The timed cases, most needed first (a phase cut short keeps those):
+
+    1. fp, qat, cmtkd on ResNet-18 and AlexNet as the CIFAR-100 suite trains them (``suite``: its amp,
+       channels_last, compile and deterministic; the toy sizes keep their own amp and memory format):
+       the projection's numbers;
+    2. ResNet-18 CMT-KD without determinism (cuDNN autotuning instead): what determinism costs;
+    3. ResNet-18 QAT with plain autocast in its quantized layers (``exact: False``, rounding the low-bit
+       codes as ASSUMPTIONS Q13 describes): what exact low-bit arithmetic costs (only when amp is on);
+    4. fp, qat, cmtkd on ResNet-18 compiled, without determinism (compilation takes the longest).
+    """
     fast = {"amp": sizes.amp, "channels_last": sizes.channels_last}
-    # Compiled cases last: compilation takes the longest, and a phase cut short keeps the others.
-    cases = [{"arch": arch, "label": label, "compile": compile_, **fast}
-             for arch, compile_ in (("resnet18", False), ("alexnet", False), ("resnet18", True))
-             for label in ("fp", "qat", "cmtkd")]
-    if device == "cpu":  # the CPU self-test skips compilation (minutes on a small CPU)
-        cases = [c for c in cases if not c["compile"]]
+    cases = []
+    for arch in ("resnet18", "alexnet"):
+        suite = suite_train_settings(arch)
+        if sizes.toy:  # toy sizes: their own precision and layout, the suite's other settings
+            suite.update(fast)
+        cases += [{"arch": arch, "label": label, **suite, "exact": True, "suite": True}
+                  for label in ("fp", "qat", "cmtkd")]
+    plain = {**fast, "compile": False, "deterministic": False, "exact": True, "suite": False}
+    cases.append({"arch": "resnet18", "label": "cmtkd", **plain})
+    if sizes.amp != "none":
+        cases.append({"arch": "resnet18", "label": "qat", **plain, "exact": False})
+    if device != "cpu":  # the CPU self-test skips compilation (minutes on a small CPU)
+        cases += [{"arch": "resnet18", "label": label, **plain, "compile": True} for label in ("fp", "qat", "cmtkd")]
+    unique = {case_name(c): c for c in cases}  # a suite that trains as a diagnostic case does: time it once
+    cases = list(unique.values())
     if only:
         cases = [c for c in cases if any(part in case_name(c) for part in only.split(","))]
     return cases
 
 
 def case_name(case: dict) -> str:
-    precision = "bf16" if case["amp"] == "bf16" else "fp32"
+    precision = {"bf16": "bf16", "fp16": "fp16"}.get(case["amp"], "fp32")
     return (f"{case['arch']}/{case['label']}/{precision}" + ("+cl" if case["channels_last"] else "")
+            + ("+det" if case.get("deterministic") else "") + ("" if case.get("exact", True) else "+lossy")
             + ("+compile" if case["compile"] else ""))
 
 
@@ -487,10 +532,12 @@ def measure_case(case: dict, sizes: Sizes, device: str, profile: bool = True) ->
     cfg = build_config([{"method": case["label"], "arch": case["arch"], "w_bits": bits, "a_bits": bits,
                          "model": {"width": sizes.width}, "method_args": method_args,
                          "train": {"device": device, "amp": case["amp"], "channels_last": case["channels_last"],
-                                   "deterministic": False}}])
-    dev = setup_runtime(cfg)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # speed, as a long run would choose
+                                   "deterministic": case.get("deterministic", False)}}])
+    dev = setup_runtime(cfg)  # deterministic algorithms, or cuDNN autotuning, as a training run sets them
+    if not case.get("exact", True):
+        from cmtkd.quant.layers import QConv2d, QLinear
+
+        QConv2d.exact_under_autocast = QLinear.exact_under_autocast = False
     info = DataInfo("cifar100", 100, 3, 32, "cifar", 50000, 0, 0)
     torch.manual_seed(0)
     method = get_method(cfg.method)(cfg, info).to(dev)
@@ -535,8 +582,8 @@ def measure_case(case: dict, sizes: Sizes, device: str, profile: bool = True) ->
 
 def profiled(case: dict) -> bool:
     """The cases whose step time is broken down by kernel: where the time goes in a quantized step (ResNet-18
-    QAT and CMT-KD, eager), and why compiling FP did not help (ResNet-18 FP, compiled)."""
-    return case["arch"] == "resnet18" and ((case["label"] in ("qat", "cmtkd") and not case["compile"])
+    QAT and CMT-KD as the suite trains them), and why compiling FP did not help (ResNet-18 FP, compiled)."""
+    return case["arch"] == "resnet18" and ((case["label"] in ("qat", "cmtkd") and case.get("suite"))
                                            or (case["label"] == "fp" and case["compile"]))
 
 
@@ -723,31 +770,41 @@ def phase_throughput(rec: Record, args, sizes: Sizes, clock: Clock, peak_tflops:
     return results
 
 
-def best_img_s(results: dict, arch: str, label: str) -> float | None:
-    values = [r["img_s"] for r in results.values() if r["arch"] == arch and r["label"] == label]
-    return max(values) if values else None
+def projection_case(results: dict, arch: str, label: str) -> tuple[dict | None, bool]:
+    """The measured case the projection uses for (arch, label): the one timed as the CIFAR-100 suite trains
+    (``suite``), else the fastest other one; and whether it is the suite's."""
+    rows = [r for r in results.values() if r["arch"] == arch and r["label"] == label]
+    suite = [r for r in rows if r.get("suite")]
+    chosen = suite or rows
+    return (max(chosen, key=lambda r: r["img_s"]) if chosen else None), bool(suite)
 
 
-def project(results: dict, config: Path = REPO_ROOT / "config" / "cifar100.yaml") -> tuple[float | None, float | None, str]:
-    """(hours of one 200-epoch CMT-KD run, GPU-hours of the whole CIFAR-100 grid, note) from measured img/s."""
+def project(results: dict, config: Path = SUITE_CONFIG) -> tuple[float | None, float | None, str]:
+    """(hours of one 200-epoch CMT-KD run, GPU-hours of the whole CIFAR-100 grid, note) from measured img/s,
+    each taken from the case timed in the suite's own train settings where there is one (the note says
+    which cases were not)."""
     import pandas as pd
 
     sys.path.insert(0, str(REPO_ROOT / "workflow" / "scripts"))
     import estimate_cost
 
-    cmtkd = best_img_s(results, "resnet18", "cmtkd")
-    run_hours = 200 * CIFAR100_TRAIN / cmtkd / 3600 if cmtkd else None
-    throughput = {arch: best_img_s(results, arch, "qat") for arch in ("resnet18", "alexnet")}
-    throughput = {k: v for k, v in throughput.items() if v}
-    measured_rows = [{"method": r["label"], "dataset": "cifar100", "arch": r["arch"], "images_per_s": r["img_s"]}
-                     for r in results.values() if r["label"] == "cmtkd"]
+    picked = {(arch, label): projection_case(results, arch, label)
+              for arch in ("resnet18", "alexnet") for label in ("qat", "cmtkd")}
+    cmtkd = picked["resnet18", "cmtkd"][0]
+    run_hours = 200 * CIFAR100_TRAIN / cmtkd["img_s"] / 3600 if cmtkd else None
+    throughput = {arch: picked[arch, "qat"][0]["img_s"] for arch in ("resnet18", "alexnet") if picked[arch, "qat"][0]}
+    measured_rows = [{"method": "cmtkd", "dataset": "cifar100", "arch": arch, "images_per_s": row["img_s"]}
+                     for (arch, label), (row, _) in picked.items() if label == "cmtkd" and row]
     measured = pd.DataFrame(measured_rows, columns=["method", "dataset", "arch", "images_per_s"])
     runs, config_throughput = estimate_cost.load_grid(str(config), None)
     costs = estimate_cost.estimate(runs, {**config_throughput, **throughput}, measured)
     known = costs["gpu_hours"].notna().all()
     grid_hours = float(costs["gpu_hours"].sum()) if known else None
+    not_suite = [case_name(row) for row, suite in picked.values() if row and not suite]
     note = (f"{len(costs)} runs; qat img/s {', '.join(f'{k}={v:.0f}' for k, v in throughput.items())}; "
-            f"cmtkd measured directly; other methods: qat x networks per step")
+            f"cmtkd measured directly; other methods: qat x networks per step; "
+            + (f"NOT in the suite's train settings: {', '.join(not_suite)}" if not_suite
+               else "every case in the suite's train settings"))
     return run_hours, grid_hours, note
 
 
@@ -757,8 +814,10 @@ def phase_projection(rec: Record, results: dict) -> bool:
         rec.add("projection", "cmtkd_200_epochs", "n/a", "h", verdict="failed", note="no ResNet-18 CMT-KD throughput")
         return False
     verdict, how = verdict_at_most(run_hours, TARGET_RUN_HOURS)
+    case, suite = projection_case(results, "resnet18", "cmtkd")
     rec.add("projection", "cmtkd_200_epochs", run_hours, "h", f"<= {TARGET_RUN_HOURS}", verdict,
-            f"ResNet-18 CIFAR-100 CMT-KD (3 teachers), {CIFAR100_TRAIN} images x 200 epochs; {how}".strip("; "))
+            f"ResNet-18 CIFAR-100 CMT-KD (3 teachers), {CIFAR100_TRAIN} images x 200 epochs at {case_name(case)}"
+            f"{'' if suite else ' (NOT the suite settings)'}; {how}".strip("; "))
     if grid_hours is None:
         rec.add("projection", "cifar100_grid", "n/a", "GPU-h", verdict="failed", note="a throughput is missing; " + note)
         return False

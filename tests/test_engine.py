@@ -382,6 +382,7 @@ def test_deterministic_runtime_without_importing_inductor():
             "setup_runtime(cfg)\n"
             "assert torch.are_deterministic_algorithms_enabled()\n"
             "assert torch.is_deterministic_algorithms_warn_only_enabled()\n"
+            "assert not torch.backends.cudnn.benchmark  # never autotuned where results must repeat\n"
             "print('torch._inductor' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

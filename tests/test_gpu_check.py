@@ -68,11 +68,15 @@ def test_record_writes_every_row_at_once_with_the_fingerprint(tmp_path):
         == "gpu-nvidia-h100-80gb-hbm3-2026-11-27.csv"
 
 
+FINGERPRINT = {"device": "cuda", "device_name": "GPU X", "torch": "2.11.0", "date": "d"}
+
+
 def _results(scale: float) -> dict:
     rows = {}
     for arch, base in (("resnet18", 10000.0), ("alexnet", 30000.0)):
         for label, factor in (("fp", 1.1), ("qat", 1.0), ("cmtkd", 0.25)):
-            rows[f"{arch}/{label}"] = {"arch": arch, "label": label, "img_s": scale * base * factor}
+            rows[f"{arch}/{label}"] = {"arch": arch, "label": label, "img_s": scale * base * factor, "amp": "bf16",
+                                       "channels_last": True, "compile": False, "deterministic": False}
     return rows
 
 
@@ -88,6 +92,42 @@ def test_projection_arithmetic():
     faster = gpu_check.project(_results(2.0))
     assert faster[0] == pytest.approx(run_hours / 2) and faster[1] == pytest.approx(grid_hours / 2)
     assert gpu_check.project({})[:2] == (None, None)
+    assert "NOT in the suite's train settings: resnet18/qat/bf16+cl, " in note
+
+
+def test_projection_uses_the_cases_timed_in_the_suites_settings(tmp_path):
+    """A faster case timed otherwise (no determinism, compiled) does not make the projection optimistic."""
+    results = _results(1.0)
+    suite = {key: {**row, "deterministic": True, "suite": True, "img_s": row["img_s"] / 2}
+             for key, row in results.items()}
+    both = {**results, **{key + "+det": row for key, row in suite.items()}}
+    run_hours, grid_hours, note = gpu_check.project(both)
+    assert run_hours == pytest.approx(gpu_check.project(suite)[0]) == pytest.approx(200 * 45000 / 1250 / 3600)
+    assert grid_hours == pytest.approx(2 * gpu_check.project(results)[1])
+    assert note.endswith("every case in the suite's train settings")
+    record = gpu_check.Record(tmp_path / "check.csv", FINGERPRINT)
+    assert gpu_check.phase_projection(record, both)
+    record.close()
+    assert "x 200 epochs at resnet18/cmtkd/bf16+cl+det" in record.rows[0]["note"]
+    record = gpu_check.Record(tmp_path / "other.csv", FINGERPRINT)
+    gpu_check.phase_projection(record, results)
+    record.close()
+    assert "at resnet18/cmtkd/bf16+cl (NOT the suite settings)" in record.rows[0]["note"]
+
+
+def test_throughput_cases_time_the_suite_first():
+    cases = gpu_check.throughput_cases(gpu_check.Sizes(), "cuda")
+    names = [gpu_check.case_name(c) for c in cases]
+    suite = {arch: gpu_check.suite_train_settings(arch) for arch in ("resnet18", "alexnet")}
+    assert suite["resnet18"] == {"amp": "bf16", "channels_last": True, "compile": False, "deterministic": True}
+    assert names[:6] == [f"{arch}/{label}/bf16+cl+det" for arch in ("resnet18", "alexnet")
+                         for label in ("fp", "qat", "cmtkd")]
+    assert all(c["suite"] for c in cases[:6]) and not any(c["suite"] for c in cases[6:])
+    assert names[6:] == ["resnet18/cmtkd/bf16+cl", "resnet18/qat/bf16+cl+lossy", "resnet18/fp/bf16+cl+compile",
+                         "resnet18/qat/bf16+cl+compile", "resnet18/cmtkd/bf16+cl+compile"]
+    tiny = [gpu_check.case_name(c) for c in gpu_check.throughput_cases(gpu_check.Sizes.tiny(), "cpu")]
+    assert tiny == [f"{arch}/{label}/fp32+det" for arch in ("resnet18", "alexnet") for label in ("fp", "qat", "cmtkd")] \
+        + ["resnet18/cmtkd/fp32"]
 
 
 def test_wheel_folder_install_uses_no_index(tmp_path):
@@ -141,7 +181,7 @@ def test_throughput_and_projection_phases_at_toy_size_on_cpu(tmp_path):
     rows = {r["name"]: r for r in csv.DictReader(open(out))}
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert float(rows["matmul_peak_bf16"]["value"]) > 0
-    for name in ("resnet18/qat/fp32", "resnet18/cmtkd/fp32", "alexnet/qat/fp32"):
+    for name in ("resnet18/qat/fp32+det", "resnet18/cmtkd/fp32+det", "alexnet/qat/fp32+det"):
         assert float(rows[name]["value"]) > 0 and "GFLOP/img" in rows[name]["note"]
     assert rows["target_cmtkd_peak_fraction"]["verdict"] in ("met", "missed")
     assert float(rows["cmtkd_200_epochs"]["value"]) > 0 and float(rows["cifar100_grid"]["value"]) > 0

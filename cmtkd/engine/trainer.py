@@ -84,8 +84,10 @@ def setup_runtime(cfg: RunConfig) -> torch.device:
         # so this must precede any CUDA matrix product (a value the user set is kept).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         enable_deterministic_algorithms(cfg.train.compile)
-        torch.backends.cudnn.benchmark = False
     device = select_device(cfg.train.device)
+    # cuDNN autotuning picks the fastest convolution algorithm per shape (a run's shapes repeat every
+    # step), but timing-dependent picks are not reproducible: only without deterministic.
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.train.deterministic
     if cfg.train.amp == "fp16" and device.type != "cuda":
         raise UserError("train.amp=fp16 needs a CUDA device; on CPU use train.amp=bf16 or none")
     return device
