@@ -45,6 +45,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -690,7 +691,11 @@ def start_prewarm(args, sizes: Sizes):
     log = args.work / "logs" / "prewarm.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     handle = open(log, "w")
-    process = subprocess.Popen(child_command("prewarm", {"cases": compiled}, args), cwd=REPO_ROOT, env=child_env(),
+    # Background work must not slow the tests and grid it runs beside (their phases have time limits):
+    # lowest CPU priority, and a quarter of the cores for Inductor's parallel compile workers.
+    env = dict(child_env(), TORCHINDUCTOR_COMPILE_THREADS=str(max(1, (os.cpu_count() or 4) // 4)))
+    nice = ["nice", "-n", "19"] if shutil.which("nice") else []
+    process = subprocess.Popen(nice + child_command("prewarm", {"cases": compiled}, args), cwd=REPO_ROOT, env=env,
                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     return process, handle, log, time.monotonic()
 

@@ -3,7 +3,9 @@ the plan, the synthetic cifar-100-python writer, the CSV record, the projection 
 from a folder of wheels without an index, and (slow) its phases end to end at toy sizes."""
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +199,24 @@ def test_grid_phase_trains_through_snakemake_on_the_synthetic_dataset(tmp_path):
     assert done.returncode == 0, rows.get("snakemake_grid", {}).get("note", "") + done.stderr[-2000:]
     assert rows["snakemake_grid"]["verdict"] == "passed" and "devices ['cpu']" in rows["snakemake_grid"]["note"]
     assert (tmp_path / "w" / "grid" / "results" / "tables" / "main.csv").exists()
+
+
+def test_background_compilation_yields_to_the_checks_beside_it(tmp_path, monkeypatch):
+    """The prewarm process runs at the lowest CPU priority with a quarter of the cores for Inductor's compile
+    workers, so the time-limited tests and grid beside it keep the machine."""
+    started = {}
+
+    class FakePopen:
+        def __init__(self, command, **kwargs):
+            started.update(command=command, **kwargs)
+
+    monkeypatch.setattr(gpu_check.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(gpu_check.os, "cpu_count", lambda: 16)
+    args = argparse.Namespace(phases=["throughput"], device="cuda", cases=None, work=tmp_path, tiny=False)
+    process, handle, log, _ = gpu_check.start_prewarm(args, gpu_check.Sizes())
+    handle.close()
+    assert started["command"][:3] == ["nice", "-n", "19"] and started["command"][3] == sys.executable
+    assert started["env"]["TORCHINDUCTOR_COMPILE_THREADS"] == "4"
+    payload = json.loads(started["command"][started["command"].index("--child") + 1])
+    assert [gpu_check.case_name(c) for c in payload["payload"]["cases"]] == [
+        "resnet18/fp/bf16+cl+compile", "resnet18/qat/bf16+cl+compile", "resnet18/cmtkd/bf16+cl+compile"]
