@@ -176,7 +176,6 @@ def test_every_method_trains_an_epoch_on_the_device(method, cifar_root, teachers
 
 
 @cuda_only
-@cuda_only
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_cudnn_autotunes_only_without_determinism(deterministic):
     """A run that need not repeat bit for bit lets cuDNN time its convolution algorithms (the fastest per
@@ -191,6 +190,7 @@ def test_cudnn_autotunes_only_without_determinism(deterministic):
         torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
 
 
+@cuda_only
 def test_no_host_synchronisation_inside_a_training_step(cifar_root):
     """Batches from the GPU-resident pipeline and whole optimizer steps (the trainer's loop body) raise
     under ``set_sync_debug_mode("error")`` if anything in them waits for the GPU."""

@@ -369,6 +369,26 @@ def test_export_writes_a_plain_program_equal_to_the_student(reference_run, tmp_p
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cudnn_autotunes_only_in_a_cuda_run_without_determinism(monkeypatch, deterministic):
+    """cuDNN picks its convolution algorithms by timing them (``cudnn.benchmark``) only where the run need not
+    repeat bit for bit; never in a deterministic run, never on CPU. (The device is faked: no GPU needed.)"""
+    from cmtkd.config import build_config
+    from cmtkd.engine import trainer
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # restored afterwards
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored afterwards
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for device, expected in (("cuda", not deterministic), ("cpu", False)):
+            torch.backends.cudnn.benchmark = not expected  # the opposite beforehand: setup_runtime must set it
+            monkeypatch.setattr(trainer, "select_device", lambda name, device=device: torch.device(device))
+            trainer.setup_runtime(build_config([{"train": {"deterministic": deterministic}}]))
+            assert torch.backends.cudnn.benchmark is expected
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
 def test_deterministic_runtime_without_importing_inductor():
     """Deterministic algorithms are on after setup_runtime, and without torch.compile the process
     never imports torch._inductor (a 2 s import every suite run would pay)."""
@@ -382,7 +402,6 @@ def test_deterministic_runtime_without_importing_inductor():
             "setup_runtime(cfg)\n"
             "assert torch.are_deterministic_algorithms_enabled()\n"
             "assert torch.is_deterministic_algorithms_warn_only_enabled()\n"
-            "assert not torch.backends.cudnn.benchmark  # never autotuned where results must repeat\n"
             "print('torch._inductor' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

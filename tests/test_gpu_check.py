@@ -125,11 +125,26 @@ def test_throughput_cases_time_the_suite_first():
     assert names[:6] == [f"{arch}/{label}/bf16+cl+det" for arch in ("resnet18", "alexnet")
                          for label in ("fp", "qat", "cmtkd")]
     assert all(c["suite"] for c in cases[:6]) and not any(c["suite"] for c in cases[6:])
-    assert names[6:] == ["resnet18/cmtkd/bf16+cl", "resnet18/qat/bf16+cl+lossy", "resnet18/fp/bf16+cl+compile",
+    assert names[6:] == ["resnet18/cmtkd/bf16+cl", "resnet18/qat/bf16+cl+det+lossy", "resnet18/fp/bf16+cl+compile",
                          "resnet18/qat/bf16+cl+compile", "resnet18/cmtkd/bf16+cl+compile"]
+    lossy = cases[7]
+    assert {k: v for k, v in lossy.items() if k not in ("exact", "suite")} \
+        == {k: v for k, v in cases[1].items() if k not in ("exact", "suite")}  # the suite's QAT, one change
+    assert not lossy["exact"] and cases[1]["exact"]
     tiny = [gpu_check.case_name(c) for c in gpu_check.throughput_cases(gpu_check.Sizes.tiny(), "cpu")]
     assert tiny == [f"{arch}/{label}/fp32+det" for arch in ("resnet18", "alexnet") for label in ("fp", "qat", "cmtkd")] \
         + ["resnet18/cmtkd/fp32"]
+
+
+def test_a_suite_case_that_equals_a_diagnostic_one_stays_the_suites(monkeypatch):
+    """Were the suite to train without determinism, its ResNet-18 CMT-KD case and the diagnostic one would
+    be the same case: timed once, and still the suite's (so the projection and the targets use it)."""
+    monkeypatch.setattr(gpu_check, "suite_train_settings", lambda arch: {
+        "amp": "bf16", "channels_last": True, "compile": False, "deterministic": False})
+    cases = gpu_check.throughput_cases(gpu_check.Sizes(), "cuda")
+    names = [gpu_check.case_name(c) for c in cases]
+    assert names.count("resnet18/cmtkd/bf16+cl") == 1
+    assert cases[names.index("resnet18/cmtkd/bf16+cl")]["suite"]
 
 
 def test_wheel_folder_install_uses_no_index(tmp_path):
@@ -213,6 +228,10 @@ def test_background_compilation_yields_to_the_checks_beside_it(tmp_path, monkeyp
     monkeypatch.setattr(gpu_check.subprocess, "Popen", FakePopen)
     monkeypatch.setattr(gpu_check.os, "cpu_count", lambda: 16)
     args = argparse.Namespace(phases=["throughput"], device="cuda", cases=None, work=tmp_path, tiny=False)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)  # a machine without nice: started as is
+    gpu_check.start_prewarm(args, gpu_check.Sizes())[1].close()
+    assert started["command"][0] == sys.executable
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/bin/" + name)
     process, handle, log, _ = gpu_check.start_prewarm(args, gpu_check.Sizes())
     handle.close()
     assert started["command"][:3] == ["nice", "-n", "19"] and started["command"][3] == sys.executable
