@@ -6,6 +6,7 @@ import io
 import json
 import sys
 import textwrap
+import warnings
 
 from cmtkd.errors import UserError
 
@@ -125,7 +126,9 @@ def cmd_export(args) -> int:
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     data = buffer.getvalue()
-    reloaded = torch.export.load(io.BytesIO(data)).module()
+    with warnings.catch_warnings():  # torch 2.11 warns that the archive's bytes are read-only: noise here
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        reloaded = torch.export.load(io.BytesIO(data)).module()
     if not torch.equal(reloaded(example), model(example)):
         raise UserError(f"the exported program of {run_dir} does not reproduce the model; please report this")
     atomic_write_bytes(out, data)

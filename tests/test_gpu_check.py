@@ -147,17 +147,27 @@ def test_a_suite_case_that_equals_a_diagnostic_one_stays_the_suites(monkeypatch)
     assert cases[names.index("resnet18/cmtkd/bf16+cl")]["suite"]
 
 
+def write_wheel(folder: Path, name: str, version: str, files: dict[str, str]) -> Path:
+    """A pure-Python wheel written by hand (a zip with METADATA, WHEEL and RECORD): no build backend needed,
+    so the test does not depend on the environment's setuptools/wheel versions."""
+    import zipfile
+
+    dist = f"{name.replace('-', '_')}-{version}"
+    files = {**files, f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: cmtkd-tests\nRoot-Is-Purelib: true\n"
+                                        "Tag: py3-none-any\n"}
+    record = "".join(f"{path},,\n" for path in files) + f"{dist}.dist-info/RECORD,,\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, text in {**files, f"{dist}.dist-info/RECORD": record}.items():
+            archive.writestr(member, text)
+    return path
+
+
 def test_wheel_folder_install_uses_no_index(tmp_path):
-    package = tmp_path / "src"
-    (package / "cmtkd_wheel_probe").mkdir(parents=True)
-    (package / "cmtkd_wheel_probe" / "__init__.py").write_text("VALUE = 42\n")
-    (package / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools>=61"]\n'
-                                            'build-backend = "setuptools.build_meta"\n[project]\n'
-                                            'name = "cmtkd-wheel-probe"\nversion = "1.0"\n')
     wheels = tmp_path / "wheels"
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-index", "--no-deps", "--no-build-isolation",
-                            "-q", "-w", str(wheels), str(package)], capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, built.stderr
+    write_wheel(wheels, "cmtkd-wheel-probe", "1.0", {"cmtkd_wheel_probe/__init__.py": "VALUE = 42\n"})
     assert not gpu_check.requirement_met("cmtkd-wheel-probe")
     assert gpu_check.requirement_met("pytest>=1")
     command = gpu_check.install_command(wheels, ["cmtkd-wheel-probe"])
