@@ -3,13 +3,13 @@
 Each case runs in a fresh child process (one after another, never two at once) so that its peak
 memory is its own. On a shared machine the load changes while the cases run, so the cases are
 interleaved over ``--rounds`` rounds (each round runs every case once, starting at a different case)
-and every ratio is computed within a round, then reported as the median and the minimum over the
+and every ratio is computed within a round, then reported as the median and the min..max over the
 rounds. The machine's measured matmul peak is printed beside the throughput, with each case's
 fraction of it (FLOPs of one step counted by ``torch.utils.flop_counter``). Printed as one Markdown
 table; ``--csv`` also writes it.
 
     python benchmarks/suite.py                                  # CPU, ResNet-18 + AlexNet (CIFAR variants)
-    python benchmarks/suite.py --archs resnet18 --width 0.5 --steps 3
+    python benchmarks/suite.py --archs resnet18 --width 0.5 --only fp qat cmtkd
     python benchmarks/suite.py --device cuda --amp bf16 --channels-last   # on a GPU machine
 
 Columns: img/s and ms per step (median over the rounds of each round's median over --steps timed steps
@@ -189,7 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each method's forward_train")
     p.add_argument("--only", nargs="+", help="run only these case labels (e.g. fp qat cmtkd)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (every case once per round)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds (every case once per round; default 5: single rounds scatter by about +-8%% on a shared 2-core machine, so only the median over rounds means anything)")
     p.add_argument("--csv", help="also write the table as CSV here")
     a = p.parse_args(argv)
 
