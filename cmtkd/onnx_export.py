@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -219,10 +220,13 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> dict:
     max_diff = float((reference - mine).abs().max())
     if max_diff > 1e-4 * max(1.0, float(reference.abs().max())):
         raise UserError(f"the QDQ rewrite of the student differs from it by {max_diff:.3g}; please report this")
-    program = torch.onnx.export(rewritten, (example,), dynamo=True, custom_translation_table=translations,
-                                input_names=["images"], output_names=["logits"],
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
-                                external_data=False)
+    with warnings.catch_warnings():  # torch 2.11's exporter trips its own pytree deprecation: noise here
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        program = torch.onnx.export(rewritten, (example,), dynamo=True, custom_translation_table=translations,
+                                    input_names=["images"], output_names=["logits"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                                    external_data=False)
     # Saved in a scratch directory, then written atomically next to the run (nothing partial on a
     # kill or a full disk, and no stray temporary file in the run directory).
     with tempfile.TemporaryDirectory(prefix="cmtkd-onnx-") as scratch:
