@@ -21,8 +21,8 @@ timed phase has the GPU to itself and compiles from warm caches:
    cmtkd (3 teachers) on the CIFAR ResNet-18 and AlexNet as config/cifar100.yaml trains them (bf16 +
    channels_last, deterministic: the ``+det`` rows; the projection and the targets use these); then, on
    ResNet-18, CMT-KD without determinism (cuDNN autotuning), the suite's QAT with plain (lossy) autocast in
-   its quantized layers (``+det+lossy``: what exact low-bit arithmetic costs), and fp, qat, cmtkd compiled
-   (``+compile``). FLOPs per step counted with
+   its quantized layers (``+det+lossy``: what exact low-bit arithmetic costs) and without TF32 convolutions
+   (``+det+notf32``: exact on CUDA too, ASSUMPTIONS W18), and fp, qat, cmtkd compiled (``+compile``). FLOPs per step counted with
    ``torch.utils.flop_counter`` -> the fraction of the measured peak; the data pipeline's time per batch
    against the step; for ResNet-18 QAT and CMT-KD (the suite's mode) and FP (compiled), the step's device
    time by kernel (torch.profiler; ``profile`` rows: conv/matmul, batch norm, compiled Triton kernels,
@@ -391,10 +391,11 @@ def phase_env(rec: Record, args, sizes: Sizes) -> dict:
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         rec.add("env", "gpu_memory", props.total_memory / 2**30, "GiB", note=f"{props.multi_processor_count} SMs")
-        # fp32 work (the quantized layers' exact integer codes under autocast, ASSUMPTIONS Q13) runs on
-        # TF32 tensor cores only where these allow it: cuDNN convolutions by default, matmuls not.
+        # fp32 work (the quantized layers under autocast, ASSUMPTIONS Q13) runs on TF32 tensor cores only where
+        # these allow it: torch's defaults here; each training run sets them from train.tf32 (W18).
         rec.add("env", "tf32_allowed", f"cudnn {torch.backends.cudnn.allow_tf32}, "
-                f"matmul {torch.backends.cuda.matmul.allow_tf32}", note="torch defaults, unchanged by the engine")
+                f"matmul {torch.backends.cuda.matmul.allow_tf32}",
+                note="torch defaults; a run sets cuDNN's from train.tf32 (default true) and matmul off")
     return {"peak_tflops": tflops}
 
 
@@ -467,12 +468,12 @@ def phase_grid(rec: Record, args, sizes: Sizes, clock: Clock) -> bool:
 
 
 SUITE_CONFIG = REPO_ROOT / "config" / "cifar100.yaml"
-SUITE_TRAIN_KEYS = ("amp", "channels_last", "compile", "deterministic")
+SUITE_TRAIN_KEYS = ("amp", "channels_last", "compile", "deterministic", "tf32")
 
 
 def suite_train_settings(arch: str, config: Path = SUITE_CONFIG) -> dict:
     """How the CIFAR-100 grid trains ``arch``: its recipe's (and arch_recipe's) train.amp, channels_last,
-    compile and deterministic over the engine's defaults. The projection is timed in exactly this mode."""
+    compile, deterministic and tf32 over the engine's defaults. The projection is timed in exactly this mode."""
     sys.path.insert(0, str(REPO_ROOT / "workflow" / "scripts"))
     import grid
 
@@ -491,7 +492,8 @@ def throughput_cases(sizes: Sizes, device: str, only: str | None = None) -> list
     2. ResNet-18 CMT-KD without determinism (cuDNN autotuning instead): what determinism costs;
     3. the suite's ResNet-18 QAT case with plain autocast in its quantized layers (``exact: False``,
        rounding the low-bit codes as ASSUMPTIONS Q13 describes): what exact low-bit arithmetic costs
-       (only when amp is on);
+       (only when amp is on); then the same case without TF32 convolutions (``tf32: False``, ``+notf32``:
+       exact on CUDA too, ASSUMPTIONS W18): what exactness on the GPU would cost;
     4. fp, qat, cmtkd on ResNet-18 compiled, without determinism (compilation takes the longest).
     """
     fast = {"amp": sizes.amp, "channels_last": sizes.channels_last}
@@ -507,6 +509,8 @@ def throughput_cases(sizes: Sizes, device: str, only: str | None = None) -> list
     suite_qat = next(c for c in cases if c["arch"] == "resnet18" and c["label"] == "qat")
     if suite_qat["amp"] != "none":  # the suite's ResNet-18 QAT case with one change: lossy quantized layers
         cases.append({**suite_qat, "exact": False, "suite": False})
+    if device != "cpu" and suite_qat.get("tf32", True):  # ... or one other change: no TF32 (exact on CUDA; a CPU has none)
+        cases.append({**suite_qat, "tf32": False, "suite": False})
     if device != "cpu":  # the CPU self-test skips compilation (minutes on a small CPU)
         cases += [{"arch": "resnet18", "label": label, **plain, "compile": True} for label in ("fp", "qat", "cmtkd")]
     unique: dict[str, dict] = {}
@@ -522,6 +526,7 @@ def case_name(case: dict) -> str:
     precision = {"bf16": "bf16", "fp16": "fp16"}.get(case["amp"], "fp32")
     return (f"{case['arch']}/{case['label']}/{precision}" + ("+cl" if case["channels_last"] else "")
             + ("+det" if case.get("deterministic") else "") + ("" if case.get("exact", True) else "+lossy")
+            + ("" if case.get("tf32", True) else "+notf32")
             + ("+compile" if case["compile"] else ""))
 
 
@@ -542,8 +547,9 @@ def measure_case(case: dict, sizes: Sizes, device: str, profile: bool = True) ->
     cfg = build_config([{"method": case["label"], "arch": case["arch"], "w_bits": bits, "a_bits": bits,
                          "model": {"width": sizes.width}, "method_args": method_args,
                          "train": {"device": device, "amp": case["amp"], "channels_last": case["channels_last"],
-                                   "deterministic": case.get("deterministic", False), "compile": case["compile"]}}])
-    dev = setup_runtime(cfg)  # deterministic algorithms, or cuDNN autotuning, as a training run sets them
+                                   "deterministic": case.get("deterministic", False), "compile": case["compile"],
+                                   "tf32": case.get("tf32", True)}}])
+    dev = setup_runtime(cfg)  # deterministic algorithms or cuDNN autotuning, and TF32, as a training run sets them
     from cmtkd.quant.layers import QConv2d, QLinear
 
     # Exact low-bit arithmetic under autocast unless the case says otherwise (set for every case: the

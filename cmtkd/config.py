@@ -61,6 +61,10 @@ class TrainConfig:
     compile: bool = False         # torch.compile each method's training step (forward_train)
     sync_bn: bool = False         # torchrun multi-GPU runs: BatchNorm statistics over the global batch (CUDA)
     deterministic: bool = True
+    # CUDA: cuDNN convolutions may use TF32 tensor cores (PyTorch's default). A quantized layer's activation
+    # input is s * code in fp32, which TF32 rounds to 11 significant bits (ASSUMPTIONS W18); false = no TF32
+    # anywhere (exact low-bit arithmetic on CUDA as on CPU, slower). Matmuls stay fp32 either way.
+    tf32: bool = True
     select: Literal["best_val", "last"] = "best_val"  # best_val: model selection on the held-out val split
     progress: Literal["auto", "bar", "none"] = "auto"  # auto: a bar on a TTY
     # Experiment trackers besides history.csv: csv | tensorboard | wandb (cmtkd.engine.loggers).
@@ -235,7 +239,7 @@ def to_dict(cfg: RunConfig) -> dict:
 
 # Keys added after runs were published, left out of the hash while at their default, so that adding
 # them changed no existing run's hash (committed results and resumable run directories stay valid).
-HASH_OMITTED_AT_DEFAULT = {"data.image_size": None}
+HASH_OMITTED_AT_DEFAULT = {"data.image_size": None, "train.tf32": True}
 
 
 def config_hash(cfg: RunConfig | dict) -> str:

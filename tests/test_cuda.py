@@ -8,6 +8,8 @@ What runs on a GPU machine (``make gpu-check`` runs these first; ``pytest -m cud
   ``torch.use_deterministic_algorithms`` and ``CUBLAS_WORKSPACE_CONFIG``); a run killed with SIGKILL
   and rerun finishes bit-identical to an uninterrupted one;
 * bf16 autocast + channels_last + torch.compile matches the fp32 step within the tolerances below;
+* a quantized conv under bf16 autocast is exact with ``train.tf32: false`` and within TF32's rounding with
+  it (ledger W18);
 * the GPU-resident CIFAR pipeline yields exactly the CPU pipeline's batches for the same (seed, epoch);
 * ``torchrun --nproc_per_node 1`` equals a plain run, and DDP over a one-process NCCL group takes
   exactly the plain steps.
@@ -188,6 +190,37 @@ def test_cudnn_autotunes_only_without_determinism(deterministic):
     finally:
         torch.backends.cudnn.benchmark = saved[0]
         torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+
+
+@cuda_only
+def test_quantized_conv_is_exact_on_cuda_without_tf32(capsys):
+    """Ledger W18 on the device: a W2A2 conv reading HWGQ activation values under bf16 autocast equals the
+    float64 conv of the same values within fp32 summation error with ``train.tf32: false``; with TF32 allowed
+    (the default) the error stays within TF32's rounding of the activations (2^-11 of each term), whatever
+    algorithm cuDNN picks. Both errors are printed (``-s``) for the check's log."""
+    from cmtkd.quant import HWGQ, QConv2d
+
+    torch.manual_seed(0)
+    conv = QConv2d(64, 64, 3, padding=1, w_bits=2, bias=False)
+    x = HWGQ(2)(torch.randn(32, 64, 16, 16))  # values s * code, as the models' layers read them
+    w = conv.weight_quantizer(conv.weight).detach()
+    reference = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+    bound = torch.nn.functional.conv2d(x.double().abs(), w.double().abs(), padding=1)  # sum of |terms|
+    conv, x = conv.cuda(), x.cuda()
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    errors = {}
+    try:
+        for tf32 in (False, True):
+            setup_runtime(build_config([{"train": {"device": "cuda", "deterministic": False, "tf32": tf32}}]))
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                out = conv(x)
+            assert out.dtype == torch.float32
+            errors[tf32] = float(((out.double().cpu() - reference).abs() / bound.clamp_min(1e-30)).max())
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    print(f"W2A2 conv, error / sum of |terms|: tf32 off {errors[False]:.2e}, tf32 on {errors[True]:.2e}")
+    assert errors[False] <= 1e-6
+    assert errors[True] <= 2.0**-11 + 1e-6
 
 
 @cuda_only

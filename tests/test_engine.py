@@ -389,6 +389,37 @@ def test_cudnn_autotunes_only_in_a_cuda_run_without_determinism(monkeypatch, det
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 
 
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tf32_convolutions_follow_the_config_and_matmuls_never_use_tf32(monkeypatch, tf32):
+    """train.tf32 sets cuDNN's TF32 switch for the run (either way, whatever it was before); TF32 matmuls
+    are off even where the environment turned them on (ledger W18). The device is faked: no GPU needed."""
+    from cmtkd.config import build_config
+    from cmtkd.engine import trainer
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(trainer, "select_device", lambda name: torch.device("cuda"))
+    try:
+        torch.backends.cudnn.allow_tf32 = not tf32  # the opposite beforehand: setup_runtime must set it
+        torch.backends.cuda.matmul.allow_tf32 = True
+        trainer.setup_runtime(build_config([{"train": {"deterministic": False, "tf32": tf32}}]))
+        assert torch.backends.cudnn.allow_tf32 is tf32
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_tf32_at_its_default_keeps_every_existing_config_hash():
+    """train.tf32 came after runs were published: at its default (true) it is left out of the run-config hash."""
+    from dataclasses import asdict
+
+    from cmtkd.config import RunConfig, config_hash
+
+    cfg = asdict(RunConfig())
+    before = {**cfg, "train": {k: v for k, v in cfg["train"].items() if k != "tf32"}}  # a run written before the key
+    assert cfg["train"]["tf32"] is True and config_hash(cfg) == config_hash(before)
+    assert config_hash({**cfg, "train": {**cfg["train"], "tf32": False}}) != config_hash(cfg)
+
+
 def test_deterministic_runtime_without_importing_inductor():
     """Deterministic algorithms are on after setup_runtime, and without torch.compile the process
     never imports torch._inductor (a 2 s import every suite run would pay)."""

@@ -121,16 +121,18 @@ def test_throughput_cases_time_the_suite_first():
     cases = gpu_check.throughput_cases(gpu_check.Sizes(), "cuda")
     names = [gpu_check.case_name(c) for c in cases]
     suite = {arch: gpu_check.suite_train_settings(arch) for arch in ("resnet18", "alexnet")}
-    assert suite["resnet18"] == {"amp": "bf16", "channels_last": True, "compile": False, "deterministic": True}
+    assert suite["resnet18"] == {"amp": "bf16", "channels_last": True, "compile": False, "deterministic": True,
+                                 "tf32": True}
     assert names[:6] == [f"{arch}/{label}/bf16+cl+det" for arch in ("resnet18", "alexnet")
                          for label in ("fp", "qat", "cmtkd")]
     assert all(c["suite"] for c in cases[:6]) and not any(c["suite"] for c in cases[6:])
-    assert names[6:] == ["resnet18/cmtkd/bf16+cl", "resnet18/qat/bf16+cl+det+lossy", "resnet18/fp/bf16+cl+compile",
-                         "resnet18/qat/bf16+cl+compile", "resnet18/cmtkd/bf16+cl+compile"]
-    lossy = cases[7]
-    assert {k: v for k, v in lossy.items() if k not in ("exact", "suite")} \
-        == {k: v for k, v in cases[1].items() if k not in ("exact", "suite")}  # the suite's QAT, one change
-    assert not lossy["exact"] and cases[1]["exact"]
+    assert names[6:] == ["resnet18/cmtkd/bf16+cl", "resnet18/qat/bf16+cl+det+lossy", "resnet18/qat/bf16+cl+det+notf32",
+                         "resnet18/fp/bf16+cl+compile", "resnet18/qat/bf16+cl+compile", "resnet18/cmtkd/bf16+cl+compile"]
+    lossy, strict = cases[7], cases[8]
+    for case, key in ((lossy, "exact"), (strict, "tf32")):  # each the suite's QAT with one change
+        assert {k: v for k, v in case.items() if k not in (key, "suite")} \
+            == {k: v for k, v in cases[1].items() if k not in (key, "suite")}
+        assert case[key] is False and cases[1][key] is True
     tiny = [gpu_check.case_name(c) for c in gpu_check.throughput_cases(gpu_check.Sizes.tiny(), "cpu")]
     assert tiny == [f"{arch}/{label}/fp32+det" for arch in ("resnet18", "alexnet") for label in ("fp", "qat", "cmtkd")] \
         + ["resnet18/cmtkd/fp32"]

@@ -721,3 +721,53 @@ def test_all_quantized_w2a2_resnet_gives_its_fp32_logits_under_bf16():
             logits = model(images)
     assert logits.dtype == torch.float32
     assert (logits - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def tf32_round(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> TF32 (10 of fp32's 23 fraction bits; round to nearest even) -> fp32, as a tensor core reads it."""
+    bits = x.float().contiguous().view(torch.int32)
+    rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return rounded.view(torch.float32)
+
+
+def test_tf32_round_emulation():
+    assert tf32_round(torch.tensor([1.0, 255.0, -3.0, 0.0])).tolist() == [1.0, 255.0, -3.0, 0.0]
+    assert tf32_round(torch.tensor([1 + 2.0**-10, 1 + 2.0**-12, 1 + 3 * 2.0**-11])).tolist() == \
+        [1 + 2.0**-10, 1.0, 1 + 2 * 2.0**-10]
+
+
+@pytest.mark.parametrize("arch,layout", [("resnet18", "conv-inputs"), ("resnet18", "block-outputs"),
+                                         ("alexnet", "conv-inputs")])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_models_quantized_layers_read_activation_values_not_codes_under_autocast(arch, layout, bits):
+    """What ASSUMPTIONS W18 states: under autocast the built models' quantized layers compute on integer weight
+    codes (exact in TF32) but read their activations as values ``s * code`` in fp32 (the quantizer is a module
+    of its own, not the layer's ``input_quantizer``), which TF32 rounds: on CUDA with cuDNN's TF32 convolutions
+    (``train.tf32: true``) the activation levels move by up to 2^-11 of their value. Should the models ever
+    feed the codes themselves, this fails and W18 must change."""
+    from cmtkd.models import build_model
+    from cmtkd.quant.common import HWGQ_STEPS
+
+    torch.manual_seed(0)
+    model = build_model(arch, 10, bits, bits, width=0.125, quant_layout=layout).train()
+    seen = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, (QConv2d, QLinear)) and layer.w_bits != 32:
+            def record(x, w, b, name=name, apply=layer._apply_weight):
+                seen.append((name, x.detach(), w.detach()))
+                return apply(x, w, b)
+            layer._apply_weight = record
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(8, 3, 32, 32))
+    assert len(seen) >= 6  # AlexNet: conv2-conv5, fc6, fc7; ResNet-18: every conv but the stem
+    step = HWGQ_STEPS[bits]
+    moved = 0
+    for name, x, w in seen:
+        assert x.dtype == w.dtype == torch.float32, name
+        assert torch.equal(w, w.round()) and torch.equal(tf32_round(w), w), name  # weight codes: exact in TF32
+        assert torch.equal(x, torch.round(x / step) * step), name  # on the quantizer's grid ...
+        assert not torch.equal(x, x.round()), name  # ... as values, not codes
+        relative = ((tf32_round(x) - x).abs() / x.abs().clamp_min(1e-30))[x != 0]
+        assert float(relative.max()) <= 2.0**-11, name
+        moved += int((tf32_round(x) != x).sum())
+    assert moved > 0

@@ -88,6 +88,10 @@ def setup_runtime(cfg: RunConfig) -> torch.device:
     # cuDNN autotuning picks the fastest convolution algorithm per shape (a run's shapes repeat every
     # step), but timing-dependent picks are not reproducible: only without deterministic.
     torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.train.deterministic
+    # TF32 (CUDA only; ledger W18): cuDNN convolutions as train.tf32 says; matmuls never (PyTorch's default,
+    # also enforced where the environment turned it on, e.g. TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1).
+    torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     if cfg.train.amp == "fp16" and device.type != "cuda":
         raise UserError("train.amp=fp16 needs a CUDA device; on CPU use train.amp=bf16 or none")
     return device

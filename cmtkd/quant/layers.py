@@ -16,9 +16,11 @@ the weight is quantized, the layer computes on the integer codes instead: weight
 (``|code| <= 2^b - 1``), activation codes ``0 .. 2^b - 1`` when it has an input quantizer
 (otherwise its input as fp32), an fp32 conv/matmul with autocast off, then the scales
 ``s_w * s_a`` and the bias in fp32.  Codes are small integers, so every product and every partial
-sum below 2^24 is exact: the output equals the fp32 layer's up to fp32 summation order.  The
-codes are also exact in TF32 (11 significant bits), so on CUDA the conv may keep cuDNN's default
-TF32 tensor cores without losing exactness.  Gradients are the quantizers' straight-through ones
+sum below 2^24 is exact: the output equals the fp32 layer's up to fp32 summation order.  Integer
+codes are also exact in TF32 (11 significant bits), but an input that is not codes is not: the built
+models apply their activation quantizers as modules of their own, so their layers read activation
+values ``s * code`` in fp32, which cuDNN's TF32 convolutions round (up to 2^-11 of a level;
+``train.tf32: false`` turns TF32 off; ASSUMPTIONS W18).  Gradients are the quantizers' straight-through ones
 (:meth:`grid` keeps them).  Without autocast nothing changes (the fp32 path is bit for bit the
 previous one).
 """
