@@ -98,8 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--amp", choices=("none", "bf16"), default="bf16")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--bandwidth", type=float, default=4.3,
-                   help="device copy bandwidth in TB/s (read + write) for the time bound; 4.3 = the H200's, "
-                        "as measured on the workplace's machines")
+                   help="device copy bandwidth in TB/s (read + write) for the time bound; 4.3 = what a "
+                        "device-to-device copy reached on the H200s lent to this project")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     if a.batch < 1:
