@@ -261,6 +261,56 @@ def test_cifar100_corrupt_file_is_user_error(tmp_path):
         build_data(DataConfig(name="cifar100", root=str(tmp_path)))
 
 
+class _RunsCode:
+    """Unpickling this runs ``touch <marker>``: a hostile dataset file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _hostile_batches(marker: Path) -> dict[str, bytes]:
+    good = {"data": np.zeros((2, 3072), np.uint8), "fine_labels": [1, 2]}
+    return {
+        "os.system": pickle.dumps(_RunsCode(marker), protocol=2),
+        "os.system-inside-a-batch": pickle.dumps({**good, "filenames": [_RunsCode(marker)]}, protocol=4),
+        "object-array": pickle.dumps({**good, "data": np.array([_RunsCode(marker)] * 2, dtype=object)}, protocol=2),
+        "other-codec": pickle.dumps(good, protocol=2).replace(b"latin1", b"rot13_"),  # same length: a valid stream
+    }
+
+
+@pytest.mark.parametrize("case", ["os.system", "os.system-inside-a-batch", "object-array", "other-codec"])
+def test_cifar100_file_that_would_run_code_is_refused_without_running_it(tmp_path, case):
+    """The CIFAR-100 release is a pickle: it is read with an unpickler that resolves only numpy's array
+    globals, so a hostile file cannot run code (the marker stays absent) and gives one UserError."""
+    write_cifar100(tmp_path)
+    marker = tmp_path / "ran"
+    (tmp_path / "cifar-100-python" / "train").write_bytes(_hostile_batches(marker)[case])
+    with pytest.raises(UserError, match=r"cifar-100-python/train") as error:
+        build_data(DataConfig(name="cifar100", root=str(tmp_path)))
+    assert not marker.exists()
+    assert "\n" not in str(error.value)
+
+
+def test_cifar100_file_written_by_numpy_1_loads(tmp_path):
+    """The official files name numpy 1.x's ``numpy.core.multiarray._reconstruct``; numpy 2 writes
+    ``numpy._core``: both are allowed, and give the same arrays."""
+    write_cifar100(tmp_path)
+    folder = tmp_path / "cifar-100-python"
+    batch = {"data": np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072), "fine_labels": [3, 4]}
+    blob = pickle.dumps(batch, protocol=2)
+    assert b"numpy._core.multiarray\n_reconstruct" in blob or b"numpy.core.multiarray\n_reconstruct" in blob
+    (folder / "test").write_bytes(blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    from cmtkd.data.cifar100 import load_pickle_split
+
+    images, labels = load_pickle_split(folder / "test")
+    assert torch.equal(images.reshape(2, 3072), torch.from_numpy(batch["data"])) and labels.tolist() == [3, 4]
+
+
 # ---------------------------------------------------------------- imagenet (ImageFolder)
 
 

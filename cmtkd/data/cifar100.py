@@ -34,6 +34,53 @@ HOW_TO_GET = (
 )
 
 
+def _reconstruct():
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes (``encode(text, 'latin1')``); no other codec."""
+    if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591") or errors != "strict":
+        raise pickle.UnpicklingError(f"refused codec {encoding!r} in a CIFAR-100 file")
+    return text.encode("latin1")
+
+
+# The only globals the CIFAR-100 pickles name: numpy arrays (and their dtypes), and bytes written by
+# protocol 2 through _codecs.encode. Anything else (os.system, builtins.eval, ...) is refused before it
+# is looked up: a dataset file from elsewhere must not run code (the house rule for untrusted files).
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # the official files (Python 2, numpy 1.x)
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # files numpy 2 wrote
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: _plain_dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+
+
+class _DatasetUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only :data:`_ALLOWED_GLOBALS` (lists, dicts, strings and numbers
+    need no global). Object arrays are refused too: their items would be arbitrary pickled objects."""
+
+    def find_class(self, module: str, name: str):
+        factory = _ALLOWED_GLOBALS.get((module, name))
+        if factory is None:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} (a CIFAR-100 file names only numpy "
+                                         f"arrays; this one may be hostile)")
+        return factory()
+
+
+def _plain_dtype(spec, *args):
+    """``numpy.dtype`` for any dtype but ``object``."""
+    dtype = np.dtype(spec, *args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"refused an object array ({spec!r}) in a CIFAR-100 file")
+    return dtype
+
+
 def _text_keys(batch: dict) -> dict:
     """The original pickles (written by Python 2) may load with bytes keys; normalize to str."""
     return {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in batch.items()}
@@ -43,13 +90,20 @@ def load_pickle_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One pickle file as uint8 images (N, 3, 32, 32) and int64 fine labels."""
     try:
         with path.open("rb") as handle:
-            batch = _text_keys(pickle.load(handle, encoding="latin1"))
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise UserError(f"cannot read CIFAR-100 file {path} ({exc}); delete it and {HOW_TO_GET}") from exc
+            batch = _DatasetUnpickler(handle, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, MemoryError, RecursionError) as exc:  # what a malformed stream can raise
+        raise UserError(f"cannot read CIFAR-100 file {path} ({type(exc).__name__}: {exc}); delete it and "
+                        f"{HOW_TO_GET}") from exc
+    batch = _text_keys(batch) if isinstance(batch, dict) else batch
     if not isinstance(batch, dict) or "data" not in batch or "fine_labels" not in batch:
         raise UserError(f"{path} is not a CIFAR-100 python pickle (no 'data'/'fine_labels'); {HOW_TO_GET}")
-    pixels = np.asarray(batch["data"], dtype=np.uint8)
-    labels = np.asarray(batch["fine_labels"], dtype=np.int64)
+    try:
+        pixels = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch["fine_labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UserError(f"{path} has 'data'/'fine_labels' that are not arrays of pixels and labels ({exc}); "
+                        f"{HOW_TO_GET}") from exc
     if pixels.ndim != 2 or pixels.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE or len(pixels) != len(labels):
         raise UserError(f"{path} has data of shape {pixels.shape} for {len(labels)} labels; {HOW_TO_GET}")
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
