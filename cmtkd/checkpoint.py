@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from cmtkd.errors import UserError
-from cmtkd.files import atomic_write_bytes, sha256_bytes
+from cmtkd.files import atomic_write_bytes, read_regular_file, sha256_bytes
 
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -67,7 +67,7 @@ def encode(kind: str, content: dict) -> bytes:
 def read_bytes(path: str | Path, what: str, fix: str) -> bytes:
     path = Path(path)
     try:
-        return path.read_bytes()
+        return read_regular_file(path)
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist; {fix}") from None
     except OSError as exc:

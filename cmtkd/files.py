@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -104,6 +105,20 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     return removed
 
 
+def read_regular_file(path: str | Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file (a symbolic link to one is fine). Anything else raises
+    OSError ("not a regular file") before a byte is read: a FIFO would block for ever and /dev/zero would
+    fill memory, and a run directory or teacher path from elsewhere may hold either."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait for a writer
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -143,7 +158,7 @@ def read_sealed_json(path: str | Path, fix: str) -> dict:
     one-line UserError naming ``path`` and ``fix`` (what rebuilds the file)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_regular_file(path).decode()
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; {fix}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -183,9 +198,16 @@ class RunLock:
     def acquire(self) -> RunLock:
         while self.fd is None:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+                # O_NOFOLLOW: a lock file that is a symbolic link would have us truncate and write its target.
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, _FILE_MODE)
             except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise UserError(f"{self.path} is a symbolic link; cmtkd only locks a plain file it creates "
+                                    f"itself: delete it") from None
                 raise os_error(self.path.parent, exc, action="write into") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise UserError(f"{self.path} is not a plain file; delete it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -309,6 +309,39 @@ def test_lock_is_per_directory_and_reentrant_after_release(tmp_path):
     RunLock(tmp_path).acquire().release()
 
 
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_untouched(tmp_path):
+    """A planted ``.cmtkd.lock -> victim`` must not make cmtkd truncate and write the victim."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).symlink_to(victim)
+    line = one_line_error(run_cli("train", *tiny_args(), "--out", str(run)))
+    assert "is a symbolic link" in line and str(run / LOCK_FILE) in line
+    assert victim.read_text() == "precious\n" and [p.name for p in run.iterdir()] == [LOCK_FILE]
+    with pytest.raises(UserError, match="symbolic link"):
+        RunLock(run).acquire()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_a_model_file_that_is_not_a_regular_file_is_one_line_without_reading_it(kind, reference_run, copy_run):
+    """A FIFO would block evaluate for ever and a link to /dev/zero would fill memory: refused before reading."""
+    run = copy_run(reference_run)
+    (run / "eval.json").unlink(missing_ok=True)
+    (run / MODEL_FILE).unlink()
+    if kind == "fifo":
+        os.mkfifo(run / MODEL_FILE)
+    elif kind == "dev-zero":
+        (run / MODEL_FILE).symlink_to("/dev/zero")
+    else:
+        (run / MODEL_FILE).mkdir()
+    proc = subprocess.run([sys.executable, "-m", "cmtkd", "evaluate", str(run), "--threads", "1"], cwd=REPO_ROOT,
+                          env=cli_env(), capture_output=True, text=True, timeout=120)
+    line = one_line_error(proc)
+    assert str(run / MODEL_FILE) in line and "rerun the same `cmtkd train`" in line
+    assert not (run / "eval.json").exists()
+
+
 # ------------------------------------------------------------------ 4. only our own temp files
 def test_cleanup_removes_only_our_own_temp_files(tmp_path):
     user_dir = tmp_path / "notes"  # an existing directory that is not a run directory
