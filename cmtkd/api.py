@@ -66,20 +66,26 @@ class Run:
 
 def load_run(path: str | Path, device: "str | torch.device" = "cpu") -> Run:
     """Everything a run directory holds that is useful after training: see :class:`Run`."""
-    import json
-
     import pandas as pd
     import torch
 
     from cmtkd.config import load_run_config
+    from cmtkd.engine.trainer import REBUILD_METRICS, check_model_of_run
     from cmtkd.engine.trainer import load_student as _load
+    from cmtkd.errors import UserError
+    from cmtkd.files import read_sealed_json
 
     run_dir = run_directory(path)
     config = load_run_config(run_dir)
     model, blob = _load(run_dir, torch.device(device))
+    check_model_of_run(run_dir, blob, config)
     metrics_file = run_dir / "metrics.json"
-    metrics: Any = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    # Sealed like everything the tables read: an edited or truncated metrics.json is an error, not a number.
+    metrics: Any = read_sealed_json(metrics_file, REBUILD_METRICS) if metrics_file.exists() else None
     history_file = run_dir / "history.csv"
-    history = pd.read_csv(history_file) if history_file.is_file() else pd.DataFrame()
+    try:
+        history = pd.read_csv(history_file) if history_file.exists() else pd.DataFrame()
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"{history_file} is unreadable ({type(exc).__name__}); {REBUILD_METRICS}") from None
     return Run(path=run_dir, config=config, student=model.eval(), arch_config=dict(blob["arch_config"]),
                selected_epoch=blob.get("selected_epoch"), metrics=metrics, history=history)

@@ -342,6 +342,64 @@ def test_a_model_file_that_is_not_a_regular_file_is_one_line_without_reading_it(
     assert not (run / "eval.json").exists()
 
 
+def test_a_model_file_of_another_configuration_is_refused_and_rebuilt(reference_run, copy_run):
+    """A verified model.pt copied in from another run (here: the same file re-sealed with another config hash)
+    would be evaluated as this run's: evaluate and load_run refuse it in one line, and rerunning the run's
+    command rebuilds it from the checkpoint, byte for byte."""
+    import cmtkd
+
+    run = copy_run(reference_run)
+    (run / "eval.json").unlink(missing_ok=True)
+    original = (run / MODEL_FILE).read_bytes()
+    content = read_content(run / MODEL_FILE)
+    atomic_write_bytes(run / MODEL_FILE, checkpoint.encode("model", {**content, "config_hash": "0" * 16}))
+    line = one_line_error(run_cli("evaluate", str(run), "--threads", "1"))
+    assert "was written for another configuration than" in line and not (run / "eval.json").exists()
+    with pytest.raises(UserError, match="another configuration"):
+        cmtkd.load_run(run)
+    proc = run_cli("train", *tiny_args(), "--out", str(run))
+    assert proc.returncode == 0 and "written for another configuration" in proc.stdout, proc.stderr
+    assert (run / MODEL_FILE).read_bytes() == original
+
+
+@pytest.mark.parametrize("damage", ["edited-config", "garbage-history", "truncated-history"])
+def test_a_complete_run_with_an_edited_config_or_history_is_rebuilt(damage, reference_run, copy_run):
+    """config.yaml must be the run's configuration (evaluate checks model.pt against it) and history.csv one row
+    per epoch: rerunning the run's command rebuilds either instead of calling the run complete."""
+    run = copy_run(reference_run)
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "history.csv")}
+    if damage == "edited-config":
+        text = before["config.yaml"].decode()
+        assert "  image_size: null\n" in text
+        (run / "config.yaml").write_text(text.replace("  image_size: null\n", "  image_size: 14\n"))
+        assert "another configuration" in one_line_error(run_cli("evaluate", str(run), "--threads", "1"))
+    elif damage == "garbage-history":
+        (run / "history.csv").write_bytes(b"\xff\xfe garbage")
+    else:
+        (run / "history.csv").write_bytes(before["history.csv"].rsplit(b"\n", 2)[0] + b"\n")
+    proc = run_cli("train", *tiny_args(), "--out", str(run))
+    assert proc.returncode == 0 and "rebuilding the results from the final checkpoint" in proc.stdout, proc.stderr
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert run_cli("evaluate", str(run), "--threads", "1").returncode == 0
+
+
+def test_load_run_checks_the_seal_of_metrics_and_reads_history_in_one_error(reference_run, copy_run):
+    import json
+
+    import cmtkd
+
+    run = copy_run(reference_run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "top1": 99.9}))  # edited, seal unchanged
+    with pytest.raises(UserError, match="metrics.json"):
+        cmtkd.load_run(run)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert cmtkd.load_run(run).metrics["top1"] == metrics["top1"]
+    (run / "history.csv").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserError, match="history.csv"):
+        cmtkd.load_run(run)
+
+
 # ------------------------------------------------------------------ 4. only our own temp files
 def test_cleanup_removes_only_our_own_temp_files(tmp_path):
     user_dir = tmp_path / "notes"  # an existing directory that is not a run directory

@@ -15,6 +15,7 @@ Data-parallel training on several GPUs: ``torchrun --nproc_per_node=N -m cmtkd.c
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
@@ -36,8 +37,8 @@ from cmtkd.data import build_data
 from cmtkd.data.common import check_data_parallel
 from cmtkd.engine import distributed
 from cmtkd.engine.env import fingerprint, peak_memory_mib
-from cmtkd.files import (RunBusy, RunLock, atomic_write_text, ensure_writable_dir, read_sealed_json,
-                         remove_stale_temp_files, write_sealed_json)
+from cmtkd.files import (RunBusy, RunLock, atomic_write_text, ensure_writable_dir, read_regular_file,
+                         read_sealed_json, remove_stale_temp_files, write_sealed_json)
 from cmtkd.engine.loggers import Trackers, check_logger_packages
 from cmtkd.initialization import check_init_source
 from cmtkd.errors import UserError
@@ -212,9 +213,10 @@ def load_student(run_dir: Path, device: torch.device) -> tuple[nn.Module, dict]:
     return model.to(device), blob
 
 
-def finished_outputs_problem(run_dir: Path, chash: str) -> str | None:
+def finished_outputs_problem(run_dir: Path, chash: str, epochs: int) -> str | None:
     """Why a run whose checkpoint reached the last epoch is not complete yet (None if it is):
-    ``model.pt`` must load, verify and be of this configuration; ``metrics.json`` must verify."""
+    ``model.pt`` must load, verify and be of this configuration; ``metrics.json`` must verify;
+    ``history.csv`` (not sealed) must hold one well-formed row per epoch."""
     try:
         blob = checkpoint.load_model(run_dir / MODEL, REBUILD_MODEL)
         read_sealed_json(run_dir / "metrics.json", REBUILD_METRICS)
@@ -222,7 +224,33 @@ def finished_outputs_problem(run_dir: Path, chash: str) -> str | None:
         return str(exc).split(";")[0]
     if blob["config_hash"] != chash:
         return f"model file {run_dir / MODEL} was written for another configuration"
+    try:  # evaluate checks model.pt against config.yaml: an edited config.yaml is rewritten by the rebuild
+        if config_hash(load_run_config(run_dir)) != chash:
+            return f"{run_dir / 'config.yaml'} is not this run's configuration (edited)"
+    except UserError as exc:
+        return str(exc).split(";")[0]
+    return history_problem(run_dir / "history.csv", epochs)
+
+
+def history_problem(path: Path, epochs: int) -> str | None:
+    """Why ``history.csv`` is not the log of ``epochs`` finished epochs (None if it is)."""
+    import csv
+
+    try:
+        rows = list(csv.reader(read_regular_file(path).decode().splitlines()))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return f"{path} is missing or unreadable ({getattr(exc, 'strerror', None) or type(exc).__name__})"
+    if not rows or "epoch" not in rows[0] or len(rows) != epochs + 1 or any(len(r) != len(rows[0]) for r in rows):
+        return f"{path} is not the log of {epochs} epochs (truncated or edited)"
     return None
+
+
+def check_model_of_run(run_dir: Path, blob: dict, cfg: RunConfig) -> None:
+    """Refuse a ``model.pt`` written for another configuration than the run's ``config.yaml`` (e.g. copied
+    in from another run): its numbers would be reported as this run's."""
+    if blob.get("config_hash") != config_hash(cfg):
+        raise UserError(f"{run_dir / MODEL} was written for another configuration than {run_dir / 'config.yaml'} "
+                        f"(copied from another run, or the config edited); {REBUILD_MODEL}")
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", threads: int = 0, write: bool = True,
@@ -231,6 +259,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", threads: int = 0, wri
     (cpu | cuda | auto) overrides the run's own ``train.device``, e.g. to evaluate a GPU run on a CPU."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    trained = copy.deepcopy(cfg)  # before this evaluation's own settings: model.pt must match it
     if threads:
         cfg.train.threads = threads
     if device:
@@ -244,6 +273,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", threads: int = 0, wri
     if data is None:
         data = build_data(cfg.data, device)
     model, blob = load_student(run_dir, device)
+    check_model_of_run(run_dir, blob, trained)
     if blob["arch_config"]["num_classes"] != data.info.num_classes:
         raise UserError(f"{run_dir / MODEL} has {blob['arch_config']['num_classes']} classes but dataset "
                         f"{cfg.data.name} has {data.info.num_classes}")
@@ -435,7 +465,7 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
     ckpt = (checkpoint.load_checkpoint(ckpt_path, lambda saved: config_diff(saved, cfg_dict))
             if ckpt_path.exists() else None)
     if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
-        problem = finished_outputs_problem(out, chash)
+        problem = finished_outputs_problem(out, chash, cfg.epochs)
         if problem is None:
             log(f"{out}: already complete (delete the directory to retrain)")
             return read_sealed_json(out / "metrics.json", REBUILD_METRICS)
