@@ -400,6 +400,23 @@ def test_load_run_checks_the_seal_of_metrics_and_reads_history_in_one_error(refe
         cmtkd.load_run(run)
 
 
+@pytest.mark.parametrize("threads", [1, 7])
+def test_resuming_with_another_thread_count_says_the_result_will_differ(threads, reference_run, copy_run):
+    """CPU sums split by thread: a resume with another torch thread count than the checkpoint's is not bit for
+    bit the uninterrupted run, and says so (the thread count is not part of the config hash)."""
+    run = copy_run(reference_run)
+    content = read_content(run / CHECKPOINT_FILE)
+    assert content["threads"] == 1  # tiny_args train with one thread
+    content.update(epoch=content["epoch"] - 1, history=content["history"][:-1], threads=threads)
+    atomic_write_bytes(run / CHECKPOINT_FILE, checkpoint.encode("checkpoint", content))
+    (run / "metrics.json").unlink()
+    proc = run_cli("train", *tiny_args(), "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch" in proc.stdout
+    note = f"the checkpoint was written with {threads} torch thread(s), this process has 1"
+    assert (note in proc.stdout) is (threads != 1) and ("--threads 7" in proc.stdout) is (threads != 1)
+
+
 # ------------------------------------------------------------------ 4. only our own temp files
 def test_cleanup_removes_only_our_own_temp_files(tmp_path):
     user_dir = tmp_path / "notes"  # an existing directory that is not a run directory

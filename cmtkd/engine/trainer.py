@@ -397,7 +397,8 @@ class Run:
                 "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": _rng_state(),
                 "history": s.history, "best": s.best, "train_seconds": s.train_seconds,
-                "train_images": s.train_images, "peak_mem_mib": s.peak_mem, "world_size": self.world}
+                "train_images": s.train_images, "peak_mem_mib": s.peak_mem, "world_size": self.world,
+                "threads": torch.get_num_threads()}
 
     def restore(self, content: dict) -> None:
         """Load :meth:`checkpoint_content` of an earlier process back into this run."""
@@ -553,6 +554,11 @@ def _resume(run: Run, ckpt: dict) -> None:
         # A kill between the checkpoint and the history write leaves history.csv one epoch behind.
         atomic_write_text(run.out / "history.csv", _history_csv(run.state.history))
     run.log(f"{run.out}: resuming after epoch {run.state.epoch}/{run.cfg.epochs} on {device_label(run.device)}")
+    threads = torch.get_num_threads()
+    if run.device.type == "cpu" and ckpt.get("threads", threads) != threads:  # (checkpoints before the key: no check)
+        run.log(f"{run.out}: the checkpoint was written with {ckpt['threads']} torch thread(s), this process has "
+                f"{threads}: CPU kernels split their sums by thread, so the result will differ slightly from an "
+                f"uninterrupted run (resume with --threads {ckpt['threads']} to reproduce it bit for bit)")
     if ckpt.get("world_size", 1) != run.world:
         run.log(f"{run.out}: the checkpoint was written by {ckpt.get('world_size', 1)} process(es), this run has "
                 f"{run.world}: the result will differ slightly from an uninterrupted run")
