@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -227,7 +228,10 @@ def test_readme_method_in_a_temporary_file_runs_through_cli_and_a_one_cell_grid(
          "--set", "method_args.distance=mse", "--out", "student"], tmp_path, env)
     history = pd.read_csv(tmp_path / "student" / "history.csv")
     assert {"loss_ce", "loss_distill"} <= set(history.columns) and len(history) == 1
-    assert json.loads((tmp_path / "student" / "metrics.json").read_text())["method"] == "my-kd"
+    metrics = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert metrics["method"] == "my-kd"
+    teacher_model = (tmp_path / "teacher" / "model.pt").resolve()
+    assert json.dumps(metrics).count(hashlib.sha256(teacher_model.read_bytes()).hexdigest()) == 1  # metadata()
 
     # A one-cell grid: the workflow learns from the catalog that my-kd needs one pre-trained teacher.
     work = tmp_path / "grid"
@@ -242,6 +246,7 @@ def test_readme_method_in_a_temporary_file_runs_through_cli_and_a_one_cell_grid(
     runs = pd.read_csv(work / "results" / "runs.csv", dtype={"teacher_bits": str})
     row = runs.set_index("method").loc["my-kd"]
     assert 0 <= row["top1"] <= 100 and row["teacher_bits"] == "8"
+    assert isinstance(row["teacher_hashes"], str) and row["teacher_hashes"]  # from metadata(): the teacher's SHA-256
     saved = yaml.safe_load((work / row["run_dir"] / "config.yaml").read_text())
     teacher_dir = "results/runs/method~qat/dataset~digits/arch~alexnet/w_bits~8/a_bits~8/teacher_bits~none/seed~8000"  # 1000 * bits + seed
     assert saved["method_args"] == {"teacher": teacher_dir, "distance": "mse", "weight": 1.0, "temperature": 4.0}

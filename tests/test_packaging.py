@@ -125,3 +125,12 @@ def test_package_version_is_pyprojects(pyproject):
     import cmtkd
 
     assert cmtkd.__version__ == pyproject["project"]["version"]
+
+
+def test_conda_environment_installs_the_project_with_its_test_extra():
+    """environment.yml names no dependency list of its own (it drifted: tensorboard and onnx were missing):
+    its pip step installs the checkout with the same extra `make install` uses."""
+    env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
+    pip = [step["pip"] for step in env["dependencies"] if isinstance(step, dict) and "pip" in step]
+    assert pip == [['-e ".[test]"']]
+    assert "pip install -e '.[test]'" in (REPO_ROOT / "README.md").read_text()

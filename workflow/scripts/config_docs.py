@@ -36,7 +36,7 @@ How a workflow invocation gets its config (workflow/scripts/suite_config.py):
    replace), except that a file defining `experiments` replaces the grid below it:
    `--configfile config/cifar100.yaml` runs the CIFAR-100 grid alone, while a file holding only
    `recipe: {epochs: 1}` runs the default grid with 1 epoch. Keys a file leaves out keep the
-   default suite's values (e.g. `recipe.model.width: 0.125`): a complete suite sets them, or is run
+   default suite's values (e.g. `recipe.model.width: 0.0625`): a complete suite sets them, or is run
    with `--replace-workflow-config`;
 3. `--config KEY=VALUE` overrides, merged key by key, each VALUE read as YAML (as
    `cmtkd train --set` reads values): `--config gpu=true`, `--config recipe='{epochs: 1}'`,
