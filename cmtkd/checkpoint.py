@@ -152,15 +152,25 @@ def build_network(blob: dict, path: str | Path, fix: str, what: str = "model fil
     return _load_weights(_build(blob["arch_config"], path, fix, what), blob["state_dict"], path, fix, what)
 
 
+# A file's arch_config could describe a network of any size: it is built on the meta device first (no
+# memory), and one beyond this many parameters is refused (ResNet-18 ImageNet at width 1 has 11.7 M).
+MAX_PARAMETERS = 2_000_000_000
+
+
 def _build(arch_config, path, fix: str, what: str) -> nn.Module:
     from cmtkd.models import build_model
 
     if not isinstance(arch_config, dict):
         raise UserError(f"{what} {path} has an arch_config that is not a mapping; {fix}")
+    # files written before model.quant_layout existed were trained with block-outputs
+    kwargs = {"quant_layout": "block-outputs", **arch_config}
     try:
-        # files written before model.quant_layout existed were trained with block-outputs
-        return build_model(**{"quant_layout": "block-outputs", **arch_config})
-    except (TypeError, UserError) as exc:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in build_model(**kwargs).parameters())
+        if size > MAX_PARAMETERS:
+            raise UserError(f"a network of {size:.3g} parameters (more than {MAX_PARAMETERS:.0e})")
+        return build_model(**kwargs)
+    except (TypeError, ValueError, OverflowError, RuntimeError, UserError) as exc:  # RuntimeError: sizes overflow
         raise UserError(f"{what} {path} has an arch_config this version cannot build ({exc}); {fix}") from None
 
 

@@ -417,6 +417,22 @@ def test_resuming_with_another_thread_count_says_the_result_will_differ(threads,
     assert (note in proc.stdout) is (threads != 1) and ("--threads 7" in proc.stdout) is (threads != 1)
 
 
+@pytest.mark.parametrize("width", [1e6, float("inf"), float("nan")])
+def test_a_model_file_describing_a_huge_or_impossible_network_is_refused_before_allocating(width, reference_run,
+                                                                                           copy_run):
+    """A well-formed model.pt (valid SHA-256) may still describe any network: it is sized on the meta device
+    first, so a width of 1e6 is one error instead of gigabytes allocated."""
+    import cmtkd
+
+    run = copy_run(reference_run)
+    content = read_content(run / MODEL_FILE)
+    content["arch_config"] = {**content["arch_config"], "width": width}
+    atomic_write_bytes(run / MODEL_FILE, checkpoint.encode("model", content))
+    with pytest.raises(UserError, match="has an arch_config this version cannot build") as error:
+        cmtkd.load_student(run)
+    assert "\n" not in str(error.value)
+
+
 # ------------------------------------------------------------------ 4. only our own temp files
 def test_cleanup_removes_only_our_own_temp_files(tmp_path):
     user_dir = tmp_path / "notes"  # an existing directory that is not a run directory
