@@ -314,6 +314,21 @@ def test_cifar100_file_written_by_numpy_1_loads(tmp_path):
 # ---------------------------------------------------------------- imagenet (ImageFolder)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("split,damage", [("train", "junk"), ("val", "truncated")])
+def test_imagenet_unreadable_image_is_one_line_naming_it(tmp_path, workers, split, damage):
+    """A corrupt or truncated image is one UserError naming the file, also when a worker process read it."""
+    write_image_folder(tmp_path)
+    bad = sorted((tmp_path / split / "cat").iterdir())[0]
+    data = bad.read_bytes()
+    bad.write_bytes(b"not an image" if damage == "junk" else data[: len(data) // 2])
+    bundle = build_data(DataConfig(name="imagenet", root=str(tmp_path), batch_size=4, eval_batch_size=4,
+                                   val_fraction=0.2, num_workers=workers))
+    with pytest.raises(UserError, match="does not decode") as error:
+        collect(bundle.train_batches(0, 0)) if split == "train" else collect(bundle.eval_batches("test"))
+    assert str(bad) in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
 def test_imagenet_image_folder(tmp_path):
     write_image_folder(tmp_path)
     cfg = DataConfig(

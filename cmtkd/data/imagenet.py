@@ -79,6 +79,30 @@ def open_folder(path: Path):
         raise UserError(f"no usable class folders of images in {path} ({exc}); {HOW_TO_GET}") from exc
 
 
+class UnreadableImage(UserError):
+    """An image file that does not decode (truncated, corrupt, not an image)."""
+
+
+def load_image(folder, path: str):
+    """``folder.loader(path)`` (PIL), with a file that does not decode as one :class:`UnreadableImage`."""
+    try:
+        return folder.loader(path)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError (an OSError), truncated data
+        raise UnreadableImage(f"image {path} does not decode ({type(exc).__name__}: {exc}); replace or delete "
+                              f"it (a class folder's images are read as found)") from None
+
+
+def _loaded(loader: DataLoader) -> Iterator:
+    """The loader's batches; an unreadable image, raised in a worker process, as its own one-line error
+    (the DataLoader re-raises it with the worker's traceback folded into the message)."""
+    try:
+        yield from loader
+    except UnreadableImage as exc:
+        lines = [line for line in str(exc).splitlines() if "does not decode" in line]
+        message = lines[-1].split("UnreadableImage: ", 1)[-1] if lines else str(exc).splitlines()[0]
+        raise UnreadableImage(message) from None
+
+
 class TransformedSubset(Dataset):
     """Items ``indices`` of an ImageFolder, loaded and passed through ``transform``."""
 
@@ -92,7 +116,7 @@ class TransformedSubset(Dataset):
 
     def __getitem__(self, position: int) -> tuple[Tensor, int]:
         path, target = self.folder.samples[self.indices[position]]
-        return self.transform(self.folder.loader(path)), target
+        return self.transform(load_image(self.folder, path)), target
 
 
 class SeededTrainSubset(TransformedSubset):
@@ -105,7 +129,7 @@ class SeededTrainSubset(TransformedSubset):
 
     def __getitem__(self, position: int) -> tuple[Tensor, int]:
         path, target = self.folder.samples[self.indices[position]]
-        image = self.folder.loader(path)
+        image = load_image(self.folder, path)
         # fork_rng: the seeding stays local, so it neither depends on nor disturbs the worker's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, self.epoch, STREAM_TRAIN_AUGMENT, position))
@@ -199,7 +223,7 @@ class ImageFolderBundle(DataBundle):
             generator=generator,
             worker_init_fn=partial(seed_worker, seed=seed, epoch=epoch),
         )
-        for images, targets in loader:
+        for images, targets in _loaded(loader):
             yield self._to_device(images, targets)
 
     def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:
@@ -208,7 +232,7 @@ class ImageFolderBundle(DataBundle):
             dataset = TransformedSubset(self.train_folder, self.val_indices, eval_transform())
         else:
             dataset = TransformedSubset(self.test_folder, torch.arange(len(self.test_folder)), eval_transform())
-        for images, targets in self._loader(dataset, batch_size=self.cfg.eval_batch_size, shuffle=False):
+        for images, targets in _loaded(self._loader(dataset, batch_size=self.cfg.eval_batch_size, shuffle=False)):
             yield self._to_device(images, targets)
 
 
