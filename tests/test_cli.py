@@ -21,7 +21,7 @@ def assert_user_error(capsys, argv: list[str], *needles: str) -> str:
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out
     lines = error_lines(captured.err)
-    assert len(lines) == 1, captured.err
+    assert len(lines) == 1 and [x for x in captured.err.splitlines() if x.strip()] == lines, captured.err  # only it
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
@@ -50,6 +50,42 @@ def test_bad_settings_fail_before_anything_is_written(capsys, tmp_path, flags, n
     out = tmp_path / "run"
     assert_user_error(capsys, ["train", *QAT, *flags, "--out", str(out)], *needles)
     assert not out.exists()
+
+
+# Numbers the optimizer, the model builder or torch would take late (after config.yaml), with a traceback,
+# or silently (a run that trains to chance): each is refused when the config is resolved.
+@pytest.mark.parametrize("flags,needles", [
+    *[(["--set", f"optim.lr={v}"], ["optim.lr", shown, "finite number > 0"])
+      for v, shown in [("-0.1", "-0.1"), ("0", "0.0"), (".nan", "nan"), (".inf", "inf"), ("1e999", "inf")]],
+    (["--set", "optim.gamma=-0.1"], ["optim.gamma", "-0.1", "finite number > 0"]),
+    (["--method", "cmtkd", "--set", "method_args.theta_lr_mult=.nan"], ["method_args.theta_lr_mult", "nan", ">= 0"]),
+    (["--method", "cmtkd", "--set", "method_args.temperature=.inf"], ["method_args.temperature", "inf", "> 0"]),
+    *[(["--set", f"optim.momentum={v}"], ["optim.momentum", shown, "[0, 1)"])
+      for v, shown in [("-0.1", "-0.1"), ("1", "1.0"), ("1.5", "1.5"), (".nan", "nan")]],
+    (["--set", "optim.nesterov=true", "--set", "optim.momentum=0"], ["optim.nesterov", "optim.momentum=0.0", "> 0"]),
+    *[(["--set", f"optim.weight_decay={v}"], ["optim.weight_decay", shown, "finite number >= 0"])
+      for v, shown in [("-1e-4", "-0.0001"), (".nan", "nan"), (".inf", "inf")]],
+    (["--set", "optim.warmup_epochs=-1"], ["optim.warmup_epochs", "-1", ">= 0"]),
+    *[(["--set", f"model.width={v}"], ["model.width", shown, "finite number > 0"])
+      for v, shown in [(".inf", "inf"), (".nan", "nan"), ("-0.5", "-0.5")]],
+    (["--seed", str(2**63)], ["seed", str(2**63), "0..2**63-1"]),
+    (["--seed", "-1"], ["seed", "-1", "0..2**63-1"]),
+    (["--set", "data.split_seed=-1"], ["data.split_seed", "-1", "0..2**63-1"]),
+    (["--threads", "100000"], ["train.threads", "100000", "0..4096"]),
+    (["--threads", "-5"], ["train.threads", "-5", "0..4096"]),
+])
+def test_bad_numbers_fail_before_anything_is_written(capsys, tmp_path, flags, needles):
+    out = tmp_path / "run"
+    assert_user_error(capsys, ["train", *QAT, "--epochs", "1", *flags, "--out", str(out)], *needles)
+    assert not out.exists()
+
+
+def test_extreme_but_valid_numbers_are_accepted(capsys):
+    argv = ["train", *QAT, "--seed", str(2**63 - 1), "--threads", "4096", "--set", "optim.momentum=0",
+            "--set", "optim.weight_decay=0", "--print-config"]
+    assert main(argv) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["seed"] == 2**63 - 1 and cfg["train"]["threads"] == 4096 and cfg["optim"]["weight_decay"] == 0.0
 
 
 @pytest.mark.parametrize("flag", ["--w-bits", "--a-bits"])
