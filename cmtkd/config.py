@@ -20,7 +20,7 @@ import yaml
 
 from cmtkd.data import DataConfig
 from cmtkd.errors import UserError
-from cmtkd.files import read_yaml_mapping
+from cmtkd.files import YamlRefused, load_yaml_text, read_yaml_mapping
 from cmtkd.typed import from_dict  # noqa: F401  (part of this module's API)
 
 
@@ -143,7 +143,9 @@ def parse_set(expr: str) -> tuple[str, Any]:
         raise UserError(f"--set expects key=value (e.g. optim.lr=0.05), got '{expr}'")
     key, raw = expr.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml_text(raw) if raw.strip() else ""
+    except YamlRefused as exc:
+        raise UserError(f"--set {key.strip()}: {exc}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

@@ -129,6 +129,34 @@ def test_yaml_file_with_unknown_key(capsys, tmp_path):
     assert_user_error(capsys, ["train", "--config", str(cfg), "--print-config"], "optim.learning_rate")
 
 
+@pytest.mark.parametrize("content,needles", [
+    (b"\xff\xfe", ["not UTF-8", "0xff"]),
+    (b"optim:\n  lr: 0.1\n  lr: 0.2\n", ["'lr' appears twice", "line 3"]),
+    (b"a: &x [1, 2]\nb: *x\n", ["anchors and aliases", "line 1"]),
+    (b"optim: {lr: 0.1, momentum: *m}\n", ["anchors and aliases"]),  # an alias alone, never defined
+])
+def test_yaml_file_that_cmtkd_refuses(capsys, tmp_path, content, needles):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_bytes(content)
+    out = tmp_path / "run"
+    assert_user_error(capsys, ["train", *QAT, "--config", str(cfg), "--out", str(out)], str(cfg), *needles)
+    assert not out.exists()
+
+
+def test_an_alias_bomb_is_refused_at_once(capsys, tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]  # 10**9 strings if expanded
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert_user_error(capsys, ["train", "--config", str(bomb), "--print-config"], str(bomb), "anchors and aliases")
+
+
+def test_set_value_with_an_alias_is_refused(capsys, tmp_path):
+    assert_user_error(capsys, ["train", *QAT, "--set", "optim.milestones=[&a 1, *a]", "--print-config"],
+                      "--set optim.milestones", "anchors and aliases")
+
+
 def test_missing_yaml_file(capsys, tmp_path):
     assert_user_error(capsys, ["train", "--config", str(tmp_path / "nope.yaml"), "--print-config"],
                       "nope.yaml", "does not exist")
