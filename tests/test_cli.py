@@ -2,6 +2,8 @@
 traceback), help texts mention the key options, ``list`` and ``--print-config`` work."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -164,6 +166,62 @@ def test_missing_yaml_file(capsys, tmp_path):
 
 def test_evaluate_a_directory_that_is_not_a_run(capsys, tmp_path):
     assert_user_error(capsys, ["evaluate", str(tmp_path)], str(tmp_path), "config.yaml")
+
+
+def fake_run(folder, arch="alexnet", config_bytes: bytes | None = None):
+    """A run directory as `cmtkd train` leaves it (config.yaml, model.pt) with an untrained student:
+    enough for evaluate/export to get past loading, without training."""
+    from dataclasses import asdict
+
+    from cmtkd.checkpoint import save_model
+    from cmtkd.config import build_config, config_hash
+    from cmtkd.models import build_model
+
+    cfg = build_config([{"method": "qat", "arch": arch, "model": {"width": 0.0625}, "train": {"device": "cpu"}}])
+    arch_config = dict(arch=arch, num_classes=10, in_channels=1, variant="cifar", width=0.0625, w_bits=2, a_bits=2,
+                       policy="fp-first-last", weight_quant="auto", act_quant="hwgq", quant_layout="conv-inputs")
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_bytes(config_bytes if config_bytes is not None
+                                         else yaml.safe_dump(asdict(cfg)).encode())
+    save_model(folder / "model.pt", arch_config=arch_config, state_dict=build_model(**arch_config).state_dict(),
+               method="qat", selected_epoch=1, config_hash=config_hash(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("size,needles", [
+    ("0", ["--image-size", "got 0", "1..1024"]),
+    ("-3", ["--image-size", "got -3", "1..1024"]),
+    ("100000", ["--image-size", "got 100000", "1..1024"]),
+    ("2", ["--image-size 2", "alexnet", "cannot take 2x2 images"]),  # AlexNet's pooling needs >= 8 pixels
+])
+def test_export_refuses_image_sizes_the_student_cannot_take(capsys, tmp_path, size, needles):
+    run, out = fake_run(tmp_path / "run"), tmp_path / "student.pt2"
+    assert_user_error(capsys, ["export", str(run), "--image-size", size, "--out", str(out)], *needles)
+    assert not out.exists() and not (run / "student.pt2").exists()
+
+
+def test_export_at_the_smallest_size_alexnet_takes(capsys, tmp_path):
+    run, out = fake_run(tmp_path / "run"), tmp_path / "student.pt2"
+    assert main(["export", str(run), "--image-size", "8", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["input"] == [1, 8, 8] and out.is_file()
+
+
+@pytest.mark.parametrize("threads", ["-5", "100000"])
+def test_evaluate_refuses_bad_threads(capsys, tmp_path, threads):
+    run = fake_run(tmp_path / "run")
+    assert_user_error(capsys, ["evaluate", str(run), "--threads", threads], "--threads", threads, "0..4096")
+    assert not (run / "eval.json").exists()
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["export"]])
+def test_a_run_config_that_is_not_utf8(capsys, tmp_path, command):
+    run = fake_run(tmp_path / "run", config_bytes=b"\xff\xfe")
+    assert_user_error(capsys, [*command, str(run)], str(run / "config.yaml"), "not UTF-8")
+    from cmtkd.api import load_run
+    from cmtkd.errors import UserError
+
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_run(run)
 
 
 @pytest.mark.parametrize("argv,needle", [
