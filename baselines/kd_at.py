@@ -24,6 +24,7 @@ from cmtkd.baselines.kd import KD
 from cmtkd import losses
 from cmtkd.errors import UserError
 from cmtkd.losses import AtReduction
+from cmtkd.methods.base import check_nonnegative
 from cmtkd.models import build_model
 
 
@@ -42,8 +43,7 @@ class KDAT(KD):
     @classmethod
     def check_options(cls, options, cfg):
         super().check_options(options, cfg)
-        if options.gamma < 0:
-            raise UserError(f"method_args.gamma must be >= 0, got {options.gamma}")
+        check_nonnegative(options, "gamma")
         names = stage_names(cfg.arch)
         feature_names = names[:-1]  # the last stage returns logits, which have no spatial layout
         chosen = options.feature_stages

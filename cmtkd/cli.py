@@ -96,6 +96,29 @@ def cmd_evaluate(args) -> int:
 
 # Input size of an exported student, by dataset (the model itself is size-agnostic up to its stem).
 EXPORT_IMAGE_SIZE = {"digits": 28, "cifar100": 32, "imagenet": 224}
+# The exported program's height and width are fixed (only the batch is dynamic) and the export runs the
+# model on its example: 1024 is 4.5x the largest size a run trains at (224); 100000 would need 80 GB.
+MAX_EXPORT_IMAGE_SIZE = 1024
+
+
+def export_example(model, in_channels: int, size: int, arch: str):
+    """The example input of an export (two images of ``size`` x ``size``), checked: a size outside
+    1..MAX_EXPORT_IMAGE_SIZE or one the network cannot take (its pooling shrinks it to nothing) is a
+    one-line error."""
+    import torch
+
+    if not 1 <= size <= MAX_EXPORT_IMAGE_SIZE:
+        raise UserError(f"--image-size must be in 1..{MAX_EXPORT_IMAGE_SIZE}, got {size}; leave it out for "
+                        f"the run's own size")
+    example = torch.zeros(2, in_channels, size, size)
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--image-size {size}: the {arch} student cannot take {size}x{size} images ({reason}); "
+                        f"use a larger size, or leave it out for the run's own size") from None
+    return example
 
 
 def cmd_export(args) -> int:
@@ -116,8 +139,9 @@ def cmd_export(args) -> int:
         raise UserError(f"{run_dir} is a teachers-only run ({blob['method']}: fused teachers, no student); "
                         f"export a run that trained a student")
     model.eval()
-    size = args.image_size or cfg.data.image_size or EXPORT_IMAGE_SIZE.get(cfg.data.name, 32)
-    example = torch.zeros(2, blob["arch_config"]["in_channels"], size, size)
+    size = args.image_size if args.image_size is not None else (
+        cfg.data.image_size or EXPORT_IMAGE_SIZE.get(cfg.data.name, 32))
+    example = export_example(model, blob["arch_config"]["in_channels"], size, blob["arch_config"]["arch"])
     if args.format == "onnx":
         return _export_onnx(run_dir, model, blob, example, Path(args.out or run_dir / "student.onnx"))
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
@@ -210,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="directory written by `cmtkd train --out`")
     p.add_argument("--format", choices=("pt2", "onnx"), default="pt2", help="pt2 (torch.export) or onnx (QDQ)")
     p.add_argument("--out", help="output file (default: RUN_DIR/student.pt2 or RUN_DIR/student.onnx)")
-    p.add_argument("--image-size", type=int, help="input height/width (default: the run's data.image_size, "
-                   "else by dataset: digits 28, cifar100 32, imagenet 224)")
+    p.add_argument("--image-size", type=int, help="input height/width, 1-1024 and at least what the network's "
+                   "pooling needs (default: the run's data.image_size, else by dataset: digits 28, cifar100 32, "
+                   "imagenet 224)")
     sub.add_parser("list", help="list methods, architectures, datasets, policies and quantizers")
     return parser
 

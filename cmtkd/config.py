@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ import yaml
 
 from cmtkd.data import DataConfig
 from cmtkd.errors import UserError
-from cmtkd.files import read_yaml_mapping
+from cmtkd.files import YamlRefused, load_yaml_text, read_yaml_mapping
 from cmtkd.typed import from_dict  # noqa: F401  (part of this module's API)
 
 
@@ -91,13 +92,60 @@ class RunConfig:
 NON_RESULT_KEYS = ("train.progress", "train.threads", "data.num_workers", "data.eval_batch_size", "data.download",
                    "train.loggers")
 
+# torch.set_num_threads has no upper bound of its own: 100000 exceeds the process's thread limit and
+# OpenMP then crashes the process (segfault) instead of raising. 4096 is above the hardware threads of
+# any CPU node a run would use (the largest multi-socket servers have under 2000), so no real setting
+# is refused; 4096 threads start fine on a 2-core machine.
+MAX_THREADS = 4096
+# torch.manual_seed overflows (a ValueError traceback) above 2**64-1; seeds are kept to 63 bits, like the
+# seeds the engine derives from them (epoch_seed, derive_seed), so one fits a signed 64-bit integer anywhere.
+MAX_SEED = 2**63 - 1
+
+
+def check_threads(threads: int, key: str = "train.threads") -> int:
+    """``threads`` (torch intra-op threads, 0 = torch's default), checked; ``key`` names it in the error."""
+    if not 0 <= threads <= MAX_THREADS:
+        raise UserError(f"{key} must be in 0..{MAX_THREADS} (0 = torch's default), got {threads}; "
+                        "use the number of cores the job may use")
+    return threads
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise UserError(f"{key} must be {allowed}, got {value!r}")
+
+
+def check_numbers(cfg: RunConfig) -> None:
+    """Ranges of the numeric keys that the optimizer, the model builder and torch would reject late
+    (after config.yaml is written), reject with a traceback, or silently misuse (nan, inf, negative
+    weight decay). NaN fails every comparison, so each check is written as what is allowed."""
+    o = cfg.optim
+    _require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "a finite number > 0")
+    _require(math.isfinite(o.momentum) and 0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
+    if o.nesterov and o.momentum == 0:
+        raise UserError(f"optim.nesterov=true needs optim.momentum > 0, got optim.momentum={o.momentum!r}; "
+                        "set optim.momentum (e.g. 0.9) or optim.nesterov=false")
+    if o.weight_decay is not None:
+        _require(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
+                 "a finite number >= 0 (or null: by bit-width)")
+    _require(math.isfinite(o.gamma) and o.gamma > 0, "optim.gamma", o.gamma, "a finite number > 0")
+    _require(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0")
+    _require(math.isfinite(cfg.model.width) and cfg.model.width > 0, "model.width", cfg.model.width,
+             "a finite number > 0")
+    for key, seed in (("seed", cfg.seed), ("data.split_seed", cfg.data.split_seed)):
+        _require(0 <= seed <= MAX_SEED, key, seed, "in 0..2**63-1")
+    check_threads(cfg.train.threads)
+
+
 def parse_set(expr: str) -> tuple[str, Any]:
     """``'optim.lr=0.05'`` -> ``('optim.lr', 0.05)``; the value is parsed as YAML."""
     if "=" not in expr:
         raise UserError(f"--set expects key=value (e.g. optim.lr=0.05), got '{expr}'")
     key, raw = expr.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml_text(raw) if raw.strip() else ""
+    except YamlRefused as exc:
+        raise UserError(f"--set {key.strip()}: {exc}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -207,8 +255,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.train.select == "best_val" and cfg.data.val_fraction == 0:
         raise UserError("train.select=best_val needs a validation split: set data.val_fraction > 0 or train.select=last")
-    if cfg.model.width <= 0:
-        raise UserError(f"model.width must be > 0, got {cfg.model.width}")
+    check_numbers(cfg)
     # Names and bit-widths the model builder and data loader would reject, checked here so that a
     # typo fails before a run directory is created (and `--print-config` never shows an unusable config).
     check_data_config(cfg.data)

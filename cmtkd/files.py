@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -248,16 +249,73 @@ class RunLock:
         self.release()
 
 
+class YamlRefused(Exception):
+    """A YAML document that parses but that cmtkd refuses: a key repeated in one mapping, or an anchor
+    or alias."""
+
+
+@functools.cache
+def _strict_yaml_loader():
+    """PyYAML's SafeLoader, stricter: a key repeated in one mapping is an error (SafeLoader keeps the
+    last silently), and anchors/aliases are refused, so a few lines cannot expand into gigabytes (an
+    "alias bomb"); cmtkd's configs use neither. Built on first use: importing this module needs no YAML."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise YamlRefused(f"YAML anchors and aliases (&name, *name) are not supported (line "
+                                  f"{event.start_mark.line + 1}); write the values out")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if repeated:
+                    raise YamlRefused(f"key {key!r} appears twice in one mapping (line "
+                                      f"{key_node.start_mark.line + 1}); keep one")
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
+def load_yaml_text(text: str):
+    """``yaml.safe_load(text)``, but a repeated key or an anchor/alias raises :class:`YamlRefused`
+    (invalid YAML raises ``yaml.YAMLError`` as before)."""
+    loader = _strict_yaml_loader()(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml_mapping(path: str | Path, what: str, missing: str, not_mapping: str) -> dict:
     """The mapping a YAML file holds (an empty file is ``{}``). ``what`` names the file in the one-line
-    error for invalid YAML; ``missing`` and ``not_mapping`` are the whole errors for those cases."""
+    error for invalid YAML (not UTF-8, a repeated key, an anchor); ``missing`` and ``not_mapping`` are
+    the whole errors for those cases."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise UserError(missing)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                        f"{exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path} ({exc.strerror or exc}); fix the cause and rerun") from None
+    try:
+        data = load_yaml_text(text) or {}
+    except YamlRefused as exc:
+        raise UserError(f"{what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

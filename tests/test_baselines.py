@@ -436,6 +436,9 @@ def test_method_rejects_teacher_of_other_arch(teacher_files):
     ("kd-at", {"teacher": "x", "feature_stages": ["head"]}, "layer1"),
     ("kd-at", {"teacher": "x", "feature_stages": []}, "empty"),
     ("kd-at", {"teacher": "x", "gamma": -1.0}, "gamma"),
+    ("kd-at", {"teacher": "x", "gamma": float("nan")}, "method_args.gamma must be a finite number >= 0, got nan"),
+    ("kd", {"teacher": "x", "alpha": float("inf")}, "method_args.alpha must be a finite number >= 0, got inf"),
+    ("kd", {"teacher": "x", "temperature": float("nan")}, "temperature must be a finite number > 0, got nan"),
     ("kd-at", {"teacher": "x", "attention_reduction": "max"}, "attention_reduction"),
 ])
 def test_option_checks_reject(method, kwargs, match):

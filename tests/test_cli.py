@@ -2,6 +2,8 @@
 traceback), help texts mention the key options, ``list`` and ``--print-config`` work."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -21,7 +23,7 @@ def assert_user_error(capsys, argv: list[str], *needles: str) -> str:
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out
     lines = error_lines(captured.err)
-    assert len(lines) == 1, captured.err
+    assert len(lines) == 1 and [x for x in captured.err.splitlines() if x.strip()] == lines, captured.err  # only it
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
@@ -50,6 +52,42 @@ def test_bad_settings_fail_before_anything_is_written(capsys, tmp_path, flags, n
     out = tmp_path / "run"
     assert_user_error(capsys, ["train", *QAT, *flags, "--out", str(out)], *needles)
     assert not out.exists()
+
+
+# Numbers the optimizer, the model builder or torch would take late (after config.yaml), with a traceback,
+# or silently (a run that trains to chance): each is refused when the config is resolved.
+@pytest.mark.parametrize("flags,needles", [
+    *[(["--set", f"optim.lr={v}"], ["optim.lr", shown, "finite number > 0"])
+      for v, shown in [("-0.1", "-0.1"), ("0", "0.0"), (".nan", "nan"), (".inf", "inf"), ("1e999", "inf")]],
+    (["--set", "optim.gamma=-0.1"], ["optim.gamma", "-0.1", "finite number > 0"]),
+    (["--method", "cmtkd", "--set", "method_args.theta_lr_mult=.nan"], ["method_args.theta_lr_mult", "nan", ">= 0"]),
+    (["--method", "cmtkd", "--set", "method_args.temperature=.inf"], ["method_args.temperature", "inf", "> 0"]),
+    *[(["--set", f"optim.momentum={v}"], ["optim.momentum", shown, "[0, 1)"])
+      for v, shown in [("-0.1", "-0.1"), ("1", "1.0"), ("1.5", "1.5"), (".nan", "nan")]],
+    (["--set", "optim.nesterov=true", "--set", "optim.momentum=0"], ["optim.nesterov", "optim.momentum=0.0", "> 0"]),
+    *[(["--set", f"optim.weight_decay={v}"], ["optim.weight_decay", shown, "finite number >= 0"])
+      for v, shown in [("-1e-4", "-0.0001"), (".nan", "nan"), (".inf", "inf")]],
+    (["--set", "optim.warmup_epochs=-1"], ["optim.warmup_epochs", "-1", ">= 0"]),
+    *[(["--set", f"model.width={v}"], ["model.width", shown, "finite number > 0"])
+      for v, shown in [(".inf", "inf"), (".nan", "nan"), ("-0.5", "-0.5")]],
+    (["--seed", str(2**63)], ["seed", str(2**63), "0..2**63-1"]),
+    (["--seed", "-1"], ["seed", "-1", "0..2**63-1"]),
+    (["--set", "data.split_seed=-1"], ["data.split_seed", "-1", "0..2**63-1"]),
+    (["--threads", "100000"], ["train.threads", "100000", "0..4096"]),
+    (["--threads", "-5"], ["train.threads", "-5", "0..4096"]),
+])
+def test_bad_numbers_fail_before_anything_is_written(capsys, tmp_path, flags, needles):
+    out = tmp_path / "run"
+    assert_user_error(capsys, ["train", *QAT, "--epochs", "1", *flags, "--out", str(out)], *needles)
+    assert not out.exists()
+
+
+def test_extreme_but_valid_numbers_are_accepted(capsys):
+    argv = ["train", *QAT, "--seed", str(2**63 - 1), "--threads", "4096", "--set", "optim.momentum=0",
+            "--set", "optim.weight_decay=0", "--print-config"]
+    assert main(argv) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["seed"] == 2**63 - 1 and cfg["train"]["threads"] == 4096 and cfg["optim"]["weight_decay"] == 0.0
 
 
 @pytest.mark.parametrize("flag", ["--w-bits", "--a-bits"])
@@ -93,6 +131,34 @@ def test_yaml_file_with_unknown_key(capsys, tmp_path):
     assert_user_error(capsys, ["train", "--config", str(cfg), "--print-config"], "optim.learning_rate")
 
 
+@pytest.mark.parametrize("content,needles", [
+    (b"\xff\xfe", ["not UTF-8", "0xff"]),
+    (b"optim:\n  lr: 0.1\n  lr: 0.2\n", ["'lr' appears twice", "line 3"]),
+    (b"a: &x [1, 2]\nb: *x\n", ["anchors and aliases", "line 1"]),
+    (b"optim: {lr: 0.1, momentum: *m}\n", ["anchors and aliases"]),  # an alias alone, never defined
+])
+def test_yaml_file_that_cmtkd_refuses(capsys, tmp_path, content, needles):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_bytes(content)
+    out = tmp_path / "run"
+    assert_user_error(capsys, ["train", *QAT, "--config", str(cfg), "--out", str(out)], str(cfg), *needles)
+    assert not out.exists()
+
+
+def test_an_alias_bomb_is_refused_at_once(capsys, tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]  # 10**9 strings if expanded
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert_user_error(capsys, ["train", "--config", str(bomb), "--print-config"], str(bomb), "anchors and aliases")
+
+
+def test_set_value_with_an_alias_is_refused(capsys, tmp_path):
+    assert_user_error(capsys, ["train", *QAT, "--set", "optim.milestones=[&a 1, *a]", "--print-config"],
+                      "--set optim.milestones", "anchors and aliases")
+
+
 def test_missing_yaml_file(capsys, tmp_path):
     assert_user_error(capsys, ["train", "--config", str(tmp_path / "nope.yaml"), "--print-config"],
                       "nope.yaml", "does not exist")
@@ -100,6 +166,62 @@ def test_missing_yaml_file(capsys, tmp_path):
 
 def test_evaluate_a_directory_that_is_not_a_run(capsys, tmp_path):
     assert_user_error(capsys, ["evaluate", str(tmp_path)], str(tmp_path), "config.yaml")
+
+
+def fake_run(folder, arch="alexnet", config_bytes: bytes | None = None):
+    """A run directory as `cmtkd train` leaves it (config.yaml, model.pt) with an untrained student:
+    enough for evaluate/export to get past loading, without training."""
+    from dataclasses import asdict
+
+    from cmtkd.checkpoint import save_model
+    from cmtkd.config import build_config, config_hash
+    from cmtkd.models import build_model
+
+    cfg = build_config([{"method": "qat", "arch": arch, "model": {"width": 0.0625}, "train": {"device": "cpu"}}])
+    arch_config = dict(arch=arch, num_classes=10, in_channels=1, variant="cifar", width=0.0625, w_bits=2, a_bits=2,
+                       policy="fp-first-last", weight_quant="auto", act_quant="hwgq", quant_layout="conv-inputs")
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_bytes(config_bytes if config_bytes is not None
+                                         else yaml.safe_dump(asdict(cfg)).encode())
+    save_model(folder / "model.pt", arch_config=arch_config, state_dict=build_model(**arch_config).state_dict(),
+               method="qat", selected_epoch=1, config_hash=config_hash(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("size,needles", [
+    ("0", ["--image-size", "got 0", "1..1024"]),
+    ("-3", ["--image-size", "got -3", "1..1024"]),
+    ("100000", ["--image-size", "got 100000", "1..1024"]),
+    ("2", ["--image-size 2", "alexnet", "cannot take 2x2 images"]),  # AlexNet's pooling needs >= 8 pixels
+])
+def test_export_refuses_image_sizes_the_student_cannot_take(capsys, tmp_path, size, needles):
+    run, out = fake_run(tmp_path / "run"), tmp_path / "student.pt2"
+    assert_user_error(capsys, ["export", str(run), "--image-size", size, "--out", str(out)], *needles)
+    assert not out.exists() and not (run / "student.pt2").exists()
+
+
+def test_export_at_the_smallest_size_alexnet_takes(capsys, tmp_path):
+    run, out = fake_run(tmp_path / "run"), tmp_path / "student.pt2"
+    assert main(["export", str(run), "--image-size", "8", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["input"] == [1, 8, 8] and out.is_file()
+
+
+@pytest.mark.parametrize("threads", ["-5", "100000"])
+def test_evaluate_refuses_bad_threads(capsys, tmp_path, threads):
+    run = fake_run(tmp_path / "run")
+    assert_user_error(capsys, ["evaluate", str(run), "--threads", threads], "--threads", threads, "0..4096")
+    assert not (run / "eval.json").exists()
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["export"]])
+def test_a_run_config_that_is_not_utf8(capsys, tmp_path, command):
+    run = fake_run(tmp_path / "run", config_bytes=b"\xff\xfe")
+    assert_user_error(capsys, [*command, str(run)], str(run / "config.yaml"), "not UTF-8")
+    from cmtkd.api import load_run
+    from cmtkd.errors import UserError
+
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_run(run)
 
 
 @pytest.mark.parametrize("argv,needle", [

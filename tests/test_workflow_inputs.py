@@ -224,6 +224,21 @@ def test_a_bad_method_option_is_rejected_by_cmtkd_train_itself():
     assert "method_args.mtkd" in problems[0]
 
 
+@pytest.mark.parametrize("recipe, message", [
+    ({"optim": {"lr": -0.1}}, "optim.lr must be a finite number > 0, got -0.1"),
+    ({"optim": {"momentum": 1.5}}, "optim.momentum must be in [0, 1), got 1.5"),
+    ({"model": {"width": 0.0625}, "optim": {"weight_decay": -1.0}}, "optim.weight_decay must be a finite number >= 0"),
+])
+def test_a_bad_recipe_number_is_rejected_by_cmtkd_train_itself(recipe, message):
+    """`snakemake -n` does not resolve run configs (a dry run does not import cmtkd); the pre-start check
+    of a real run (and `python workflow/scripts/checks.py`) does, through `cmtkd train --print-config`."""
+    config = tiny_config(methods=["qat"], seeds=[0])
+    config["recipe"].update(recipe)
+    config = suite_config.check_suite(config, "bad")
+    problems = checks.cmtkd_problems(config, [run_key("qat", tset="none")], argv_maker(config))
+    assert len(problems) == 1 and message in problems[0] and "recipe" in problems[0], problems
+
+
 def test_bad_method_option_stops_the_workflow_before_any_job(tmp_path):
     config = tiny_config(methods=["qat", "mtkd"], seeds=[0])
     config["method_args"] = {"mtkd": {"aggregation": "bogus"}}

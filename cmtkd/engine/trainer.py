@@ -32,7 +32,7 @@ from torch import nn
 
 from cmtkd import checkpoint
 from cmtkd.checkpoint import CHECKPOINT_FILE as CHECKPOINT, MODEL_FILE as MODEL
-from cmtkd.config import RunConfig, config_diff, config_hash, load_run_config
+from cmtkd.config import RunConfig, check_threads, config_diff, config_hash, load_run_config
 from cmtkd.data import build_data
 from cmtkd.data.common import check_data_parallel
 from cmtkd.engine import distributed
@@ -258,6 +258,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", threads: int = 0, wri
     """Standalone evaluation of a finished run's saved student: the number tables use. ``device``
     (cpu | cuda | auto) overrides the run's own ``train.device``, e.g. to evaluate a GPU run on a CPU."""
     run_dir = Path(run_dir)
+    check_threads(threads, "threads (--threads)")
     cfg = load_run_config(run_dir)
     trained = copy.deepcopy(cfg)  # before this evaluation's own settings: model.pt must match it
     if threads:

@@ -4,6 +4,7 @@ engine sums the dict and logs every term), and declares its optimizer parameter 
 never needs to know which method it runs."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,13 +26,20 @@ def default_weight_decay(w_bits: int, a_bits: int) -> float:
     return 2.5e-5 if max(w_bits, a_bits) <= 2 else 1e-4
 
 
+def check_nonnegative(options, key: str) -> None:
+    """``method_args.KEY`` must be a finite number >= 0 (NaN and inf would only show as a diverged run)."""
+    value = getattr(options, key)
+    if not (math.isfinite(value) and value >= 0):
+        raise UserError(f"method_args.{key} must be a finite number >= 0, got {value!r}")
+
+
 def check_loss_weights(options, nonnegative: tuple[str, ...] = ("alpha", "beta")) -> None:
-    """Shared option checks of the distillation methods: loss weights >= 0, temperature > 0."""
+    """Shared option checks of the distillation methods: loss weights finite and >= 0, temperature
+    finite and > 0."""
     for key in nonnegative:
-        if getattr(options, key) < 0:
-            raise UserError(f"method_args.{key} must be >= 0, got {getattr(options, key)}")
-    if options.temperature <= 0:
-        raise UserError(f"method_args.temperature must be > 0, got {options.temperature}")
+        check_nonnegative(options, key)
+    if not (math.isfinite(options.temperature) and options.temperature > 0):
+        raise UserError(f"method_args.temperature must be a finite number > 0, got {options.temperature!r}")
 
 
 class Method(nn.Module):

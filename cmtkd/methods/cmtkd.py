@@ -28,7 +28,7 @@ from torch import nn
 
 from cmtkd.errors import UserError
 from cmtkd.losses import AtReduction, attention_loss, kd_kl, min_logit_ensemble, soft_targets
-from cmtkd.methods.base import Method, check_loss_weights, cross_entropy
+from cmtkd.methods.base import Method, check_loss_weights, check_nonnegative, cross_entropy
 from cmtkd.quant import FULL_PRECISION, make_act_quantizer
 from cmtkd.teachers import check_teacher_bits
 
@@ -112,8 +112,7 @@ class CMTKD(Method):
         bits = o.teacher_bits
         check_teacher_bits(bits, cfg)
         check_loss_weights(o, ("alpha", "beta", "gamma"))
-        if o.theta_lr_mult < 0:
-            raise UserError(f"method_args.theta_lr_mult must be >= 0, got {o.theta_lr_mult}")
+        check_nonnegative(o, "theta_lr_mult")
         if cfg.arch not in FUSION_PRESETS:
             raise UserError(f"cmtkd has no fusion-point presets for arch '{cfg.arch}'")
         needs_ckpt = o.teacher_init == "checkpoints"
@@ -477,8 +476,7 @@ class CMTKDTeachers(Method):
                 check_bits(b)
             except UserError as exc:
                 raise UserError(f"method_args.teacher_bits: {exc}") from None
-        if o.theta_lr_mult < 0:
-            raise UserError(f"method_args.theta_lr_mult must be >= 0, got {o.theta_lr_mult}")
+        check_nonnegative(o, "theta_lr_mult")
         if cfg.arch not in FUSION_PRESETS:
             raise UserError(f"cmtkd-teachers has no fusion-point presets for arch '{cfg.arch}'")
 
