@@ -168,6 +168,14 @@ def test_evaluate_a_gpu_run_on_the_cpu(reference_run, copy_run, capsys):
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["train"]["device"] = "cuda"
     (run / "config.yaml").write_text(yaml.safe_dump(config))
+    # a GPU run's model.pt carries the hash of its own (cuda) configuration
+    from cmtkd import checkpoint
+    from cmtkd.config import config_hash, load_run_config
+    from cmtkd.files import atomic_write_bytes
+
+    content = checkpoint.read_content(run / MODEL)
+    content["config_hash"] = config_hash(load_run_config(run))
+    atomic_write_bytes(run / MODEL, checkpoint.encode("model", content))
     if not torch.cuda.is_available():
         assert main(["evaluate", str(run), "--threads", "1"]) == 2
         error = capsys.readouterr().err.strip()
