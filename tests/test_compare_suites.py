@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "workflow" / "scripts" / "compare_suites.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import compare_suites  # noqa: E402
+from test_workflow_inputs import BAD_CSV, bad_csv, one_line_error  # noqa: E402
 
 
 def runs(rows):
@@ -115,3 +116,32 @@ def test_the_sensitivity_suite_keeps_every_level():
     table = compare_suites.compare(runs, runs, ("A", "B"))
     assert len(table) == 16 and (table["n A"] == 3).all() and (table["pairs"] == 3).all()
     assert (table["variant"] == "–").sum() == 4 and "gamma=1000" in set(table["variant"])
+
+
+@pytest.mark.parametrize("kind", list(BAD_CSV))
+def test_a_bad_runs_csv_is_one_line_naming_it(tmp_path, capsys, kind):
+    """Empty, garbage, unparsable, not a runs.csv, or missing, as suite A or B: one line that names the file."""
+    good, bad = tmp_path / "good.csv", bad_csv(tmp_path, kind)
+    runs([("qat", 2, 0, 90.0)]).to_csv(good, index=False)
+    for argv in ([bad, good], [good, bad]):
+        status = compare_suites.main([*map(str, argv), "--out", str(tmp_path / "out" / "table.md")])
+        out, err = capsys.readouterr()
+        one_line_error(status, err, bad, BAD_CSV[kind][1])
+        assert out == "" and not (tmp_path / "out").exists()
+
+
+def test_a_top1_that_is_not_a_number_is_one_line(tmp_path, capsys):
+    a = tmp_path / "a.csv"
+    runs([("qat", 2, 0, 90.0), ("qat", 2, 1, "abc")]).to_csv(a, index=False)
+    status = compare_suites.main([str(a), str(a)])
+    one_line_error(status, capsys.readouterr().err, a, "column top1, data row 2 (line 3): 'abc' is not a number")
+
+
+def test_an_unwritable_out_is_one_line_and_prints_no_table(tmp_path, capsys):
+    a, blocked = tmp_path / "a.csv", tmp_path / "blocked"
+    runs([("qat", 2, 0, 90.0)]).to_csv(a, index=False)
+    blocked.write_text("a file where the folder should be")
+    status = compare_suites.main([str(a), str(a), "--out", str(blocked / "table.md")])
+    out, err = capsys.readouterr()
+    one_line_error(status, err, blocked, "cannot create")
+    assert out == "" and blocked.read_text() == "a file where the folder should be"

@@ -28,6 +28,7 @@ import reference_check  # noqa: E402
 import seed_stats  # noqa: E402
 import suite_config  # noqa: E402
 from test_workflow import expected_runs, job_counts, snakemake  # noqa: E402
+from test_workflow_inputs import BAD_CSV, bad_csv, one_line_error  # noqa: E402
 
 from cmtkd.files import sha256_file, write_sealed_json  # noqa: E402
 
@@ -50,8 +51,12 @@ def check(tmp_path, reference: pd.DataFrame, rerun: pd.DataFrame, *args: str) ->
     """``reference_check.py compare`` in this process (the CLI itself: test_missing_rerun_is_one_line)."""
     reference.to_csv(tmp_path / "reference.csv", index=False)
     rerun.to_csv(tmp_path / "rerun.csv", index=False)
-    argv = ["compare", str(tmp_path / "rerun.csv"), "--reference", str(tmp_path / "reference.csv"),
-            "--out-dir", str(tmp_path / "out"), *args]
+    return compare(tmp_path / "rerun.csv", tmp_path / "reference.csv", "--out-dir", str(tmp_path / "out"), *args)
+
+
+def compare(rerun: Path, reference: Path, *args: str) -> subprocess.CompletedProcess:
+    """``reference_check.py compare RERUN --reference REFERENCE ARGS`` in this process."""
+    argv = ["compare", str(rerun), "--reference", str(reference), *args]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = reference_check.main(argv)
@@ -163,6 +168,38 @@ def test_missing_rerun_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPTS / "reference_check.py"), "compare", str(tmp_path / "nowhere"),
                            "--reference", str(tmp_path / "reference.csv")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "runs.csv does not exist" in done.stderr
+
+
+@pytest.mark.parametrize("kind", list(BAD_CSV))
+@pytest.mark.parametrize("which", ["rerun", "reference"])
+def test_a_bad_runs_csv_is_one_line_naming_it(tmp_path, which, kind):
+    """Empty, garbage, unparsable, not a runs.csv, or missing: one line that names the file, nothing written."""
+    good, bad = tmp_path / "good.csv", bad_csv(tmp_path, kind)
+    REFERENCE.to_csv(good, index=False)
+    files = {"rerun": good, "reference": good, which: bad}
+    done = compare(files["rerun"], files["reference"], "--out-dir", str(tmp_path / "out"))
+    said = "no reference results at" if (which, kind) == ("reference", "missing") else BAD_CSV[kind][1]
+    one_line_error(done.returncode, done.stderr, bad, said)
+    assert done.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_out_dir_is_one_line_and_prints_no_report(tmp_path):
+    REFERENCE.to_csv(tmp_path / "reference.csv", index=False)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the folder should be")
+    done = compare(tmp_path / "reference.csv", tmp_path / "reference.csv", "--out-dir", str(blocked / "out"))
+    one_line_error(done.returncode, done.stderr, blocked, "cannot create")
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "abc"])
+def test_tolerance_must_be_a_finite_number_of_points(tmp_path, capsys, value):
+    REFERENCE.to_csv(tmp_path / "reference.csv", index=False)
+    reference = str(tmp_path / "reference.csv")
+    with pytest.raises(SystemExit) as exit_:
+        reference_check.main(["compare", reference, "--reference", reference, "--tolerance", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --tolerance: expected points, a finite number >= 0" in err, err
 
 
 def test_targets_of_chosen_cells_and_seeds():
@@ -278,6 +315,18 @@ def test_publish_refuses_a_suite_with_a_missing_run_and_keeps_the_old_results(tm
     assert "qat/digits/alexnet/2/2/none/1" in done.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert (out / "runs.csv").read_text() == "old"
+
+
+@pytest.mark.parametrize("kind", list(BAD_CSV))
+def test_publish_names_a_bad_runs_csv_in_one_line(tmp_path, capsys, kind):
+    suite, config = make_suite(tmp_path)
+    runs_csv = suite / "results" / "runs.csv"
+    runs_csv.unlink()
+    if BAD_CSV[kind][0] is not None:
+        runs_csv.write_bytes(BAD_CSV[kind][0])
+    status = publish_results.main([str(suite), "--configfile", str(config), "--out", str(tmp_path / "reference")])
+    one_line_error(status, capsys.readouterr().err, runs_csv, BAD_CSV[kind][1])
+    assert not (tmp_path / "reference").exists()
 
 
 def test_publish_refuses_runs_of_another_config(tmp_path):

@@ -5,6 +5,9 @@ Snakemake dry runs (``-n``) for what users type. Nothing here trains.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
 import re
 import shutil
@@ -496,3 +499,185 @@ def test_checks_command_line(tmp_path):
                            str(write_config(tmp_path / "bad.yaml", bad)), "--external"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 1 and "method_args.aggregation" in done.stdout, done.stdout + done.stderr
+
+
+# ------------------------------------------------------------- bad input files: one line, never a traceback
+BAD_CSV = {  # kind -> the file's bytes (None: no file at all) and what the one-line error says about it
+    "empty": (b"", "is empty"),
+    "garbage": (b"\x89PNG\r\n\x1a\n" + b"\xff\xfe\x00\x13" * 16, "is not a readable CSV file"),
+    "wrong columns": (b"name,value\nx,1\n", "lacks the columns"),
+    "unparsable": (b'method,top1\n"never closed,1\n', "is not a readable CSV file"),
+    "missing": (None, "does not exist"),
+}
+PAPER = ROOT / "results" / "paper" / "reported.csv"
+
+
+def bad_csv(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"bad-{kind.replace(' ', '-')}.csv"
+    if BAD_CSV[kind][0] is not None:
+        path.write_bytes(BAD_CSV[kind][0])
+    return path
+
+
+def run_main(script: str, *argv) -> tuple[int, str]:
+    """``workflow/scripts/SCRIPT.py ARGV`` in this process (its ``main``): (exit status, stderr)."""
+    module = importlib.import_module(script)
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        status = module.main([str(a) for a in argv])
+    return status, err.getvalue()
+
+
+def one_line_error(status: int, err: str, *needles) -> str:
+    """The run failed (exit status 2) with one ``cmtkd: error:`` line holding every needle; the line."""
+    assert status == 2 and "Traceback" not in err, err
+    [line] = err.splitlines()
+    assert line.startswith("cmtkd: error: "), line
+    for needle in needles:
+        assert str(needle) in line, (needle, line)
+    return line
+
+
+def histories_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "histories.csv"
+    path.write_text(f"{','.join(grid.COLUMNS)},epoch,val_top1_student\nqat,cifar100,alexnet,2,2,none,0,1,60.5\n")
+    return path
+
+
+def script_argv(script: str, bad_flag: str, bad: Path, tmp_path: Path) -> list:
+    """SCRIPT's arguments: good input files (the workflow fixture's) except ``bad_flag``'s, outputs in tmp_path/out."""
+    out = tmp_path / "out"
+    inputs = {"collect_runs": {"--grid": FIXTURE / "grid.csv"},
+              "make_tables": {"--runs": GOLDEN / "runs.csv", "--grid": FIXTURE / "grid.csv", "--paper": PAPER},
+              "plots": {"--runs": GOLDEN / "runs.csv", "--histories": histories_csv(tmp_path)},
+              "estimate_cost": {"--grid": FIXTURE / "grid.csv", "--runs": GOLDEN / "runs.csv"}}[script]
+    outputs = {"collect_runs": ["--out", out / "runs.csv", "--histories", out / "histories.csv"],
+               "make_tables": ["--out-dir", out], "plots": ["--out-dir", out], "estimate_cost": []}[script]
+    return [a for flag, path in {**inputs, bad_flag: bad}.items() for a in (flag, path)] + outputs
+
+
+@pytest.mark.parametrize("kind", list(BAD_CSV))
+@pytest.mark.parametrize("script, flag", [("collect_runs", "--grid"), ("make_tables", "--runs"),
+                                          ("make_tables", "--grid"), ("make_tables", "--paper"), ("plots", "--runs"),
+                                          ("plots", "--histories"), ("estimate_cost", "--grid"),
+                                          ("estimate_cost", "--runs")])
+def test_a_bad_input_file_is_one_line_naming_it(tmp_path, script, flag, kind):
+    """Empty, garbage, unparsable, without the needed columns or missing (also estimate_cost --runs, once
+    skipped in silence): one line naming the file and what is wrong, exit status 2, nothing written."""
+    bad = bad_csv(tmp_path, kind)
+    one_line_error(*run_main(script, *script_argv(script, flag, bad, tmp_path)), bad, BAD_CSV[kind][1])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, flag", [("collect_runs", "--grid"), ("make_tables", "--paper"),
+                                          ("plots", "--histories"), ("estimate_cost", "--runs")])
+def test_a_bad_input_file_ends_the_command_with_one_line(tmp_path, script, flag):
+    """The same from the command line: exit status 2, one line on stderr, no traceback."""
+    bad = bad_csv(tmp_path, "garbage")
+    done = subprocess.run([sys.executable, str(SCRIPTS / f"{script}.py"),
+                           *map(str, script_argv(script, flag, bad, tmp_path))],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    one_line_error(done.returncode, done.stderr, bad, "is not a readable CSV file")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "abc", ""])
+def test_estimate_cost_wants_a_positive_throughput(value):
+    status, err = run_main("estimate_cost", "--grid", FIXTURE / "grid.csv", "--images-per-s", f"alexnet={value}")
+    one_line_error(status, err, f"'alexnet={value}'", "a number > 0")
+
+
+def collected_workdir(tmp_path: Path) -> Path:
+    """The workflow fixture's runs as a working directory, its grid.csv without the unfinished run."""
+    (tmp_path / "results").mkdir()
+    shutil.copytree(FIXTURE / "runs", tmp_path / "results" / "runs")
+    lines = (FIXTURE / "grid.csv").read_text().splitlines()
+    finished = [line for line in lines[1:]
+                if (FIXTURE / line.split(",")[-1].removeprefix("results/") / "eval.json").exists()]
+    (tmp_path / "results" / "runs" / "grid.csv").write_text("\n".join([lines[0], *finished]) + "\n")
+    return tmp_path
+
+
+def collect(out: str = "results/runs.csv") -> tuple[int, str]:
+    """collect_runs.py in the working directory of collected_workdir (the current one)."""
+    return run_main("collect_runs", "--grid", "results/runs/grid.csv", "--out", out,
+                    "--histories", "results/runs/histories.csv")
+
+
+QAT_RUN = "results/runs/method~qat/dataset~cifar100/arch~alexnet/w_bits~2/a_bits~2/teacher_bits~none/seed~0"
+
+
+@pytest.mark.parametrize("file, damage, needles", [
+    ("history.csv", b"\x89PNG\r\n\x1a\n\xff\xfe", ["is not a readable CSV file"]),
+    ("history.csv", b"", ["is empty"]),
+    ("history.csv", b"epoch,val_top1_student\n1,60.1\n2,abc\n", ["column val_top1_student", "line 3", "'abc'"]),
+    ("history.csv", b"val_top1_student\n60.1\n", ["lacks the columns epoch"]),
+    ("eval.json", {"top1": "abc"}, ["top1 is 'abc', not a number", "cmtkd evaluate"]),
+    ("eval.json", {"top1": float("nan")}, ["top1 is nan, not a number"]),
+    ("eval.json", {"top5": [1]}, ["top5 is [1], not a number"]),
+    ("metrics.json", {"top1": "abc"}, ["top1 is 'abc', not a number", "cmtkd train"]),
+])
+def test_collect_runs_names_a_run_file_it_cannot_use(tmp_path, monkeypatch, file, damage, needles):
+    """history.csv is not sealed: garbage in it is one line naming it; eval.json and metrics.json are sealed,
+    but a resealed non-number where an accuracy belongs is one line too (an evaluation is a share of images
+    right: never NaN). Nothing is written."""
+    from cmtkd.files import read_sealed_json, write_sealed_json
+
+    workdir = collected_workdir(tmp_path)
+    monkeypatch.chdir(workdir)
+    path = workdir / QAT_RUN / file
+    if isinstance(damage, bytes):
+        path.write_bytes(damage)
+    else:
+        content = {k: v for k, v in read_sealed_json(path, "").items() if k != "sha256"}
+        write_sealed_json(path, {**content, **damage})
+    one_line_error(*collect(), f"{QAT_RUN}/{file}", *needles)
+    assert not (workdir / "results" / "runs.csv").exists()
+
+
+@pytest.mark.parametrize("unwritable", [
+    "a file in the way",
+    pytest.param("read-only folder", marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")),
+])
+def test_collect_runs_to_an_unwritable_folder_is_one_line(tmp_path, monkeypatch, unwritable):
+    workdir = collected_workdir(tmp_path)
+    monkeypatch.chdir(workdir)
+    blocked = workdir / "blocked"
+    if unwritable == "a file in the way":
+        blocked.write_text("not a folder")
+    else:
+        blocked.mkdir()
+        blocked.chmod(0o555)
+    one_line_error(*collect(out="blocked/runs.csv"), "blocked", "cannot")
+    assert not (workdir / "results" / "runs" / "histories.csv").exists()
+
+
+def runs_with_top1(tmp_path: Path, value: str) -> Path:
+    """The fixture's runs.csv with the first run's top1 replaced by ``value`` (as text)."""
+    lines = (GOLDEN / "runs.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    first = lines[1].split(",")
+    first[header.index("top1")] = value
+    path = tmp_path / f"runs-{value or 'empty'}.csv"
+    path.write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n")
+    return path
+
+
+def test_make_tables_names_a_top1_that_is_not_a_number(tmp_path):
+    runs = runs_with_top1(tmp_path, "abc")
+    status, err = run_main("make_tables", "--runs", runs, "--grid", FIXTURE / "grid.csv", "--paper", PAPER,
+                           "--out-dir", tmp_path / "out")
+    one_line_error(status, err, runs, "column top1", "data row 1 (line 2)", "'abc' is not a number")
+    assert not (tmp_path / "out").exists()
+
+
+def test_make_tables_reads_a_nan_top1_as_an_empty_one(tmp_path):
+    """A run without a top-1 (an empty cell) is left out of its cell's mean, as before; nan/NaN, how a missing
+    number is often written, mean the same (not a crash)."""
+    tables = {}
+    for value in ("", "nan", "NaN"):
+        out = tmp_path / f"out-{value or 'empty'}"
+        status, err = run_main("make_tables", "--runs", runs_with_top1(tmp_path, value), "--grid",
+                               FIXTURE / "grid.csv", "--paper", PAPER, "--out-dir", out)
+        assert status == 0, err
+        tables[value] = {p.name: p.read_text() for p in sorted(out.iterdir())}
+    assert tables["nan"] == tables[""] == tables["NaN"]

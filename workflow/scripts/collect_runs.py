@@ -4,7 +4,9 @@
                     [--finished-only]
 
 Both JSON files must pass their embedded SHA-256 seal (``cmtkd.files``, standard library only): an
-edited or damaged result stops the collection with one line naming the file and the fix.
+edited or damaged result stops the collection with one line naming the file and the fix, as does a
+grid.csv or history.csv that is not a CSV with the columns it needs, an accuracy that is not a number,
+or an output that cannot be written (``cmtkd: error: ...``, exit status 2; script_io.py).
 
 For every run of the grid: accuracy from its standalone ``eval.json`` (not the training log),
 timing, memory and environment from ``metrics.json`` (including the hashes of the teachers it used),
@@ -16,6 +18,7 @@ grid); otherwise a missing run is an error.
 """
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -25,7 +28,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import COLUMNS as GRID_COLUMNS
 from grid import VARIANT
-from seed_stats import convergence
+from script_io import error, read_csv, write_text
+from seed_stats import VAL_COLUMN, convergence
 
 from cmtkd.errors import UserError
 from cmtkd.files import read_sealed_json
@@ -61,24 +65,38 @@ def teacher_hashes(metrics: dict) -> str:
     return ";".join(found)
 
 
+def accuracy(result: dict, key: str, path: Path, fix: str, required: bool = True) -> float | None:
+    """``result[key]`` as a finite number (None where absent and not ``required``); UserError otherwise."""
+    value = result.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{path}: {key} is {value!r}, not a number; {fix}")
+    return float(value)
+
+
 def read_run(row: dict) -> tuple[dict, pd.DataFrame | None]:
     run = Path(row["run_dir"])
-    evaluation = read_sealed_json(run / "eval.json", f"re-evaluate the run: cmtkd evaluate {run}")
-    metrics = read_sealed_json(run / "metrics.json", f"rerun its training (same --out) to rebuild it: "
-                                                     f"snakemake {run}/metrics.json, or cmtkd train ... --out {run}")
+    reevaluate = f"re-evaluate the run: cmtkd evaluate {run}"
+    retrain = (f"rerun its training (same --out) to rebuild it: snakemake {run}/metrics.json, or cmtkd train ... "
+               f"--out {run}")
+    evaluation = read_sealed_json(run / "eval.json", reevaluate)
+    metrics = read_sealed_json(run / "metrics.json", retrain)
+    top1, top5 = (accuracy(evaluation, key, run / "eval.json", reevaluate, key == "top1") for key in ("top1", "top5"))
+    logged = accuracy(metrics, "top1", run / "metrics.json", retrain, required=False)
     renamed = RENAMED.get(str(row["method"]))
     if renamed and renamed[0] in metrics:
         raise UserError(f"{run} was trained by the method called {row['method']} before it was renamed "
                         f"{renamed[1]} ({row['method']} is now another method); delete the run directory so that "
                         f"the workflow retrains it (runs of the old method belong under method~{renamed[1]})")
     env = metrics.get("env", {})
-    if abs(evaluation["top1"] - metrics.get("top1", evaluation["top1"])) > 1e-6:
-        print(f"warning: {run}: standalone top-1 {evaluation['top1']} differs from the training log's "
-              f"{metrics['top1']}; the table uses the standalone number", file=sys.stderr)
+    if logged is not None and abs(top1 - logged) > 1e-6:
+        print(f"warning: {run}: standalone top-1 {top1:g} differs from the training log's "
+              f"{logged:g}; the table uses the standalone number", file=sys.stderr)
     key = run_columns(row)
     record = {k: row[k] for k in key}
     record.update(
-        role=row.get("role", "grid"), top1=evaluation["top1"], top5=evaluation.get("top5"),
+        role=row.get("role", "grid"), top1=top1, top5=top5,
         best_val_epoch=metrics.get("best_val_epoch"), epochs=metrics.get("epochs"),
         train_seconds=metrics.get("train_seconds"), images_per_s=metrics.get("images_per_s"),
         peak_mem_mib=metrics.get("peak_mem_mib"), torch=env.get("torch"), device=env.get("device"),
@@ -88,7 +106,7 @@ def read_run(row: dict) -> tuple[dict, pd.DataFrame | None]:
     )
     history = None
     if (run / "history.csv").exists():
-        history = pd.read_csv(run / "history.csv")
+        history = read_csv(run / "history.csv", columns=["epoch"], numbers=["epoch", VAL_COLUMN], fix=retrain)
         record["val_gain_last20"], record["converged"] = convergence(history)
         for k in reversed(key):
             history.insert(0, k, row[k])
@@ -129,14 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--histories", required=True, help="histories.csv to write")
     parser.add_argument("--finished-only", action="store_true", help="skip runs without eval.json")
     args = parser.parse_args(argv)
-    grid = pd.read_csv(args.grid, dtype={"teacher_bits": str}, keep_default_na=False)
     try:
+        grid = read_csv(args.grid, columns=[*GRID_COLUMNS, "run_dir"], fix="write it with the workflow "
+                        "(snakemake results/runs/grid.csv)", dtype={"teacher_bits": str}, keep_default_na=False)
         runs, histories = collect(grid, args.finished_only)
+        write_text(args.out, runs.to_csv(index=False))
+        write_text(args.histories, histories.to_csv(index=False))
     except UserError as exc:
-        raise SystemExit(f"collect_runs: error: {exc}") from None
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(args.out, index=False)
-    histories.to_csv(args.histories, index=False)
+        return error(exc)
     print(f"{args.out}: {len(runs)} runs; {args.histories}: {len(histories)} epoch rows")
     return 0
 

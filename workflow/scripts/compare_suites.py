@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 import seed_stats
+from script_io import error, read_csv, write_text
 
 CELL = ["method", "dataset", "arch", "w_bits", "a_bits", "teacher_bits"]
 VARIANT = "variant"  # option override of a sensitivity variant run; "" = the default point
@@ -49,11 +50,8 @@ def read_runs(path: str | Path) -> pd.DataFrame:
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist; give a suite's working directory (or its runs.csv) "
                                 f"after the suite has finished")
-    runs = pd.read_csv(file, dtype={"teacher_bits": str, VARIANT: str})
-    missing = [c for c in [*CELL, "seed", "top1"] if c not in runs]
-    if missing:
-        raise ValueError(f"{file} lacks the columns {missing}; is it a cmtkd runs.csv?")
-    return runs
+    return read_csv(file, columns=[*CELL, "seed", "top1"], numbers=["seed", "top1"], fix="is it a cmtkd runs.csv?",
+                    dtype={"teacher_bits": str, VARIANT: str})
 
 
 def comparable(runs: pd.DataFrame, name: str = "runs") -> pd.DataFrame:
@@ -129,15 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = (runs_csv(args.suite_a), runs_csv(args.suite_b))
         table = compare(read_runs(files[0]), read_runs(files[1]), tuple(args.labels), tuple(map(str, files)))
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        print(f"cmtkd: error: {exc}", file=sys.stderr)
-        return 2
-    text = table.to_markdown(index=False)
+        text = table.to_markdown(index=False)
+        if args.out:
+            write_text(args.out, table.to_csv(index=False) if Path(args.out).suffix == ".csv" else text + "\n")
+    except (OSError, ValueError) as exc:  # script_io.InputError is a ValueError: one line naming the file
+        return error(exc)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        (table.to_csv(out, index=False) if out.suffix == ".csv" else out.write_text(text + "\n"))
     return 0
 
 

@@ -19,13 +19,16 @@ architecture and dataset on the target GPU, taken from (first match wins) ``--im
 the config's ``throughput`` key, or the median ``images_per_s`` of finished qat/fp runs of the same
 dataset and architecture in ``--runs`` (a runs.csv: run one short QAT job on the target machine,
 e.g. ``cmtkd train --method qat --epochs 1 ...``, and pass its results). A method's own measured
-throughput in ``--runs`` is used directly when there is one. ``networks per step``: 1 for fp/qat,
+throughput in ``--runs`` is used directly when there is one. A ``--runs`` or ``--grid`` file that is
+missing or not such a CSV, or an ``--images-per-s`` that is not a number > 0, is one line
+``cmtkd: error: ...`` (exit status 2). ``networks per step``: 1 for fp/qat,
 1 + n/3 for n frozen teachers (forward only), 1 + n for n jointly trained teachers (CMT-KD, DML, KDCL).
 Per-epoch validation adds a few percent and is not counted.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +37,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid as G
+from script_io import UserError, error, read_csv
 
 TRAIN_SET_SIZE = {"digits": 4000, "cifar100": 50000, "imagenet": 1281167}  # before the val hold-out
 
@@ -43,7 +47,10 @@ def load_grid(configfiles: str | Sequence[str] | None, grid_csv: str | None, *,
     """The runs (one row each, with their role) and the config's ``throughput``: from a grid.csv the
     workflow wrote, or from config files layered as the workflow layers them (module docstring)."""
     if grid_csv:
-        return pd.read_csv(grid_csv, dtype={"teacher_bits": str}, keep_default_na=False), {}
+        return read_csv(grid_csv, columns=["method", "dataset", "arch", "teacher_bits", "seed", "role", "epochs",
+                                           "val_fraction"], numbers=["epochs", "val_fraction"],
+                        fix="the workflow writes it (snakemake results/runs/grid.csv)", dtype={"teacher_bits": str},
+                        keep_default_na=False), {}
     import suite_config  # jsonschema + snakemake's validation: not needed for --grid (the estimate rule)
 
     files = [configfiles] if isinstance(configfiles, str) else list(configfiles or [])
@@ -56,9 +63,11 @@ def load_grid(configfiles: str | Sequence[str] | None, grid_csv: str | None, *,
 
 
 def measured(runs_csv: str | None) -> pd.DataFrame:
-    if not runs_csv or not Path(runs_csv).exists():
-        return pd.DataFrame(columns=["method", "dataset", "arch", "images_per_s"])
-    runs = pd.read_csv(runs_csv, dtype={"teacher_bits": str}, keep_default_na=False, na_values=[""])
+    columns = ["method", "dataset", "arch", "images_per_s"]
+    if not runs_csv:
+        return pd.DataFrame(columns=columns)
+    runs = read_csv(runs_csv, columns=columns, numbers=["images_per_s"], dtype={"teacher_bits": str},
+                    keep_default_na=False, na_values=[""])
     return runs[runs["images_per_s"].notna() & (runs["images_per_s"] > 0)]
 
 
@@ -119,7 +128,10 @@ def parse_throughput(values: list[str]) -> dict[str, float]:
         try:
             out[arch] = float(number)
         except ValueError:
-            raise SystemExit(f"--images-per-s expects ARCH=NUMBER (e.g. resnet18=9000), got {value!r}")
+            out[arch] = math.nan
+        if not (arch and math.isfinite(out[arch]) and out[arch] > 0):
+            raise UserError(f"--images-per-s expects ARCH=N with N images/s, a number > 0 (e.g. resnet18=9000), "
+                            f"got {value!r}")
     return out
 
 
@@ -138,9 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.grid) == bool(args.configfiles):
         parser.error("give --config FILE... (suite configs) or --grid results/runs/grid.csv, one of the two")
-    runs, config_throughput = load_grid(args.configfiles, args.grid, replace=args.replace_workflow_config)
-    throughput = {**config_throughput, **parse_throughput(args.images_per_s)}
-    print(report(estimate(runs, throughput, measured(args.runs))), end="")
+    try:
+        throughput = parse_throughput(args.images_per_s)
+        runs, config_throughput = load_grid(args.configfiles, args.grid, replace=args.replace_workflow_config)
+        measured_runs = measured(args.runs)
+    except UserError as exc:
+        return error(exc)
+    print(report(estimate(runs, {**config_throughput, **throughput}, measured_runs)), end="")
     return 0
 
 

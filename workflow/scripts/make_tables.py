@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checks
 from grid import CELL as KEY
 from grid import METHODS, NO_TEACHERS, bits_label
+from script_io import InputError, UserError, error, read_csv
 import seed_stats
 from seed_stats import (ALPHA, CONVERGENCE_GAIN_PP, cell_convergence, cell_mark, gains, holm, not_converged,
                         paired_difference, spread, verdict)
@@ -88,10 +89,21 @@ SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "runs.schema.yaml"
 
 
 # ------------------------------------------------------------------------------------- inputs
+NUMBERS = ["w_bits", "a_bits", "seed", "top1", "top5"]  # columns that must hold numbers (or be empty)
+
+
 def read_runs(path: str) -> pd.DataFrame:
-    runs = pd.read_csv(path, dtype={"teacher_bits": str}, keep_default_na=False, na_values=[""])
+    runs = read_csv(path, columns=[*KEY, "seed", "role", "top1", "top5"], numbers=NUMBERS,
+                    fix="rebuild it with `snakemake tables`", dtype={"teacher_bits": str}, keep_default_na=False,
+                    na_values=[""])
     runs["teacher_bits"] = runs["teacher_bits"].fillna(NO_TEACHERS)
     return runs
+
+
+def read_grid(path: str) -> pd.DataFrame:
+    return read_csv(path, columns=[*KEY, "role"], numbers=["w_bits", "a_bits"],
+                    fix="the workflow writes it (snakemake results/runs/grid.csv)", dtype={"teacher_bits": str},
+                    keep_default_na=False)
 
 
 def read_external(paths: list[str], schema_path: str | Path = SCHEMA) -> pd.DataFrame:
@@ -99,11 +111,12 @@ def read_external(paths: list[str], schema_path: str | Path = SCHEMA) -> pd.Data
     try:
         return checks.read_external(paths, schema_path)
     except checks.InputError as exc:
-        raise SystemExit(str(exc)) from None
+        raise InputError(str(exc)) from None
 
 
 def read_paper(path: str) -> pd.DataFrame:
-    paper = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    paper = read_csv(path, columns=["method", "dataset", "arch", "w_bits", "a_bits", "top1", "provenance", "source"],
+                     numbers=NUMBERS, keep_default_na=False, na_values=[""])
     paper["teacher_bits"] = NO_TEACHERS
     return paper
 
@@ -531,10 +544,8 @@ def write_latex(path: Path, name: str, title: str, display: pd.DataFrame, notes:
 
 
 def build(runs_csv, grid_csv, paper_csv, external_csvs, out_dir, schema=SCHEMA) -> None:
-    runs = read_runs(runs_csv)
-    grid = pd.read_csv(grid_csv, dtype={"teacher_bits": str}, keep_default_na=False)
+    runs, grid, paper = read_runs(runs_csv), read_grid(grid_csv), read_paper(paper_csv)
     summary = summarize(runs, grid, read_external(external_csvs, schema))
-    paper = read_paper(paper_csv)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     compare = lambda _summary, _paper, fmt: comparison_table(runs, fmt)  # noqa: E731  (runs, not cells)
@@ -558,7 +569,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schema", default=str(SCHEMA), help="JSON schema of a runs.csv row")
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
-    build(args.runs, args.grid, args.paper, args.external, args.out_dir, args.schema)
+    try:
+        build(args.runs, args.grid, args.paper, args.external, args.out_dir, args.schema)
+    except UserError as exc:  # an input file it cannot use (script_io.InputError): one line naming it
+        return error(exc)
+    except OSError as exc:  # e.g. an --out-dir it cannot write to
+        return error(f"{exc.filename or args.out_dir}: {exc.strerror or exc}")
     return 0
 
 

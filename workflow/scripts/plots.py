@@ -29,6 +29,7 @@ from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import CELL as KEY
+from script_io import UserError, error, read_csv
 from seed_stats import spread
 from grid import FULL_PRECISION, METHODS, NO_TEACHERS, VARIANT, bits_label, teacher_list
 
@@ -237,8 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--histories", required=True)
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
-    runs = pd.read_csv(args.runs, dtype={"teacher_bits": str}, keep_default_na=False, na_values=[""])
-    histories = pd.read_csv(args.histories, dtype={"teacher_bits": str}, keep_default_na=False, na_values=[""])
+    options = dict(fix="rebuild it with `snakemake tables`", dtype={"teacher_bits": str}, keep_default_na=False,
+                   na_values=[""])
+    try:
+        runs = read_csv(args.runs, columns=[*KEY, "role", "top1"], numbers=["w_bits", "a_bits", "top1"], **options)
+        histories = read_csv(args.histories, columns=[*KEY, "epoch"],
+                             numbers=["w_bits", "a_bits", "epoch", VAL_COLUMN], **options)
+    except UserError as exc:
+        return error(exc)
     for frame in (runs, histories):
         if "teacher_bits" in frame:
             frame["teacher_bits"] = frame["teacher_bits"].fillna(NO_TEACHERS)

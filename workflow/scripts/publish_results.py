@@ -48,6 +48,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid  # noqa: E402
 import suite_config  # noqa: E402
+from script_io import error, read_csv  # noqa: E402
 
 from cmtkd.engine.env import cpu_model, git_commit  # noqa: E402  (the runs' own fingerprint code; imports torch)
 from cmtkd.errors import UserError  # noqa: E402
@@ -104,10 +105,9 @@ def read_suite(suite: Path, configfiles: list[str]) -> tuple[dict, pd.DataFrame]
     if not runs_csv.is_file():
         raise UserError(f"{runs_csv} does not exist; run the suite to the end first "
                         f"(snakemake --configfile ... --directory {suite})")
-    runs = pd.read_csv(runs_csv, dtype={"teacher_bits": str}, keep_default_na=False, na_values=[""])
-    lacking = [c for c in [*grid.COLUMNS, "top1", "role", "train_seconds", "run_dir"] if c not in runs]
-    if lacking:
-        raise UserError(f"{runs_csv} lacks the columns {lacking}; rebuild it with `snakemake tables`")
+    runs = read_csv(runs_csv, columns=[*grid.COLUMNS, "top1", "role", "train_seconds", "run_dir"],
+                    numbers=["top1", "train_seconds"], fix="rebuild it with `snakemake tables`",
+                    dtype={"teacher_bits": str}, keep_default_na=False, na_values=[""])
     config, expected = expected_runs(configfiles)
     check_complete(runs, expected, runs_csv)
     return config, runs
@@ -340,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print_ = publish(suite, args.configfile, Path(args.out), args.wall_seconds, command)
     except (UserError, OSError) as exc:
-        print(f"cmtkd: error: {exc}", file=sys.stderr)
-        return 2
+        return error(exc)
     runs = print_["runs"]
     print(f"{args.out}: {len(print_['files'])} files and FINGERPRINT.json, ENVIRONMENT.md from {runs['total']} runs "
           f"({runs['train_seconds_total']:,.0f} training seconds, wall {print_['wall_time']['seconds']} s)")

@@ -48,12 +48,13 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_suites  # noqa: E402
 import seed_stats  # noqa: E402
+from script_io import UserError, error, write_text  # noqa: E402
 
 try:
-    from cmtkd.files import atomic_write_text, sha256_file
+    from cmtkd.files import sha256_file
 except ImportError:  # a Python without cmtkd installed: this checkout's (standard library only)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from cmtkd.files import atomic_write_text, sha256_file
+    from cmtkd.files import sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "results" / "reference"
@@ -81,7 +82,7 @@ def load_runs(path: str | Path) -> pd.DataFrame:
     """The grid runs (role grid) of a runs.csv; one row per (cell, seed)."""
     try:
         runs = compare_suites.read_runs(str(runs_file(path)))
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+    except (OSError, UserError) as exc:  # a file that is missing or not a runs.csv (script_io.InputError)
         raise CheckError(str(exc)) from None
     if "role" in runs:  # read_runs keeps every row (teachers, variants); the reference compares grid runs
         runs = runs[runs["role"] == "grid"]
@@ -250,9 +251,19 @@ def fingerprint_notes(reference: str | Path) -> list[str]:
 
 
 def write_outputs(table: pd.DataFrame, text: str, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / OUT_NAMES[0], table.to_csv(index=False))
-    atomic_write_text(out_dir / OUT_NAMES[1], text)
+    write_text(out_dir / OUT_NAMES[0], table.to_csv(index=False))
+    write_text(out_dir / OUT_NAMES[1], text)
+
+
+def tolerance(text: str) -> float:
+    """--tolerance: points, a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected points, a finite number >= 0 (e.g. 0.5); got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--out-dir", help=f"also write {' and '.join(OUT_NAMES)} here")
     check.add_argument("--per-cell", action="store_true", help="95 %% intervals per cell (default: 95 %% for "
                                                                 "all cells together, Bonferroni)")
-    check.add_argument("--tolerance", type=float, default=TOLERANCE_PP,
+    check.add_argument("--tolerance", type=tolerance, default=TOLERANCE_PP,
                        help="allowed |Δ| in points where the reference cell has one seed (default %(default)s)")
     for sub in (plan, check):
         sub.add_argument("--reference", default=str(REFERENCE),
@@ -282,17 +293,16 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(targets(reference, args.cells, args.seeds)))
             return 0
         table = compare(reference, load_runs(args.rerun), args.per_cell, args.tolerance)
-        for note in fingerprint_notes(args.reference):
-            print(note, file=sys.stderr)
-    except (CheckError, ValueError) as exc:
-        print(f"cmtkd: error: {exc}", file=sys.stderr)
-        return 2
-    table = table.reindex(columns=COLUMNS).fillna("–")
-    text, status = summary(table)
-    report = f"{table.to_markdown(index=False, disable_numparse=True)}\n\n{text}\n"
+        table = table.reindex(columns=COLUMNS).fillna("–")
+        text, status = summary(table)
+        report = f"{table.to_markdown(index=False, disable_numparse=True)}\n\n{text}\n"
+        if args.out_dir:
+            write_outputs(table, report, Path(args.out_dir))
+    except (CheckError, UserError, ValueError) as exc:
+        return error(exc)
+    for note in fingerprint_notes(args.reference):
+        print(note, file=sys.stderr)
     print(report, end="")
-    if args.out_dir:
-        write_outputs(table, report, Path(args.out_dir))
     return status
 
 
