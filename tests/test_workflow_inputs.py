@@ -681,3 +681,12 @@ def test_make_tables_reads_a_nan_top1_as_an_empty_one(tmp_path):
         assert status == 0, err
         tables[value] = {p.name: p.read_text() for p in sorted(out.iterdir())}
     assert tables["nan"] == tables[""] == tables["NaN"]
+    # ... and out of its cell's n (it counted as a seed: "69.35 (n=2)" from one value)
+    import io
+
+    import pandas as pd
+
+    golden, missing = (pd.read_csv(io.StringIO(text)) for text in ((GOLDEN / "main.csv").read_text(),
+                                                                    tables[""]["main.csv"]))
+    ours = lambda frame: frame[frame["origin"] == "ours"]["n"].sum()  # noqa: E731
+    assert ours(missing) == ours(golden) - 1

@@ -141,7 +141,7 @@ def summarize(runs: pd.DataFrame, grid: pd.DataFrame, external: pd.DataFrame) ->
     rows["gain"] = gains(rows)
     stats = rows.groupby([*KEY, "source", "origin"], dropna=False).agg(
         top1_mean=("top1", "mean"), top1_ci95=("top1", ci95_of), top1_std=("top1", std_of),
-        top5_mean=("top5", "mean"), top5_ci95=("top5", ci95_of), top5_std=("top5", std_of), n=("top1", "size"),
+        top5_mean=("top5", "mean"), top5_ci95=("top5", ci95_of), top5_std=("top5", std_of), n=("top1", "count"),
         n_not_converged=("run_not_converged", "sum"), val_gain_mean=("gain", "mean"),
         seeds=("seed", lambda s: ",".join(str(int(x)) for x in sorted(s.dropna()))),
     ).reset_index()
