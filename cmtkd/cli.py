@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmtkd: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cmtkd: interrupted; rerun the same command to resume from the last finished epoch", file=sys.stderr)
+        again = ("rerun the same command to resume from the last finished epoch" if args.command == "train"
+                 else "nothing was written; rerun the command")  # evaluate/export write atomically, at the end
+        print(f"cmtkd: interrupted; {again}", file=sys.stderr)
         return 130
 
 

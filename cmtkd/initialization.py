@@ -74,7 +74,7 @@ def initialize_from(network: nn.Module, path: str, arch_config: dict) -> str:
     check_matching(path, source_arch_config(path), arch_config)
     # load_teacher checks the file is a cmtkd model file whose weights fit its own arch_config.
     source, digest = load_teacher(path, arch=arch_config["arch"], num_classes=arch_config["num_classes"],
-                                  in_channels=arch_config["in_channels"])
+                                  in_channels=arch_config["in_channels"], role="model.init_from network")
     weights = {k: v for k, v in source.state_dict().items() if not is_quantizer_state(k)}
     missing, unexpected = network.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not is_quantizer_state(k)]

@@ -50,8 +50,10 @@ def trained_image_size(model_file: Path) -> int | None:
 
 def load_teacher(path: str | Path, *, arch: str, num_classes: int, w_bits: int | None = None,
                  a_bits: int | None = None, expected_sha256: str | None = None,
-                 in_channels: int | None = None, image_size: int | None = None) -> tuple[nn.Module, str]:
-    """Load the network saved in ``path`` (a run directory or its ``model.pt``) as a frozen teacher.
+                 in_channels: int | None = None, image_size: int | None = None,
+                 role: str = "teacher") -> tuple[nn.Module, str]:
+    """Load the network saved in ``path`` (a run directory or its ``model.pt``) as a frozen teacher
+    (``role`` names it in errors: "teacher", or e.g. "model.init_from network").
 
     Checks, in this order: the file exists; its SHA-256 equals ``expected_sha256`` (when given); it
     is a cmtkd model file; its architecture, number of classes, input channels (when given) and
@@ -63,34 +65,34 @@ def load_teacher(path: str | Path, *, arch: str, num_classes: int, w_bits: int |
     file = teacher_file(given)
     if not file.is_file():
         where = f"run directory {given} has no {MODEL_FILE}" if given.is_dir() else f"{file} does not exist"
-        raise UserError(f"teacher checkpoint: {where} (expected a finished `cmtkd train` run directory or its "
-                        f"{MODEL_FILE}); train the teacher first or fix the path")
-    what, fix = "teacher checkpoint", "retrain the teacher (`cmtkd train ... --out DIR`) and pass DIR"
+        raise UserError(f"{role} checkpoint: {where} (expected a finished `cmtkd train` run directory or its "
+                        f"{MODEL_FILE}); train the {role} first or fix the path")
+    what, fix = f"{role} checkpoint", f"retrain the {role} (`cmtkd train ... --out DIR`) and pass DIR"
     data = checkpoint.read_bytes(file, what, fix)
     digest = sha256_bytes(data)  # of the very bytes loaded below
     if expected_sha256 is not None and digest != expected_sha256.lower():
-        raise UserError(f"teacher checkpoint {file}: SHA-256 expected {expected_sha256}, found {digest}; the file "
+        raise UserError(f"{role} checkpoint {file}: SHA-256 expected {expected_sha256}, found {digest}; the file "
                         f"was retrained or replaced - pass the original teacher or update the expected hash")
     blob = checkpoint.decode(data, file, "model", fix, what)
     config = blob["arch_config"]
     if not isinstance(config, dict):
-        raise UserError(f"teacher checkpoint {file} has no arch_config mapping; {fix}")
+        raise UserError(f"{role} checkpoint {file} has no arch_config mapping; {fix}")
     expected = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels,
                 "w_bits": w_bits, "a_bits": a_bits}
-    fixes = {"arch": f"train the teacher with --arch {arch}",
-             "num_classes": "train the teacher on the student's dataset",
-             "in_channels": "train the teacher on the student's dataset",
-             "w_bits": f"pass a teacher trained with --w-bits {w_bits}",
-             "a_bits": f"pass a teacher trained with --a-bits {a_bits}"}
+    fixes = {"arch": f"train the {role} with --arch {arch}",
+             "num_classes": f"train the {role} on this run's dataset",
+             "in_channels": f"train the {role} on this run's dataset",
+             "w_bits": f"pass a {role} trained with --w-bits {w_bits}",
+             "a_bits": f"pass a {role} trained with --a-bits {a_bits}"}
     for key, want in expected.items():
         if want is not None and config.get(key) != want:
-            raise UserError(f"teacher checkpoint {file}: {key} expected {want}, found {config.get(key)}; "
+            raise UserError(f"{role} checkpoint {file}: {key} expected {want}, found {config.get(key)}; "
                             f"{fixes[key]}")
     trained = trained_image_size(file) if image_size is not None else None
     if trained is not None and trained != image_size:
-        raise UserError(f"teacher checkpoint {file}: trained on {trained}x{trained} digits, the student sees "
-                        f"{image_size}x{image_size}; train the teacher with the student's data.image_size")
-    model = checkpoint.build_network(blob, file, "retrain the teacher with this version", what)
+        raise UserError(f"{role} checkpoint {file}: trained on {trained}x{trained} digits, this run sees "
+                        f"{image_size}x{image_size}; train the {role} with this run's data.image_size")
+    model = checkpoint.build_network(blob, file, f"retrain the {role} with this version", what)
     model.eval()
     model.requires_grad_(False)
     return model, digest

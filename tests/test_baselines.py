@@ -403,11 +403,11 @@ def test_load_teacher_checks_the_digits_size_its_run_trained_on(tmp_path, teache
     (run / "config.yaml").write_text("data: {name: digits, image_size: 14}\n")
     load_teacher(run, **args, image_size=14)
     load_teacher(run, **args)  # the caller gave no size
-    with pytest.raises(UserError, match=r"trained on 14x14 digits, the student sees 28x28"):
+    with pytest.raises(UserError, match=r"trained on 14x14 digits, this run sees 28x28"):
         load_teacher(run / "model.pt", **args, image_size=28)
     (run / "config.yaml").write_text("data: {name: digits}\n")  # unset: the native 28
     load_teacher(run, **args, image_size=28)
-    with pytest.raises(UserError, match=r"trained on 28x28 digits, the student sees 14x14"):
+    with pytest.raises(UserError, match=r"trained on 28x28 digits, this run sees 14x14"):
         FrozenTeacher(run, **args, image_size=14)
     (run / "config.yaml").write_text("data: {name: cifar100}\n")  # no size option there
     load_teacher(run, **args, image_size=14)

@@ -312,3 +312,19 @@ def test_settings_apply_in_order(capsys, tmp_path):
     assert main(["train", "--config", str(file), "--epochs", "5", "--set", "epochs=4", "--print-config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert (cfg["epochs"], cfg["seed"], cfg["optim"]["lr"]) == (4, 3, 0.2)
+
+
+@pytest.mark.parametrize("command,says", [(["train"], "resume from the last finished epoch"),
+                                          (["evaluate", "RUN"], "nothing was written"),
+                                          (["export", "RUN"], "nothing was written")])
+def test_ctrl_c_says_what_a_rerun_does(monkeypatch, capsys, command, says):
+    """Only train resumes; evaluate and export write their one file at the end, atomically."""
+    import cmtkd.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"cmd_{command[0]}", interrupted)
+    assert cli.main(command) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cmtkd: interrupted; ") and says in err and "\n" not in err

@@ -250,8 +250,9 @@ def test_cifar100_failed_download_is_user_error(tmp_path, monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
-    with pytest.raises(UserError, match="network is unreachable"):
+    with pytest.raises(UserError, match="network is unreachable") as error:
         build_data(DataConfig(name="cifar100", root=str(tmp_path), download=True))
+    assert "data.download=true" not in str(error.value) and "cifar-100-python.tar.gz" in str(error.value)
 
 
 def test_cifar100_corrupt_file_is_user_error(tmp_path):

@@ -112,3 +112,13 @@ def test_training_from_a_trained_fp_run_records_the_source(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["init_from"] == str(fp)
     assert metrics["init_sha256"] == sha256_file(fp / "model.pt")
+
+
+def test_a_bad_init_source_is_named_as_such_not_as_a_teacher(tmp_path):
+    """initialize_from loads through the teachers' loader: its errors name model.init_from's network."""
+    from cmtkd.teachers import load_teacher
+
+    with pytest.raises(UserError, match=r"^model.init_from network checkpoint: .* train the model.init_from network"):
+        load_teacher(tmp_path / "missing", arch="alexnet", num_classes=10, role="model.init_from network")
+    with pytest.raises(UserError, match=r"^teacher checkpoint: .* train the teacher first"):
+        load_teacher(tmp_path / "missing", arch="alexnet", num_classes=10)

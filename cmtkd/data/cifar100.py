@@ -122,7 +122,9 @@ def locate(cfg: DataConfig) -> Path:
 
             CIFAR100(root=str(Path(cfg.root).expanduser()), train=True, download=True)
         except Exception as exc:  # network or disk errors: tell the user how to provide the files instead
-            raise UserError(f"downloading CIFAR-100 into {folder} failed ({exc}); {HOW_TO_GET}") from exc
+            raise UserError(f"downloading CIFAR-100 into {folder} failed ({exc}); copy the python version of "
+                            f"CIFAR-100 there instead (cifar-100-python.tar.gz from "
+                            f"https://www.cs.toronto.edu/~kriz/cifar.html, extracted)") from exc
         missing = [path for path in missing if not path.is_file()]
     if missing:
         raise UserError(f"CIFAR-100 not found: missing {missing[0]}; {HOW_TO_GET}")
