@@ -222,11 +222,36 @@ def load_checkpoint(path: str | Path, differences: Callable[[dict], list[str]]) 
     path = Path(path)
     fix = "delete it to train the run from scratch"
     content = load(path, "checkpoint", fix)
+    wrong = _checkpoint_type_errors(content)
+    if wrong:
+        raise UserError(f"checkpoint {path} is not one cmtkd wrote ({', '.join(wrong[:4])}); {fix}")
     diff = differences(content["config"])
     if diff:
         raise UserError(f"{path.parent} holds a checkpoint of a different configuration (differs in: "
                         f"{', '.join(diff[:6])}); use a new --out or delete the directory")
     return content
+
+
+def _checkpoint_type_errors(content: dict) -> list[str]:
+    """What in a checkpoint's content (verified SHA-256, so crafted or from a broken writer) has a type the
+    trainer cannot resume from; [] if nothing. The state dicts are checked when they are loaded."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    epoch, history, best, rng = (content.get(k) for k in ("epoch", "history", "best", "rng"))
+    checks = {
+        "epoch is not a count": isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0,
+        "config is not a mapping": isinstance(content.get("config"), dict),
+        "history is not one row per epoch": isinstance(history, list) and all(isinstance(r, dict) for r in history)
+        and isinstance(epoch, int) and len(history) == epoch,
+        "best is not a mapping with epoch and val_top1": isinstance(best, dict)
+        and {"epoch", "val_top1", "student_state"} <= set(best),
+        "rng is not the random states": isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng),
+        "a state is not a mapping": all(isinstance(content.get(k), dict)
+                                        for k in ("method", "optimizer", "scheduler", "scaler")),
+        "a counter is not a number": all(number(content.get(k)) for k in ("train_seconds", "train_images")),
+    }
+    return [problem for problem, ok in checks.items() if not ok]
 
 
 # ------------------------------------------------------------------------- digests in state

@@ -233,6 +233,24 @@ def test_checkpoint_missing_keys_is_one_line(reference_run, copy_run):
     assert str(run / CHECKPOINT_FILE) in line and "config" in line and "rng" in line
 
 
+@pytest.mark.parametrize("key,value,says", [
+    ("epoch", "1", "epoch is not a count"), ("config", "x", "config is not a mapping"),
+    ("history", "junk", "history is not one row per epoch"), ("best", [1], "best is not a mapping"),
+    ("rng", {"x": 1}, "rng is not the random states"), ("train_seconds", "7", "a counter is not a number"),
+    ("method", {"junk.weight": torch.zeros(1)}, "does not fit this run")])
+def test_checkpoint_with_verified_hash_but_wrong_content_is_one_line(key, value, says, reference_run, copy_run):
+    """A checkpoint whose SHA-256 verifies (a broken writer, or crafted) but whose content the trainer cannot
+    resume from: one line naming it, not a TypeError/AttributeError/state-dict traceback."""
+    run = copy_run(reference_run)
+    content = read_content(run / CHECKPOINT_FILE)
+    content.update(epoch=content["epoch"] - 1, history=content["history"][:-1])  # mid-run: it resumes
+    content[key] = value
+    atomic_write_bytes(run / CHECKPOINT_FILE, checkpoint.encode("checkpoint", content))
+    (run / "metrics.json").unlink()
+    line = one_line_error(run_cli("train", *tiny_args(), "--out", str(run)))
+    assert str(run / CHECKPOINT_FILE) in line and says in line and "delete it" in line
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_failed_atomic_write_is_one_line_and_leaves_no_temp(code, tmp_path, monkeypatch):
     target = tmp_path / "metrics.json"

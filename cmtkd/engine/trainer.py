@@ -550,7 +550,12 @@ def _log_start(run: Run) -> None:
 
 
 def _resume(run: Run, ckpt: dict) -> None:
-    run.restore(ckpt)
+    try:
+        run.restore(ckpt)
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:  # e.g. a state dict of another model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {run.out / CHECKPOINT} does not fit this run ({type(exc).__name__}: "
+                        f"{first[:200]}); delete it to train the run from scratch") from None
     if run.main:
         # A kill between the checkpoint and the history write leaves history.csv one epoch behind.
         atomic_write_text(run.out / "history.csv", _history_csv(run.state.history))
