@@ -317,3 +317,22 @@ def test_a_level_is_marked_by_the_mean_rise_of_its_runs(tmp_path):
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("| ")]
     top1 = {(c[0], c[1]): c[2] for c in cells[1:]}
     assert top1[("gamma", "0")] == "93.00 ± 2.48 (n=3) †" and top1[("gamma", "1000")] == "86.00 ± 2.48 (n=3)"
+
+
+@pytest.mark.parametrize("which", ["runs", "histories", "levels"])
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe garbage\n", b"a,b\n1,2\n"], ids=["empty", "binary", "columns"])
+def test_a_bad_input_file_is_one_line_naming_it(tmp_path, which, content):
+    """Each of the three inputs, empty, not text or without the columns: one line naming it, nothing written."""
+    import contextlib
+    import io
+
+    workdir, _ = fixture_study(tmp_path)
+    (workdir / f"{which}.csv").write_bytes(content)
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        status = sensitivity.main(["--runs", str(workdir / "runs.csv"), "--histories", str(workdir / "histories.csv"),
+                                   "--levels", str(workdir / "levels.csv"), "--tables", str(tmp_path / "t"),
+                                   "--plots", str(tmp_path / "p")])
+    [line] = err.getvalue().splitlines()
+    assert status == 2 and line.startswith("cmtkd: error: ") and f"{which}.csv" in line, line
+    assert not (tmp_path / "t").exists() and not (tmp_path / "p").exists()

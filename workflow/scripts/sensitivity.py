@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import COLUMNS, NO_TEACHERS, TEACHER_SETS, VARIANT, bits_label, teacher_list
 from make_tables import Fmt, write_latex, write_markdown, write_tidy_csv
 from plots import importance_columns, panel_grid, save_figure
+from script_io import UserError, error, read_csv
 from seed_stats import ALPHA, cell_convergence, holm, paired_difference, spread, verdict
 
 CELL = list(COLUMNS[:-1])  # a run without its seed
@@ -68,14 +69,18 @@ DISPLAY = ["Factor", "Level", "Top-1 (95 % CI)", "Δ vs default (95 % CI)", "p",
 
 # ------------------------------------------------------------------------------------- inputs
 def read_levels(path: str | Path) -> pd.DataFrame:
-    levels = pd.read_csv(path, dtype={"teacher_bits": str, VARIANT: str, "level": str, "value": str},
-                         keep_default_na=False)  # value: JSON text, also where every level is a number
+    levels = read_csv(path, columns=[*GROUP, "level", "value", "default"],
+                      fix="it is written by the workflow's sensitivity_levels step: rerun the suite",
+                      dtype={"teacher_bits": str, VARIANT: str, "level": str, "value": str},
+                      keep_default_na=False)  # value: JSON text, also where every level is a number
     levels["default"] = levels["default"].map(lambda v: str(v).strip().lower() == "true")
     return levels
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
-    frame = pd.read_csv(path, dtype={"teacher_bits": str, VARIANT: str}, keep_default_na=False, na_values=[""])
+    frame = read_csv(path, columns=["method", "dataset", "arch", "w_bits", "a_bits", "seed"],
+                     fix="rebuild it with the suite's collect step", numbers=["top1"],
+                     dtype={"teacher_bits": str, VARIANT: str}, keep_default_na=False, na_values=[""])
     if "teacher_bits" in frame:
         frame["teacher_bits"] = frame["teacher_bits"].fillna(NO_TEACHERS)
     frame[VARIANT] = frame[VARIANT].fillna("") if VARIANT in frame else ""
@@ -314,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", required=True, help="folder for sensitivity.{csv,md,tex}")
     parser.add_argument("--plots", required=True, help="folder for sensitivity.png and sensitivity_pi.png")
     args = parser.parse_args(argv)
-    tidy = build(args.runs, args.histories, args.levels, args.tables, args.plots)
+    try:
+        tidy = build(args.runs, args.histories, args.levels, args.tables, args.plots)
+    except UserError as exc:  # an input file it cannot use: one line naming it
+        return error(exc)
     print(f"{args.tables}/sensitivity.{{csv,md,tex}}: {len(tidy)} levels; "
           f"{args.plots}/sensitivity.png, sensitivity_pi.png (.pdf too)")
     return 0
