@@ -48,6 +48,8 @@ FORMAT = 2
 MODEL_KEYS = ("arch_config", "state_dict", "method", "selected_epoch", "config_hash")
 CHECKPOINT_KEYS = ("epoch", "config", "config_hash", "method", "optimizer", "scheduler", "scaler", "rng",
                    "history", "best", "train_seconds", "train_images", "peak_mem_mib", "world_size")
+# Written since the key was added; checkpoints from before lack it and still resume.
+CHECKPOINT_OPTIONAL_KEYS = ("threads",)
 _KEYS = {"model": MODEL_KEYS, "checkpoint": CHECKPOINT_KEYS}
 _WHAT = {"model": "model file", "checkpoint": "checkpoint"}
 

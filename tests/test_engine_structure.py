@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from cmtkd.checkpoint import CHECKPOINT_KEYS
+from cmtkd.checkpoint import CHECKPOINT_KEYS, CHECKPOINT_OPTIONAL_KEYS
 
 ENGINE = Path(__file__).resolve().parents[1] / "cmtkd" / "engine"
 MAX_FUNCTION_LINES = 60
@@ -35,7 +35,7 @@ def _method(cls: str, name: str) -> ast.FunctionDef:
 def test_the_checkpoint_content_is_written_in_one_place_with_the_file_layers_keys():
     [ret] = [n for n in ast.walk(_method("Run", "checkpoint_content")) if isinstance(n, ast.Return)]
     assert isinstance(ret.value, ast.Dict)
-    assert tuple(k.value for k in ret.value.keys) == CHECKPOINT_KEYS
+    assert tuple(k.value for k in ret.value.keys) == CHECKPOINT_KEYS + CHECKPOINT_OPTIONAL_KEYS
     source = (ENGINE / "trainer.py").read_text()
     assert source.count("checkpoint.save_checkpoint(") == 1
     assert source.count("checkpoint.load_checkpoint(") == 1
@@ -58,7 +58,7 @@ def test_the_train_state_round_trips_through_the_checkpoint_content():
     run = Run(cfg=None, cfg_dict={}, chash="h", out=Path("."), device=None, log=print, data=None, steps=1,
               state=state, **parts)
     content = run.checkpoint_content()
-    assert set(content) == set(CHECKPOINT_KEYS)
+    assert set(content) == set(CHECKPOINT_KEYS + CHECKPOINT_OPTIONAL_KEYS)
     rng = content["rng"]
     fresh = Run(cfg=None, cfg_dict={}, chash="h", out=Path("."), device=None, log=print, data=None, steps=1, **parts)
     fresh.restore(content)
