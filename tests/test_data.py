@@ -274,9 +274,25 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+class _Reduce:
+    """Pickles as ``fn(*args)`` followed by BUILD ``state``: a hand-made numpy pickle."""
+
+    def __init__(self, fn, args, state=None):
+        self.fn, self.args, self.state = fn, args, state
+
+    def __reduce__(self):
+        return (self.fn, self.args) if self.state is None else (self.fn, self.args, self.state)
+
+
 def _hostile_batches(marker: Path) -> dict[str, bytes]:
     good = {"data": np.zeros((2, 3072), np.uint8), "fine_labels": [1, 2]}
+    fields = (3, "|", None, ("f",), {"f": (np.dtype("u1"), 100000)}, 1, 1, 0)  # a field far outside the buffer
     return {
+        # numpy's own pickle protocol, replayed by a hostile file: memory outside the array, or a huge one
+        "dtype-with-fields": pickle.dumps({**good, "data": np.zeros((2, 3072), np.uint8),
+                                           "fine_labels": _Reduce(np.dtype, ("u1", False, True), fields)}, protocol=2),
+        "ndarray-call": pickle.dumps({**good, "data": _Reduce(np.ndarray, ((200000, 3072), "u1"))}, protocol=2),
+        "object-dtype": pickle.dumps({**good, "data": np.array([None, None], dtype=object)}, protocol=2),
         "os.system": pickle.dumps(_RunsCode(marker), protocol=2),
         "os.system-inside-a-batch": pickle.dumps({**good, "filenames": [_RunsCode(marker)]}, protocol=4),
         "object-array": pickle.dumps({**good, "data": np.array([_RunsCode(marker)] * 2, dtype=object)}, protocol=2),
@@ -284,7 +300,8 @@ def _hostile_batches(marker: Path) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("case", ["os.system", "os.system-inside-a-batch", "object-array", "other-codec"])
+@pytest.mark.parametrize("case", ["os.system", "os.system-inside-a-batch", "object-array", "other-codec",
+                                  "dtype-with-fields", "ndarray-call", "object-dtype"])
 def test_cifar100_file_that_would_run_code_is_refused_without_running_it(tmp_path, case):
     """The CIFAR-100 release is a pickle: it is read with an unpickler that resolves only numpy's array
     globals, so a hostile file cannot run code (the marker stays absent) and gives one UserError."""

@@ -6,6 +6,7 @@ validation part (``val_fraction``) for model selection; the official 10,000 test
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 
@@ -34,14 +35,6 @@ HOW_TO_GET = (
 )
 
 
-def _reconstruct():
-    try:  # numpy >= 2
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
 def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     """``_codecs.encode`` as protocol-2 pickles use it for bytes (``encode(text, 'latin1')``); no other codec."""
     if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591") or errors != "strict":
@@ -49,36 +42,96 @@ def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -
     return text.encode("latin1")
 
 
-# The only globals the CIFAR-100 pickles name: numpy arrays (and their dtypes), and bytes written by
-# protocol 2 through _codecs.encode. Anything else (os.system, builtins.eval, ...) is refused before it
-# is looked up: a dataset file from elsewhere must not run code (the house rule for untrusted files).
+# numpy's own pickling is not safe to replay from an untrusted file: a dtype's __setstate__ accepts any
+# fields, offsets and flags (an array can then read memory outside its buffer), and ndarray(shape) allocates
+# without reading data. So the names a numpy pickle uses resolve to these stand-ins, which accept exactly
+# what numpy writes for a plain array, and build the array from the file's own bytes (memory bounded by
+# the file's size). Arrays come back as _ArrayStub objects; _materialize swaps in the numpy arrays.
+_PLAIN_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8", "b1"}
+
+
+def _refuse(what: str):
+    raise pickle.UnpicklingError(f"refused {what} in a CIFAR-100 file")
+
+
+class _DtypeStub:
+    """``numpy.dtype(spec, align, copy)`` + BUILD state, for plain numeric dtypes only."""
+
+    def __init__(self, spec, align=False, copy=True):
+        if not isinstance(spec, str) or spec not in _PLAIN_DTYPES:
+            _refuse(f"dtype {spec!r}")
+        self.dtype = np.dtype(spec)
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("|", "<", ">", "=")
+                and state[2:] == (None, None, None, -1, -1, 0)):
+            _refuse(f"dtype state {state!r}")
+        if state[1] in "<>":
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+class _NdarrayMarker:
+    """What ``numpy.ndarray`` resolves to: only a marker for ``_reconstruct``; calling it is refused."""
+
+    def __init__(self, *args, **kwargs):
+        _refuse("a direct numpy.ndarray(...) call")
+
+
+class _ArrayStub:
+    """``numpy.core.multiarray._reconstruct(ndarray, (0,), 'b')`` + BUILD ``(1, shape, dtype, fortran, data)``."""
+
+    def __init__(self, cls, shape, typecode):
+        if cls is not _NdarrayMarker or tuple(shape) != (0,) or typecode not in (b"b", "b"):
+            _refuse(f"array reconstruction {shape!r}, {typecode!r}")
+        self.array = None
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1 and isinstance(state[2], _DtypeStub)
+                and isinstance(state[1], tuple) and all(isinstance(n, int) and n >= 0 for n in state[1])):
+            _refuse("array state")
+        _, shape, dtype, fortran, data = state
+        if isinstance(data, str):  # written by Python 2 (str), read back through latin-1
+            data = data.encode("latin1")
+        if not isinstance(data, bytes) or math.prod(shape) * dtype.dtype.itemsize != len(data):
+            _refuse(f"array data of {len(data) if isinstance(data, (bytes, str)) else type(data).__name__} bytes "
+                    f"for shape {shape}")
+        self.array = np.frombuffer(data, dtype=dtype.dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # the official files (Python 2, numpy 1.x)
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # files numpy 2 wrote
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: _plain_dtype,
-    ("_codecs", "encode"): lambda: _latin1_encode,
+    ("numpy.core.multiarray", "_reconstruct"): _ArrayStub,  # the official files (Python 2, numpy 1.x)
+    ("numpy._core.multiarray", "_reconstruct"): _ArrayStub,  # files numpy 2 wrote
+    ("numpy", "ndarray"): _NdarrayMarker,
+    ("numpy", "dtype"): _DtypeStub,
+    ("_codecs", "encode"): _latin1_encode,
 }
 
 
 class _DatasetUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that resolves only :data:`_ALLOWED_GLOBALS` (lists, dicts, strings and numbers
-    need no global). Object arrays are refused too: their items would be arbitrary pickled objects."""
+    """``pickle.Unpickler`` that resolves only :data:`_ALLOWED_GLOBALS`, each a checked stand-in (lists,
+    dicts, strings and numbers need no global); anything else is refused before it is looked up."""
 
     def find_class(self, module: str, name: str):
-        factory = _ALLOWED_GLOBALS.get((module, name))
-        if factory is None:
+        found = _ALLOWED_GLOBALS.get((module, name))
+        if found is None:
             raise pickle.UnpicklingError(f"refused to load {module}.{name} (a CIFAR-100 file names only numpy "
                                          f"arrays; this one may be hostile)")
-        return factory()
+        return found
 
 
-def _plain_dtype(spec, *args):
-    """``numpy.dtype`` for any dtype but ``object``."""
-    dtype = np.dtype(spec, *args)
-    if dtype.hasobject:
-        raise pickle.UnpicklingError(f"refused an object array ({spec!r}) in a CIFAR-100 file")
-    return dtype
+def _materialize(obj, depth: int = 0):
+    """``obj`` with every _ArrayStub replaced by its numpy array (dicts and lists, a few levels deep)."""
+    if isinstance(obj, _ArrayStub):
+        if obj.array is None:
+            _refuse("an array without data")
+        return obj.array
+    if depth < 4 and isinstance(obj, dict):
+        return {key: _materialize(value, depth + 1) for key, value in obj.items()}
+    if depth < 4 and isinstance(obj, list):
+        return [_materialize(value, depth + 1) for value in obj]
+    if isinstance(obj, (_DtypeStub, _NdarrayMarker)):
+        _refuse("a stray numpy object")
+    return obj
 
 
 def _text_keys(batch: dict) -> dict:
@@ -90,7 +143,7 @@ def load_pickle_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One pickle file as uint8 images (N, 3, 32, 32) and int64 fine labels."""
     try:
         with path.open("rb") as handle:
-            batch = _DatasetUnpickler(handle, encoding="latin1").load()
+            batch = _materialize(_DatasetUnpickler(handle, encoding="latin1").load())
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError, MemoryError, RecursionError) as exc:  # what a malformed stream can raise
         raise UserError(f"cannot read CIFAR-100 file {path} ({type(exc).__name__}: {exc}); delete it and "
