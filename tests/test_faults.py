@@ -380,6 +380,25 @@ def test_a_model_file_of_another_configuration_is_refused_and_rebuilt(reference_
     assert (run / MODEL_FILE).read_bytes() == original
 
 
+def test_a_run_written_before_some_config_keys_existed_still_evaluates(reference_run, copy_run):
+    """An older cmtkd hashed config.yaml as it wrote it, without keys added since (model.init_from,
+    model.quant_layout, ...): evaluate and load_run accept its model.pt (today's defaults fill those keys)."""
+    import cmtkd
+    import yaml
+
+    from cmtkd.config import config_hash
+
+    run = copy_run(reference_run)
+    (run / "eval.json").unlink(missing_ok=True)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["model"]["init_from"], config["train"]["tf32"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    content = read_content(run / MODEL_FILE)
+    atomic_write_bytes(run / MODEL_FILE, checkpoint.encode("model", {**content, "config_hash": config_hash(config)}))
+    assert run_cli("evaluate", str(run), "--threads", "1").returncode == 0
+    assert cmtkd.load_run(run).metrics is not None
+
+
 @pytest.mark.parametrize("damage", ["edited-config", "garbage-history", "truncated-history"])
 def test_a_complete_run_with_an_edited_config_or_history_is_rebuilt(damage, reference_run, copy_run):
     """config.yaml must be the run's configuration (evaluate checks model.pt against it) and history.csv one row

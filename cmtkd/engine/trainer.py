@@ -32,7 +32,7 @@ from torch import nn
 
 from cmtkd import checkpoint
 from cmtkd.checkpoint import CHECKPOINT_FILE as CHECKPOINT, MODEL_FILE as MODEL
-from cmtkd.config import RunConfig, check_threads, config_diff, config_hash, load_run_config
+from cmtkd.config import RunConfig, check_threads, config_diff, config_hash, load_run_config, load_yaml
 from cmtkd.data import build_data
 from cmtkd.data.common import check_data_parallel
 from cmtkd.engine import distributed
@@ -247,8 +247,10 @@ def history_problem(path: Path, epochs: int) -> str | None:
 
 def check_model_of_run(run_dir: Path, blob: dict, cfg: RunConfig) -> None:
     """Refuse a ``model.pt`` written for another configuration than the run's ``config.yaml`` (e.g. copied
-    in from another run): its numbers would be reported as this run's."""
-    if blob.get("config_hash") != config_hash(cfg):
+    in from another run): its numbers would be reported as this run's. ``cfg`` is config.yaml resolved with
+    today's defaults; a run written before some keys existed hashed config.yaml as written, so that counts too."""
+    saved = blob.get("config_hash")
+    if saved != config_hash(cfg) and saved != config_hash(load_yaml(Path(run_dir) / "config.yaml")):
         raise UserError(f"{run_dir / MODEL} was written for another configuration than {run_dir / 'config.yaml'} "
                         f"(copied from another run, or the config edited); {REBUILD_MODEL}")
 
