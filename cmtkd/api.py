@@ -66,6 +66,8 @@ class Run:
 
 def load_run(path: str | Path, device: "str | torch.device" = "cpu") -> Run:
     """Everything a run directory holds that is useful after training: see :class:`Run`."""
+    import io
+
     import pandas as pd
     import torch
 
@@ -73,7 +75,7 @@ def load_run(path: str | Path, device: "str | torch.device" = "cpu") -> Run:
     from cmtkd.engine.trainer import REBUILD_METRICS, check_model_of_run
     from cmtkd.engine.trainer import load_student as _load
     from cmtkd.errors import UserError
-    from cmtkd.files import read_sealed_json
+    from cmtkd.files import read_regular_file, read_sealed_json
 
     run_dir = run_directory(path)
     config = load_run_config(run_dir)
@@ -84,7 +86,7 @@ def load_run(path: str | Path, device: "str | torch.device" = "cpu") -> Run:
     metrics: Any = read_sealed_json(metrics_file, REBUILD_METRICS) if metrics_file.exists() else None
     history_file = run_dir / "history.csv"
     try:
-        history = pd.read_csv(history_file) if history_file.exists() else pd.DataFrame()
+        history = pd.read_csv(io.BytesIO(read_regular_file(history_file))) if history_file.exists() else pd.DataFrame()
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise UserError(f"{history_file} is unreadable ({type(exc).__name__}); {REBUILD_METRICS}") from None
     return Run(path=run_dir, config=config, student=model.eval(), arch_config=dict(blob["arch_config"]),

@@ -106,14 +106,21 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     return removed
 
 
-def read_regular_file(path: str | Path) -> bytes:
-    """The bytes of ``path`` if it is a regular file (a symbolic link to one is fine). Anything else raises
-    OSError ("not a regular file") before a byte is read: a FIFO would block for ever and /dev/zero would
-    fill memory, and a run directory or teacher path from elsewhere may hold either."""
+# Larger than any file cmtkd writes (a CMT-KD ImageNet checkpoint of four AlexNets with momentum is ~2 GiB).
+MAX_READ_BYTES = 16 * 2**30
+
+
+def read_regular_file(path: str | Path, limit: int = MAX_READ_BYTES) -> bytes:
+    """The bytes of ``path`` if it is a regular file (a symbolic link to one is fine) of at most ``limit``
+    bytes. Anything else raises OSError before a byte is read: a FIFO would block for ever, /dev/zero or a
+    sparse terabyte file would fill memory, and a run directory or teacher path from elsewhere may hold them."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait for a writer
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"{info.st_size / 2**30:.1f} GiB, more than any file cmtkd writes", str(path))
         with os.fdopen(os.dup(fd), "rb") as fh:
             return fh.read()
     finally:
@@ -206,9 +213,10 @@ class RunLock:
                     raise UserError(f"{self.path} is a symbolic link; cmtkd only locks a plain file it creates "
                                     f"itself: delete it") from None
                 raise os_error(self.path.parent, exc, action="write into") from None
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a hard link: writing it writes another file
                 os.close(fd)
-                raise UserError(f"{self.path} is not a plain file; delete it")
+                raise UserError(f"{self.path} is not a plain file of its own (a link or special file); delete it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -272,6 +280,8 @@ def _strict_yaml_loader():
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges, resolved by SafeLoader itself
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 try:
                     repeated = key in seen

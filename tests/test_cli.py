@@ -328,3 +328,10 @@ def test_ctrl_c_says_what_a_rerun_does(monkeypatch, capsys, command, says):
     assert cli.main(command) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("cmtkd: interrupted; ") and says in err and "\n" not in err
+
+
+def test_yaml_merge_keys_still_load(tmp_path):
+    """The strict loader refuses repeated keys and anchors, not an inline merge key."""
+    from cmtkd.files import load_yaml_text
+
+    assert load_yaml_text("a: {<<: {x: 1}, y: 2}") == {"a": {"x": 1, "y": 2}}

@@ -549,3 +549,34 @@ def test_kill_during_any_temporary_write_then_rerun_gives_the_same_result(target
     ref = read_sealed_json(two_epoch_run / ("eval.json" if target == "eval.json" else "metrics.json"), "")
     assert ours["top1"] == ref["top1"] and ours["top5"] == ref["top5"]
     assert (out / "history.csv").read_text().count("\n") == (two_epoch_run / "history.csv").read_text().count("\n")
+
+
+def test_a_lock_file_that_is_a_hard_link_is_refused_and_the_other_file_untouched(tmp_path):
+    victim = tmp_path / "model-of-another-run.pt"
+    victim.write_bytes(b"weights")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.link(victim, run / LOCK_FILE)
+    with pytest.raises(UserError, match="not a plain file of its own"):
+        RunLock(run).acquire()
+    assert victim.read_bytes() == b"weights"
+
+
+def test_a_sparse_huge_model_file_is_one_line_without_reading_it(reference_run, copy_run):
+    import cmtkd
+
+    run = copy_run(reference_run)
+    with open(run / MODEL_FILE, "r+b") as fh:
+        fh.truncate(64 * 2**30)  # sparse: no disk used, 64 GiB to read
+    with pytest.raises(UserError, match="more than any file cmtkd writes"):
+        cmtkd.load_student(run)
+
+
+def test_a_history_that_is_not_a_regular_file_is_one_line(reference_run, copy_run):
+    import cmtkd
+
+    run = copy_run(reference_run)
+    (run / "history.csv").unlink()
+    os.mkfifo(run / "history.csv")
+    with pytest.raises(UserError, match="history.csv"):
+        cmtkd.load_run(run)

@@ -690,3 +690,13 @@ def test_make_tables_reads_a_nan_top1_as_an_empty_one(tmp_path):
                                                                     tables[""]["main.csv"]))
     ours = lambda frame: frame[frame["origin"] == "ours"]["n"].sum()  # noqa: E731
     assert ours(missing) == ours(golden) - 1
+
+
+def test_an_input_csv_that_is_a_fifo_is_one_line_not_a_hang(tmp_path):
+    import os
+
+    fifo = tmp_path / "runs.csv"
+    os.mkfifo(fifo)
+    status, err = run_main("make_tables", "--runs", fifo, "--grid", FIXTURE / "grid.csv", "--paper", PAPER,
+                           "--out-dir", tmp_path / "out")
+    one_line_error(status, err, fifo, "not a regular file")

@@ -46,6 +46,8 @@ def read_csv(path: str | Path, columns: Iterable[str] = (), numbers: Iterable[st
     file has it) that is not a finite number. Empty cells, ``nan`` and ``NaN`` in a ``numbers`` column are
     missing values (NaN), as pandas writes and reads them; such a column comes back as numbers.
     ``fix`` ends the message of a file without a column (e.g. how to rebuild it)."""
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO would block, /dev/zero read for ever
+        raise InputError(f"{path} is not a regular file")
     try:
         frame = pd.read_csv(path, **options)
     except FileNotFoundError:
