@@ -151,7 +151,12 @@ def build_network(blob: dict, path: str | Path, fix: str, what: str = "model fil
         raise UserError(f"{what} {path} holds the {n} fused teachers of a teachers-only run (method "
                         f"{blob['method']}), not one network; pass it to cmtkd-frozen as method_args.teachers_run, "
                         f"or give a run that trained one network")
-    return _load_weights(_build(blob["arch_config"], path, fix, what), blob["state_dict"], path, fix, what)
+    return _load_weights(_build(blob["arch_config"], path, fix, what, blob["state_dict"]), blob["state_dict"], path,
+                         fix, what)
+
+
+class _ShapeMismatch(Exception):
+    pass
 
 
 # A file's arch_config could describe a network of any size: it is built on the meta device first (no
@@ -159,7 +164,10 @@ def build_network(blob: dict, path: str | Path, fix: str, what: str = "model fil
 MAX_PARAMETERS = 2_000_000_000
 
 
-def _build(arch_config, path, fix: str, what: str) -> nn.Module:
+def _build(arch_config, path, fix: str, what: str, state_dict=None) -> nn.Module:
+    """The network ``arch_config`` describes; built on the meta device first (no memory) to check its size
+    and, given the file's ``state_dict``, that every weight the file holds has the shape built, so a crafted
+    arch_config costs no memory beyond the file's own tensors."""
     from cmtkd.models import build_model
 
     if not isinstance(arch_config, dict):
@@ -168,10 +176,19 @@ def _build(arch_config, path, fix: str, what: str) -> nn.Module:
     kwargs = {"quant_layout": "block-outputs", **arch_config}
     try:
         with torch.device("meta"):
-            size = sum(p.numel() for p in build_model(**kwargs).parameters())
+            probe = build_model(**kwargs)
+        size = sum(p.numel() for p in probe.parameters())
         if size > MAX_PARAMETERS:
             raise UserError(f"a network of {size:.3g} parameters (more than {MAX_PARAMETERS:.0e})")
+        if isinstance(state_dict, dict):
+            wrong = [k for k, v in probe.state_dict().items()
+                     if not isinstance(state_dict.get(k), torch.Tensor) or state_dict[k].shape != v.shape]
+            if wrong:
+                raise _ShapeMismatch(f"weights do not fit its own arch_config ({len(wrong)} tensors missing or of "
+                                     f"another shape, e.g. {wrong[0]})")
         return build_model(**kwargs)
+    except _ShapeMismatch as exc:
+        raise UserError(f"{what} {path}: {exc}; {fix}") from None
     except (TypeError, ValueError, OverflowError, RuntimeError, UserError) as exc:  # RuntimeError: sizes overflow
         raise UserError(f"{what} {path} has an arch_config this version cannot build ({exc}); {fix}") from None
 
