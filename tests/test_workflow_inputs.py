@@ -690,6 +690,9 @@ def test_make_tables_reads_a_nan_top1_as_an_empty_one(tmp_path):
                                                                     tables[""]["main.csv"]))
     ours = lambda frame: frame[frame["origin"] == "ours"]["n"].sum()  # noqa: E731
     assert ours(missing) == ours(golden) - 1
+    mine = missing[missing["origin"] == "ours"]
+    listed = mine["seeds"].fillna("").astype(str).map(lambda text: len(text.split(",")) if text else 0)
+    assert (listed == mine["n"]).all()  # the seeds column lists the seeds n counts
 
 
 def test_an_input_csv_that_is_a_fifo_is_one_line_not_a_hang(tmp_path):

@@ -139,11 +139,12 @@ def summarize(runs: pd.DataFrame, grid: pd.DataFrame, external: pd.DataFrame) ->
     rows = pd.concat([ours, external.assign(origin="external")], ignore_index=True)
     rows["run_not_converged"] = not_converged(rows["converged"]) if "converged" in rows else False
     rows["gain"] = gains(rows)
+    rows["seed_counted"] = rows["seed"].where(rows["top1"].notna())  # the seeds n counts
     stats = rows.groupby([*KEY, "source", "origin"], dropna=False).agg(
         top1_mean=("top1", "mean"), top1_ci95=("top1", ci95_of), top1_std=("top1", std_of),
         top5_mean=("top5", "mean"), top5_ci95=("top5", ci95_of), top5_std=("top5", std_of), n=("top1", "count"),
         n_not_converged=("run_not_converged", "sum"), val_gain_mean=("gain", "mean"),
-        seeds=("seed", lambda s: ",".join(str(int(x)) for x in sorted(s.dropna()))),
+        seeds=("seed_counted", lambda s: ",".join(str(int(x)) for x in sorted(s.dropna()))),
     ).reset_index()
     stats["not_converged"] = [cell_mark(g, n > 0) for g, n in zip(stats["val_gain_mean"], stats["n_not_converged"])]
     # Grid cells with no finished run yet still get a row (n = 0).
