@@ -124,7 +124,7 @@ def test_a_bad_runs_csv_is_one_line_naming_it(tmp_path, capsys, kind):
     good, bad = tmp_path / "good.csv", bad_csv(tmp_path, kind)
     runs([("qat", 2, 0, 90.0)]).to_csv(good, index=False)
     for argv in ([bad, good], [good, bad]):
-        status = compare_suites.main([*map(str, argv), "--out", str(tmp_path / "out" / "table.md")])
+        status = compare_suites.main([*map(str, argv), "--out", str(tmp_path / "out" / "table.csv")])
         out, err = capsys.readouterr()
         one_line_error(status, err, bad, BAD_CSV[kind][1])
         assert out == "" and not (tmp_path / "out").exists()
@@ -141,7 +141,7 @@ def test_an_unwritable_out_is_one_line_and_prints_no_table(tmp_path, capsys):
     a, blocked = tmp_path / "a.csv", tmp_path / "blocked"
     runs([("qat", 2, 0, 90.0)]).to_csv(a, index=False)
     blocked.write_text("a file where the folder should be")
-    status = compare_suites.main([str(a), str(a), "--out", str(blocked / "table.md")])
+    status = compare_suites.main([str(a), str(a), "--out", str(blocked / "table.csv")])
     out, err = capsys.readouterr()
     one_line_error(status, err, blocked, "cannot create")
     assert out == "" and blocked.read_text() == "a file where the folder should be"
