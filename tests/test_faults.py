@@ -51,6 +51,19 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def run_here(*args: str) -> subprocess.CompletedProcess:
+    """``cmtkd ARGS`` in this process (no interpreter and torch start-up: seconds per call), as run_cli reports it."""
+    import contextlib
+    import io
+
+    from cmtkd.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(args))
+    return subprocess.CompletedProcess(["cmtkd", *args], status, out.getvalue(), err.getvalue())
+
+
 def own_temp_files(directory: Path) -> list[Path]:
     return [p for p in directory.iterdir() if is_own_temp_file(p)]
 
@@ -247,7 +260,7 @@ def test_checkpoint_with_verified_hash_but_wrong_content_is_one_line(key, value,
     content[key] = value
     atomic_write_bytes(run / CHECKPOINT_FILE, checkpoint.encode("checkpoint", content))
     (run / "metrics.json").unlink()
-    line = one_line_error(run_cli("train", *tiny_args(), "--out", str(run)))
+    line = one_line_error(run_here("train", *tiny_args(), "--out", str(run)))
     assert str(run / CHECKPOINT_FILE) in line and says in line and "delete it" in line
 
 
@@ -371,11 +384,11 @@ def test_a_model_file_of_another_configuration_is_refused_and_rebuilt(reference_
     original = (run / MODEL_FILE).read_bytes()
     content = read_content(run / MODEL_FILE)
     atomic_write_bytes(run / MODEL_FILE, checkpoint.encode("model", {**content, "config_hash": "0" * 16}))
-    line = one_line_error(run_cli("evaluate", str(run), "--threads", "1"))
+    line = one_line_error(run_here("evaluate", str(run), "--threads", "1"))
     assert "was written for another configuration than" in line and not (run / "eval.json").exists()
     with pytest.raises(UserError, match="another configuration"):
         cmtkd.load_run(run)
-    proc = run_cli("train", *tiny_args(), "--out", str(run))
+    proc = run_here("train", *tiny_args(), "--out", str(run))
     assert proc.returncode == 0 and "written for another configuration" in proc.stdout, proc.stderr
     assert (run / MODEL_FILE).read_bytes() == original
 
@@ -395,7 +408,7 @@ def test_a_run_written_before_some_config_keys_existed_still_evaluates(reference
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     content = read_content(run / MODEL_FILE)
     atomic_write_bytes(run / MODEL_FILE, checkpoint.encode("model", {**content, "config_hash": config_hash(config)}))
-    assert run_cli("evaluate", str(run), "--threads", "1").returncode == 0
+    assert run_here("evaluate", str(run), "--threads", "1").returncode == 0
     assert cmtkd.load_run(run).metrics is not None
 
 
@@ -409,15 +422,15 @@ def test_a_complete_run_with_an_edited_config_or_history_is_rebuilt(damage, refe
         text = before["config.yaml"].decode()
         assert "  image_size: null\n" in text
         (run / "config.yaml").write_text(text.replace("  image_size: null\n", "  image_size: 14\n"))
-        assert "another configuration" in one_line_error(run_cli("evaluate", str(run), "--threads", "1"))
+        assert "another configuration" in one_line_error(run_here("evaluate", str(run), "--threads", "1"))
     elif damage == "garbage-history":
         (run / "history.csv").write_bytes(b"\xff\xfe garbage")
     else:
         (run / "history.csv").write_bytes(before["history.csv"].rsplit(b"\n", 2)[0] + b"\n")
-    proc = run_cli("train", *tiny_args(), "--out", str(run))
+    proc = run_here("train", *tiny_args(), "--out", str(run))
     assert proc.returncode == 0 and "rebuilding the results from the final checkpoint" in proc.stdout, proc.stderr
     assert {name: (run / name).read_bytes() for name in before} == before
-    assert run_cli("evaluate", str(run), "--threads", "1").returncode == 0
+    assert run_here("evaluate", str(run), "--threads", "1").returncode == 0
 
 
 def test_load_run_checks_the_seal_of_metrics_and_reads_history_in_one_error(reference_run, copy_run):
@@ -450,7 +463,7 @@ def test_resuming_with_another_thread_count_says_the_result_will_differ(threads,
         del content["threads"]
     atomic_write_bytes(run / CHECKPOINT_FILE, checkpoint.encode("checkpoint", content))
     (run / "metrics.json").unlink()
-    proc = run_cli("train", *tiny_args(), "--out", str(run))
+    proc = run_here("train", *tiny_args(), "--out", str(run))
     assert proc.returncode == 0, proc.stderr
     assert "resuming after epoch" in proc.stdout
     note = f"the checkpoint was written with {threads} torch thread(s), this process has 1"
