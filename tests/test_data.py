@@ -314,6 +314,40 @@ def test_cifar100_file_that_would_run_code_is_refused_without_running_it(tmp_pat
     assert "\n" not in str(error.value)
 
 
+def _python2_pickle(pixels: bytes, rows: int, labels: list[int]) -> bytes:
+    """A batch as Python 2's cPickle (protocol 2) and numpy 1.x write it, opcode by opcode: str (not bytes) data,
+    numpy.core names, dtype arguments as ints; what the official release's files hold."""
+    from pickle import (APPENDS, BININT, BINSTRING, BUILD, EMPTY_DICT, EMPTY_LIST, MARK, NONE, PROTO, REDUCE,
+                        SETITEMS, SHORT_BINSTRING, STOP, TUPLE, TUPLE1, TUPLE2, TUPLE3)
+
+    def text(value: str) -> bytes:
+        return SHORT_BINSTRING + bytes([len(value)]) + value.encode("latin1")
+
+    def integer(n: int) -> bytes:
+        return BININT + n.to_bytes(4, "little", signed=True)
+
+    dtype = (b"cnumpy\ndtype\n" + text("u1") + integer(0) + integer(1) + TUPLE3 + REDUCE + MARK + integer(3)
+             + text("|") + NONE + NONE + NONE + integer(-1) + integer(-1) + integer(0) + TUPLE + BUILD)
+    array = (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + integer(0) + TUPLE1 + text("b")
+             + TUPLE3 + REDUCE + MARK + integer(1) + integer(rows) + integer(len(pixels) // rows) + TUPLE2 + dtype
+             + integer(0) + BINSTRING + len(pixels).to_bytes(4, "little") + pixels + TUPLE + BUILD)
+    label_list = EMPTY_LIST + MARK + b"".join(integer(v) for v in labels) + APPENDS
+    return PROTO + b"\x02" + EMPTY_DICT + MARK + text("data") + array + text("fine_labels") + label_list \
+        + SETITEMS + STOP
+
+
+def test_cifar100_file_as_python_2_wrote_it_loads(tmp_path):
+    pixels = bytes(range(256)) * 24  # 2 images of 3072 bytes
+    path = tmp_path / "test"
+    path.write_bytes(_python2_pickle(pixels, 2, [5, 99]))
+    from cmtkd.data.cifar100 import load_pickle_split
+
+    images, labels = load_pickle_split(path)
+    assert images.shape == (2, 3, 32, 32) and labels.tolist() == [5, 99]
+    assert bytes(images.flatten().tolist()) == pixels
+    assert pickle.loads(path.read_bytes(), encoding="latin1")["data"].tobytes() == pixels  # what numpy reads too
+
+
 def test_cifar100_file_written_by_numpy_1_loads(tmp_path):
     """The official files name numpy 1.x's ``numpy.core.multiarray._reconstruct``; numpy 2 writes
     ``numpy._core``: both are allowed, and give the same arrays."""

@@ -63,8 +63,12 @@ class _DtypeStub:
         self.dtype = np.dtype(spec)
 
     def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("|", "<", ">", "=")
-                and state[2:] == (None, None, None, -1, -1, 0)):
+        # numpy writes (3, byte order, subarray, names, fields, elsize, alignment, flags), version 4 adding
+        # metadata; a plain dtype has no subarray, names or fields, its own size (or -1) and no flags.
+        if not (isinstance(state, tuple) and (state[:1], len(state)) in (((3,), 8), ((4,), 9))
+                and state[1] in ("|", "<", ">", "=") and state[2:5] == (None, None, None)
+                and state[5] in (-1, self.dtype.itemsize) and state[6] in (-1, self.dtype.alignment)
+                and state[7] == 0 and (len(state) == 8 or state[8] in (None, {}))):
             _refuse(f"dtype state {state!r}")
         if state[1] in "<>":
             self.dtype = self.dtype.newbyteorder(state[1])
