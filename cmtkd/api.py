@@ -71,7 +71,7 @@ def load_run(path: str | Path, device: "str | torch.device" = "cpu") -> Run:
     import pandas as pd
     import torch
 
-    from cmtkd.config import load_run_config
+    from cmtkd.config import config_hash, load_run_config
     from cmtkd.engine.trainer import REBUILD_METRICS, check_model_of_run
     from cmtkd.engine.trainer import load_student as _load
     from cmtkd.errors import UserError
@@ -80,7 +80,7 @@ def load_run(path: str | Path, device: "str | torch.device" = "cpu") -> Run:
     run_dir = run_directory(path)
     config = load_run_config(run_dir)
     model, blob = _load(run_dir, torch.device(device))
-    check_model_of_run(run_dir, blob, config)
+    check_model_of_run(run_dir, blob, config_hash(config))
     metrics_file = run_dir / "metrics.json"
     # Sealed like everything the tables read: an edited or truncated metrics.json is an error, not a number.
     metrics: Any = read_sealed_json(metrics_file, REBUILD_METRICS) if metrics_file.exists() else None

@@ -32,6 +32,7 @@ points), and its ``state_dict`` holds all of them and θ (:func:`is_network_set`
 """
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 from typing import Callable
@@ -155,10 +156,6 @@ def build_network(blob: dict, path: str | Path, fix: str, what: str = "model fil
                          fix, what)
 
 
-class _ShapeMismatch(Exception):
-    pass
-
-
 # A file's arch_config could describe a network of any size: it is built on the meta device first (no
 # memory), and one beyond this many parameters is refused (ResNet-18 ImageNet at width 1 has 11.7 M).
 MAX_PARAMETERS = 2_000_000_000
@@ -174,23 +171,27 @@ def _build(arch_config, path, fix: str, what: str, state_dict=None) -> nn.Module
         raise UserError(f"{what} {path} has an arch_config that is not a mapping; {fix}")
     # files written before model.quant_layout existed were trained with block-outputs
     kwargs = {"quant_layout": "block-outputs", **arch_config}
-    try:
-        with torch.device("meta"):
-            probe = build_model(**kwargs)
-        size = sum(p.numel() for p in probe.parameters())
-        if size > MAX_PARAMETERS:
-            raise UserError(f"a network of {size:.3g} parameters (more than {MAX_PARAMETERS:.0e})")
-        if isinstance(state_dict, dict):
-            wrong = [k for k, v in probe.state_dict().items()
-                     if not isinstance(state_dict.get(k), torch.Tensor) or state_dict[k].shape != v.shape]
-            if wrong:
-                raise _ShapeMismatch(f"weights do not fit its own arch_config ({len(wrong)} tensors missing or of "
-                                     f"another shape, e.g. {wrong[0]})")
-        return build_model(**kwargs)
-    except _ShapeMismatch as exc:
-        raise UserError(f"{what} {path}: {exc}; {fix}") from None
-    except (TypeError, ValueError, OverflowError, RuntimeError, UserError) as exc:  # RuntimeError: sizes overflow
-        raise UserError(f"{what} {path} has an arch_config this version cannot build ({exc}); {fix}") from None
+
+    def build(meta: bool) -> nn.Module:
+        try:
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                network = build_model(**kwargs)
+            size = sum(p.numel() for p in network.parameters())
+            if size > MAX_PARAMETERS:
+                raise UserError(f"a network of {size:.3g} parameters (more than {MAX_PARAMETERS:.0e})")
+            return network
+        except (TypeError, ValueError, OverflowError, RuntimeError, UserError) as exc:  # RuntimeError: sizes overflow
+            raise UserError(f"{what} {path} has an arch_config this version cannot build ({exc}); {fix}") from None
+
+    if isinstance(state_dict, dict):
+        wrong = [k for k, v in build(meta=True).state_dict().items()
+                 if not isinstance(state_dict.get(k), torch.Tensor) or state_dict[k].shape != v.shape]
+        if wrong:
+            raise UserError(f"{what} {path}: weights do not fit its own arch_config ({len(wrong)} tensors missing "
+                            f"or of another shape, e.g. {wrong[0]}); {fix}")
+    else:
+        build(meta=True)  # the size alone
+    return build(meta=False)
 
 
 def _load_weights(model: nn.Module, state_dict, path, fix: str, what: str) -> nn.Module:

@@ -15,7 +15,6 @@ Data-parallel training on several GPUs: ``torchrun --nproc_per_node=N -m cmtkd.c
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import random
@@ -245,12 +244,13 @@ def history_problem(path: Path, epochs: int) -> str | None:
     return None
 
 
-def check_model_of_run(run_dir: Path, blob: dict, cfg: RunConfig) -> None:
+def check_model_of_run(run_dir: Path, blob: dict, chash: str) -> None:
     """Refuse a ``model.pt`` written for another configuration than the run's ``config.yaml`` (e.g. copied
-    in from another run): its numbers would be reported as this run's. ``cfg`` is config.yaml resolved with
-    today's defaults; a run written before some keys existed hashed config.yaml as written, so that counts too."""
+    in from another run): its numbers would be reported as this run's. ``chash`` is the hash of config.yaml
+    resolved with today's defaults; a run written before some keys existed hashed config.yaml as written,
+    so that counts too."""
     saved = blob.get("config_hash")
-    if saved != config_hash(cfg) and saved != config_hash(load_yaml(Path(run_dir) / "config.yaml")):
+    if saved != chash and saved != config_hash(load_yaml(Path(run_dir) / "config.yaml")):
         raise UserError(f"{run_dir / MODEL} was written for another configuration than {run_dir / 'config.yaml'} "
                         f"(copied from another run, or the config edited); {REBUILD_MODEL}")
 
@@ -262,7 +262,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", threads: int = 0, wri
     run_dir = Path(run_dir)
     check_threads(threads, "threads (--threads)")
     cfg = load_run_config(run_dir)
-    trained = copy.deepcopy(cfg)  # before this evaluation's own settings: model.pt must match it
+    trained = config_hash(cfg)  # before this evaluation's own settings: model.pt must match it
     if threads:
         cfg.train.threads = threads
     if device:
