@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cmtkd-installed
 CORES  ?= 2
 
-.PHONY: all test install tables bench gpu-check gpu-wheels reference reference-publish reference-check
+.PHONY: all test install tables bench gpu-check gpu-wheels reference reference-publish reference-check verdict verdict-plan
 
 all: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
@@ -68,3 +68,14 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# The verdict study (config/verdict.yaml, results/verdict/README.md): every level suite in $(VERDICT_RUN)
+# (resumes when rerun), then its tables and plot published into results/verdict/.
+VERDICT_RUN ?= studies/verdict
+verdict: $(STAMP)
+	$(BIN)/python workflow/scripts/verdict.py run --dir $(VERDICT_RUN) --cores $(CORES)
+	$(BIN)/python workflow/scripts/verdict.py publish --dir $(VERDICT_RUN) --out results/verdict
+
+# Its levels, runs and estimated CPU hours (priced with results/reference/runs.csv), without training.
+verdict-plan: $(STAMP)
+	$(BIN)/python workflow/scripts/verdict.py plan --dir $(VERDICT_RUN) --cores $(CORES)

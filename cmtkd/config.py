@@ -287,10 +287,16 @@ def to_dict(cfg: RunConfig) -> dict:
 # Keys added after runs were published, left out of the hash while at their default, so that adding
 # them changed no existing run's hash (committed results and resumable run directories stay valid).
 HASH_OMITTED_AT_DEFAULT = {"data.image_size": None, "train.tf32": True}
+# The same for method options (cmtkd's readings of Eq. 1, ASSUMPTIONS.md A5/A19/A20).
+HASH_OMITTED_METHOD_ARGS_AT_DEFAULT = {"fusion_input": "residual", "theta_from": "teachers", "requantize_fused": False}
 
 
 def config_hash(cfg: RunConfig | dict) -> str:
     d = cfg if isinstance(cfg, dict) else asdict(cfg)
+    if isinstance(d.get("method_args"), dict):
+        omitted = HASH_OMITTED_METHOD_ARGS_AT_DEFAULT
+        d = {**d, "method_args": {k: v for k, v in d["method_args"].items()
+                                  if not (k in omitted and v == omitted[k])}}
     flat = {k: v for k, v in flatten(d).items() if k not in NON_RESULT_KEYS
             and not (k in HASH_OMITTED_AT_DEFAULT and v == HASH_OMITTED_AT_DEFAULT[k])}
     blob = json.dumps(flat, sort_keys=True, default=str).encode()

@@ -73,7 +73,7 @@ def test_shared_knowledge_feeds_every_teachers_next_stage():
     hooks = [t.stages["layer2"].register_forward_pre_hook(lambda mod, inp, i=i: seen.__setitem__(i, inp[0]))
              for i, t in enumerate(m.teachers)]
     images, _ = batch()
-    _, shared, student_feats, _ = m.teachers_forward(images, m._units(m.student))
+    _, shared, student_feats, _, _ = m.teachers_forward(images, m._units(m.student))
     for h in hooks:
         h.remove()
     assert set(seen) == {0, 1, 2}
@@ -107,11 +107,11 @@ def test_shared_knowledge_is_built_from_each_teachers_quantized_stage_output():
         for i, bits in enumerate((8, 4)):
             m.importance_logits.zero_()
             m.importance_logits[:, i] = 1e4
-            _, shared, _, _ = m.teachers_forward(images)
+            _, shared, _, _, _ = m.teachers_forward(images)
             assert on_grid(shared["layer1"], bits), bits
             torch.testing.assert_close(shared["layer1"], m.fusion_quantizers[i](outs[i]))
         m.importance_logits.normal_(0.0, 1.0)
-        _, shared, _, _ = m.teachers_forward(images)
+        _, shared, _, _, _ = m.teachers_forward(images)
     pi = m.importance()[0]
     expected = pi[0] * HWGQ(8)(outs[0]) + pi[1] * HWGQ(4)(outs[1])
     torch.testing.assert_close(shared["layer1"], expected)
@@ -215,7 +215,7 @@ def test_loss_terms_match_their_definitions():
     m.eval()  # BN in eval mode: repeated forwards give identical outputs
     images, targets = batch()
     z_s, terms = m.forward_train(images, targets)
-    teacher_logits, shared, student_feats, _ = m.teachers_forward(images, m._units(m.student))
+    teacher_logits, shared, student_feats, _, _ = m.teachers_forward(images, m._units(m.student))
     z_t = torch.stack(teacher_logits).mean(0)
     ce = torch.nn.functional.cross_entropy
     torch.testing.assert_close(terms["ce_student"], ce(z_s, targets))

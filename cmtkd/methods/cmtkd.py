@@ -32,6 +32,11 @@ from cmtkd.methods.base import Method, check_loss_weights, check_nonnegative, cr
 from cmtkd.quant import FULL_PRECISION, make_act_quantizer
 from cmtkd.teachers import check_teacher_bits
 
+FUSION_INPUTS = ("residual", "stage-input")  # what Eq. 1 fuses (ledger A5); "residual" is the default
+FusionInput = Literal["residual", "stage-input"]
+ThetaFrom = Literal["teachers", "all"]
+
+
 def make_fusion_quantizers(act_quant: str, teacher_bits: list[int]) -> nn.ModuleList:
     """Q(., b_i) of Eq. 1 for each teacher: its activation quantizer at its own bits, identity for a
     full-precision teacher."""
@@ -63,6 +68,49 @@ def network_units(model: nn.Module, split_blocks: bool) -> list[tuple[str, nn.Mo
     return units
 
 
+def _input_reader(unit: nn.Module) -> nn.Module | None:
+    """The module of ``unit`` that splits at what it reads (``read_input``/``from_input``: a ResNet
+    pre-activation block, the ResNet head), or None: the unit reads its input as it is."""
+    first = unit[0] if isinstance(unit, nn.Sequential) and len(unit) else unit
+    return first if hasattr(first, "read_input") else None
+
+
+def read_unit_input(unit: nn.Module, x: torch.Tensor):
+    """``(context, q)``: ``q`` is what ``unit`` reads of ``x`` (``quant1(bn0(x))`` for a stage opened by a
+    pre-activation block, the head's ReLU/quantizer output, else ``x`` itself); ``context``: the rest
+    of what the unit needs to compute its own output (:func:`run_from_input`)."""
+    reader = _input_reader(unit)
+    return (None, x) if reader is None else reader.read_input(x)
+
+
+def run_from_input(unit: nn.Module, context, q: torch.Tensor) -> torch.Tensor:
+    """``unit``'s output from what it reads: ``run_from_input(u, *read_unit_input(u, x)) == u(x)``.
+    ``context`` None (a teacher reading the fused mixture): ``q`` feeds both the conv path and the
+    downsample of a stage-opening block."""
+    reader = _input_reader(unit)
+    if reader is None:
+        return unit(q)
+    y = reader.from_input(context, q)
+    if reader is not unit:
+        for module in list(unit)[1:]:
+            y = module(y)
+    return y
+
+
+def check_stage_input_points(units: list[tuple[str, nn.Module]], points: list[str]) -> None:
+    """``fusion_input: stage-input`` fuses what each teacher's NEXT unit reads; a ResNet block with an
+    identity shortcut also reads the raw residual, so it cannot follow a fusion point."""
+    names = [name for name, _ in units]
+    for point in points:
+        name, unit = units[names.index(point) + 1]
+        reader = _input_reader(unit)
+        if reader is not None and getattr(reader, "downsample", True) is None:
+            raise UserError(f"method_args.fusion_input=stage-input fuses the input of the unit after each fusion "
+                            f"point, but {name} (after {point}) has an identity shortcut that also reads the "
+                            f"unnormalised residual; use fusion_points stage-ends or stage-ends+last, or "
+                            f"fusion_input=residual")
+
+
 class _TeacherView:
     """Teacher i as seen at evaluation: the fused forward of all teachers, head i's logits (index
     None: z_T, the teachers' combined logit)."""
@@ -86,11 +134,29 @@ class _TeacherView:
         return self.method.teacher_logit(logits) if self.index is None else logits[self.index]
 
 
+FUSION_READING_DEFAULTS = {"fusion_input": "residual", "requantize_fused": False}
+
+
+def fusion_reading(fusion_input: str, requantize_fused: bool, explicit: bool = False) -> dict:
+    """The reading of Eq. 1 as model files and metrics.json record it: only what differs from the
+    defaults (files written before the options existed, and default runs, stay byte for byte as they
+    were), or every key with ``explicit``."""
+    reading = {"fusion_input": fusion_input, "requantize_fused": bool(requantize_fused)}
+    return reading if explicit else {k: v for k, v in reading.items() if v != FUSION_READING_DEFAULTS[k]}
+
+
 class CMTKD(Method):
     @dataclass
     class Options:
         teacher_bits: list[int] = field(default_factory=lambda: [8, 6, 4])  # W = A = b_i per teacher
         fusion_points: list[str] = field(default_factory=lambda: ["stage-ends"])  # preset or unit names
+        # What Eq. 1 fuses (ledger A5): "residual" Q_i(A_k^i), teacher i's stage output through its own
+        # quantizer; "stage-input" what teacher i's next stage reads (ResNet: quant1(bn0(A_k^i)), the mixture
+        # feeding both the conv path and the downsample), and the student's attention feature is then its own
+        # next-stage input. The same on AlexNet, whose stage outputs are already quantized.
+        fusion_input: FusionInput = "residual"
+        requantize_fused: bool = False  # teacher i's next unit reads Q_i(F_k) instead of F_k (ledger A19)
+        theta_from: ThetaFrom = "teachers"  # "all": the student's feature loss reaches theta too (ledger A20)
         alpha: float = 1.0       # CE weight (PAPER §5, SECONDARY)
         beta: float = 0.5        # mutual-learning KL weight
         gamma: float = 100.0     # attention-transfer weight
@@ -125,6 +191,9 @@ class CMTKD(Method):
             raise UserError("frozen teachers are loaded, with theta, from one teachers-only run: set "
                             "method_args.teachers_run to a `cmtkd train --method cmtkd-teachers` run directory "
                             "with the same teacher_bits (and leave teacher_init at scratch)")
+        if o.theta_from == "all" and not o.learn_theta:
+            raise UserError("method_args.theta_from=all sends the student's feature loss to theta, but theta is "
+                            "not learned here (learn_theta false: cmtkd-avg, cmtkd-frozen); leave theta_from at teachers")
         if o.teachers_run and not o.freeze_teachers:
             raise UserError("method_args.teachers_run is read by cmtkd-frozen only; remove it (or use "
                             "teacher_init=checkpoints to start joint training from pre-trained teachers)")
@@ -151,6 +220,9 @@ class CMTKD(Method):
         self.unit_names = [name for name, _ in network_units(self.student, split_blocks)]
         self.split_blocks = split_blocks
         self.fusion_points = self._resolve_fusion_points(o.fusion_points)
+        self.fusion_input, self.requantize_fused = o.fusion_input, o.requantize_fused
+        if o.fusion_input == "stage-input":
+            check_stage_input_points(network_units(self.student, split_blocks), self.fusion_points)
         n = len(self.teacher_bits)
         init = torch.zeros(len(self.fusion_points), n)
         if o.theta_init == "random":
@@ -214,8 +286,9 @@ class CMTKD(Method):
                             f"the fused teachers of a teachers-only run; {fix}")
         fused = FusedTeachers.from_model_file(blob, file, fix, what)
         expected = {checkpoint.NETWORK_SET_KEY: [self.arch_config(b, b) for b in self.teacher_bits],
-                    "fusion_points": self.fusion_points, "split_blocks": self.split_blocks}
-        found = {k: blob["arch_config"].get(k) for k in expected}
+                    "fusion_points": self.fusion_points, "split_blocks": self.split_blocks,
+                    **fusion_reading(self.fusion_input, self.requantize_fused, explicit=True)}
+        found = {k: blob["arch_config"].get(k, FUSION_READING_DEFAULTS.get(k)) for k in expected}
         if found != expected:
             raise UserError(f"method_args.teachers_run: {file} holds other teachers than this run uses "
                             f"({_set_difference(found, expected)}); {fix}")
@@ -260,30 +333,51 @@ class CMTKD(Method):
     def teachers_forward(self, images, student_units=None):
         """Run all teachers unit by unit with fusion; optionally the student alongside (its features at
         the fusion points are returned for the feature loss). Returns (teacher logits list,
-        {point: F_k}, {point: student feature}, student logits or None)."""
+        {point: F_k}, {point: student feature}, student logits or None, {point: the n fused tensors}).
+
+        ``fusion_input`` residual: F_k mixes Q_i(A_k^i) and is the input of every teacher's next unit.
+        stage-input: F_k mixes what each teacher's next unit reads (``read_unit_input``) and each teacher's
+        next unit runs from F_k (``run_from_input``); the student's feature is its own next-unit input."""
         teacher_units = [self._units(t) for t in self.teachers]
         pi = self.importance()
         xs = [images] * len(self.teachers)
         x_student = images
-        shared, student_feats = {}, {}
+        shared, student_feats, parts = {}, {}, {}
+        pending = None  # stage-input: (the teachers' inputs, the student's (context, input)) of the next unit
         for u, name in enumerate(self.unit_names):
-            xs = [units[u][1](x) for units, x in zip(teacher_units, xs)]
-            if student_units is not None:
-                x_student = student_units[u][1](x_student)
-            if name in self.fusion_points:
-                k = self.fusion_points.index(name)
-                fused = self.fuse(self.quantize_stage_outputs(xs), pi[k])
-                xs = [fused] * len(xs)  # F_k is the input of every teacher's next stage
-                shared[name] = fused
-                student_feats[name] = x_student
-        return xs, shared, student_feats, (x_student if student_units is not None else None)
+            if pending is None:
+                xs = [units[u][1](x) for units, x in zip(teacher_units, xs)]
+                if student_units is not None:
+                    x_student = student_units[u][1](x_student)
+            else:
+                xs = [run_from_input(units[u][1], None, x) for units, x in zip(teacher_units, pending[0])]
+                if student_units is not None:
+                    x_student = run_from_input(student_units[u][1], *pending[1])
+                pending = None
+            if name not in self.fusion_points:
+                continue
+            k = self.fusion_points.index(name)
+            if self.fusion_input == "stage-input":
+                feats = [read_unit_input(units[u + 1][1], x)[1] for units, x in zip(teacher_units, xs)]
+                student_in = read_unit_input(student_units[u + 1][1], x_student) if student_units is not None else None
+            else:
+                feats = self.quantize_stage_outputs(xs)
+                student_in = (None, x_student)
+            fused = self.fuse(feats, pi[k])
+            inputs = [q(fused) for q in self.fusion_quantizers] if self.requantize_fused else [fused] * len(xs)
+            shared[name], parts[name], student_feats[name] = fused, feats, student_in[1] if student_in else None
+            if self.fusion_input == "stage-input":
+                pending = (inputs, student_in)
+            else:
+                xs = inputs  # F_k is the input of every teacher's next stage
+        return xs, shared, student_feats, (x_student if student_units is not None else None), parts
 
     def teacher_logit(self, teacher_logits: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([z.float() for z in teacher_logits]).mean(dim=0)
 
     def forward_train(self, images, targets):
         o = self.options
-        teacher_logits, shared, student_feats, z_s = self.teachers_forward(images, self._units(self.student))
+        teacher_logits, shared, student_feats, z_s, parts = self.teachers_forward(images, self._units(self.student))
         z_t = self.teacher_logit(teacher_logits)
         losses = {}
         # Cross-entropy (Eq. 10, alpha term)
@@ -309,10 +403,20 @@ class CMTKD(Method):
                 losses["kl_teachers"] = o.beta * kl_t
         # Attention transfer towards the shared knowledge (Eq. 4-5)
         if o.gamma > 0:
-            feat = sum(attention_loss(student_feats[p], shared[p].detach() if o.detach_shared else shared[p],
-                                      o.at_reduction) for p in self.fusion_points)
+            feat = sum(attention_loss(student_feats[p], self._feature_target(k, shared[p], parts[p]), o.at_reduction)
+                       for k, p in enumerate(self.fusion_points))
             losses["feat"] = o.gamma * feat
         return z_s, losses
+
+    def _feature_target(self, k: int, fused: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        """F_k as the student's attention target: detached (detach_shared); with theta_from=all the
+        teachers' tensors are detached but pi_k is not, so the student's feature loss reaches theta."""
+        o = self.options
+        if not o.detach_shared:
+            return fused
+        if o.theta_from == "all":
+            return self.fuse([a.detach() for a in parts], self.importance()[k])
+        return fused.detach()
 
     # -- engine hooks --------------------------------------------------------------------------
     def param_groups(self):
@@ -342,7 +446,8 @@ class CMTKD(Method):
     def metadata(self):
         from cmtkd.checkpoint import digest_hex
 
-        meta = {"teacher_bits": self.teacher_bits, "fusion_points": self.fusion_points}
+        meta = {"teacher_bits": self.teacher_bits, "fusion_points": self.fusion_points,
+                **fusion_reading(self.fusion_input, self.requantize_fused)}
         if self.options.freeze_teachers:
             meta["teachers_run"] = self.teacher_paths[0]
             meta["teachers_run_sha256"] = digest_hex(self.teacher_digests[0])
@@ -392,7 +497,7 @@ class CMTKDFrozen(CMTKD):
 
 
 class CMTKDOneTeacher(CMTKD):
-    """one teacher: the first entry of teacher_bits (fusion with one teacher is the identity)"""
+    """one teacher: the first entry of teacher_bits (pi = 1: F_k is that teacher's Q(A_k), or its stage input)"""
 
     @classmethod
     def derive_options(cls, options, cfg):
@@ -409,7 +514,7 @@ class FusedTeachers(nn.Module):
     evaluate`` rebuilds from it and what ``cmtkd-frozen`` loads."""
 
     def __init__(self, teachers: list[nn.Module], fusion_points: list[str], split_blocks: bool,
-                 fusion_quantizers: nn.ModuleList):
+                 fusion_quantizers: nn.ModuleList, fusion_input: str = "residual", requantize_fused: bool = False):
         super().__init__()
         self.teachers = nn.ModuleList(teachers)
         if len(fusion_quantizers) != len(teachers):
@@ -421,6 +526,11 @@ class FusedTeachers(nn.Module):
         if unknown or not fusion_points:
             raise ValueError(f"fusion points {fusion_points} are not interior units of {self.unit_names}")
         self.fusion_points = list(fusion_points)
+        if fusion_input not in FUSION_INPUTS:
+            raise ValueError(f"fusion_input {fusion_input!r} is not one of {FUSION_INPUTS}")
+        self.fusion_input, self.requantize_fused = fusion_input, bool(requantize_fused)
+        if fusion_input == "stage-input":
+            check_stage_input_points(network_units(self.teachers[0], split_blocks), self.fusion_points)
         self.importance_logits = nn.Parameter(torch.zeros(len(fusion_points), len(teachers)))
 
     # One implementation of the fused forward: CMT-KD's methods, which read only the attributes above.
@@ -443,7 +553,10 @@ class FusedTeachers(nn.Module):
                 raise ValueError("no fusion_points list / split_blocks flag")
             members = config[NETWORK_SET_KEY]
             quantizers = nn.ModuleList(make_fusion_quantizers(m["act_quant"], [m["a_bits"]])[0] for m in members)
-            return cls(networks, config["fusion_points"], config["split_blocks"], quantizers)
+            reading = {k: config.get(k, default) for k, default in FUSION_READING_DEFAULTS.items()}
+            if reading["fusion_input"] not in FUSION_INPUTS or not isinstance(reading["requantize_fused"], bool):
+                raise ValueError(f"fusion reading {reading} is not one this version knows")
+            return cls(networks, config["fusion_points"], config["split_blocks"], quantizers, **reading)
 
         return build_network_set(blob, path, fix, assemble, what)
 
@@ -457,6 +570,8 @@ class CMTKDTeachers(Method):
     class Options:
         teacher_bits: list[int] = field(default_factory=lambda: [8, 6, 4])  # as CMT-KD
         fusion_points: list[str] = field(default_factory=lambda: ["stage-ends"])
+        fusion_input: FusionInput = "residual"  # as CMT-KD (cmtkd-frozen checks that its stage matches)
+        requantize_fused: bool = False
         theta_init: Literal["uniform", "random"] = "uniform"
         theta_lr_mult: float = 0.1
         learn_theta: bool = True
@@ -489,8 +604,12 @@ class CMTKDTeachers(Method):
         self.split_blocks = o.fusion_points == ["blocks"]
         self.unit_names = [name for name, _ in network_units(teachers[0], self.split_blocks)]
         points = CMTKD._resolve_fusion_points(self, o.fusion_points)
-        self.student = FusedTeachers(teachers, points, self.split_blocks,  # the network this run trains
-                                     make_fusion_quantizers(cfg.model.act_quant, self.teacher_bits))
+        try:
+            self.student = FusedTeachers(teachers, points, self.split_blocks,  # the network this run trains
+                                         make_fusion_quantizers(cfg.model.act_quant, self.teacher_bits),
+                                         o.fusion_input, o.requantize_fused)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         if o.theta_init == "random":
             with torch.no_grad():
                 self.student.importance_logits.normal_(0.0, 0.01)
@@ -532,7 +651,8 @@ class CMTKDTeachers(Method):
 
         return {"arch": self.cfg.arch, "num_classes": self.info.num_classes, "in_channels": self.info.in_channels,
                 NETWORK_SET_KEY: [self.arch_config(b, b) for b in self.teacher_bits],
-                "fusion_points": self.student.fusion_points, "split_blocks": self.student.split_blocks}
+                "fusion_points": self.student.fusion_points, "split_blocks": self.student.split_blocks,
+                **fusion_reading(self.student.fusion_input, self.student.requantize_fused)}
 
     def log_scalars(self):
         pi = self.student.importance().detach().cpu()
@@ -540,4 +660,5 @@ class CMTKDTeachers(Method):
         return {f"pi_{p}_{i}": float(pi[k, i]) for k, p in enumerate(points) for i in range(pi.shape[1])}
 
     def metadata(self):
-        return {"teacher_bits": self.teacher_bits, "fusion_points": self.student.fusion_points}
+        return {"teacher_bits": self.teacher_bits, "fusion_points": self.student.fusion_points,
+                **fusion_reading(self.student.fusion_input, self.student.requantize_fused)}

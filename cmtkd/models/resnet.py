@@ -69,6 +69,28 @@ class PreActBlock(nn.Module):
         out = self.bn2(self.conv2(self.quant2(out)))
         return out + identity
 
+    # The block split at what its conv path reads (CMT-KD's ``fusion_input: stage-input``, ledger A5):
+    # ``from_input(*read_input(x))`` is ``forward(x)``.
+    def read_input(self, x):
+        """``quant1(bn0(x))``, the tensor the 3x3 conv reads, and what the rest of the block needs."""
+        normed = self.bn0(x)
+        return (x, normed), self.quant1(normed)
+
+    def from_input(self, context, q):
+        """The block's output from ``q`` (its conv path's input). ``context`` None: ``q`` also feeds the
+        1x1 downsample's conv in place of its own quantized ``bn0(x)`` (EdMIPS's stage-opening block reads
+        one tensor on both paths); only a block with a downsample can run without its input ``x``."""
+        if context is None:
+            if self.downsample is None:
+                raise ValueError("a block with an identity shortcut needs its input x")
+            identity = self.downsample[1:](q)
+        else:
+            x, normed = context
+            identity = x if self.downsample is None else self.downsample(normed)
+        out = self.bn1(self.conv1(q))
+        out = self.bn2(self.conv2(self.quant2(out)))
+        return out + identity
+
 
 class Head(nn.Module):
     def __init__(self, fc: nn.Module, act: nn.Module | None = None):
@@ -79,6 +101,13 @@ class Head(nn.Module):
 
     def forward(self, x):
         return self.fc(self.pool(self.act(x)).flatten(1))
+
+    def read_input(self, x):
+        """What the classifier reads (ReLU, or the quantizer), as :meth:`PreActBlock.read_input`."""
+        return None, self.act(x)
+
+    def from_input(self, context, q):
+        return self.fc(self.pool(q).flatten(1))
 
 
 class ResNet18(StagedNet):

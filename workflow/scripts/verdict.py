@@ -1,0 +1,423 @@
+"""The verdict study (config/verdict.yaml, README "Evidence"): why CMT-KD trails on ResNet-18.
+
+    verdict.py plan    [--config config/verdict.yaml] [--dir studies/verdict]   levels, runs, estimated hours
+    verdict.py run     [--config ...] [--dir ...] [--cores 2]                    train every level (resumes)
+    verdict.py publish [--config ...] [--dir ...] [--out results/verdict]        tables, plots, fingerprints
+    make verdict                                                                 run, then publish
+
+The study file is an ordinary suite config (the reference recipe, its methods and seeds) plus a
+``study`` section of **axes**, each a mapping of levels. A level is ``{}`` (the suite as it is: the
+study's base point, shared by every axis) or ``{set: {...}, methods: [...]}``: ``set`` is layered over
+the suite (any suite key: ``recipe.epochs``, ``recipe.init``, ``method_args.cmtkd.fusion_input``), and
+``methods`` keeps only those methods in the level's grid; the level's other methods are compared from
+the base point, whose runs are the same runs (nothing in them changes with the level). One factor at a
+time: every level differs from the base point in its own ``set`` only.
+
+``run`` writes each distinct level's suite (``DIR/<axis>~<level>/suite.yaml``; the base point in
+``DIR/base/``) and runs Snakemake on it (``--configfile`` that file, ``--directory`` its folder, every
+run trained once; an interrupted study resumes where it stopped, as any suite does). ``publish`` checks
+that every level is complete, publishes each level as the reference is published
+(``publish_results.py``: runs.csv, tables, plots, FINGERPRINT.json per level, in ``OUT/<level>/``) and
+writes the study's own tables and plot into ``OUT/tables`` and ``OUT/plots``:
+
+- ``verdict``: per axis and level, CMT-KD minus each baseline, paired by seed (mean, 95 % t interval,
+  raw p of the paired t-test, Holm over every comparison of the study, verdict at 5 %);
+- ``accuracy``: every method's top-1 (mean ± 95 % t interval over seeds) per axis and level;
+- ``teachers``: CMT-KD's jointly trained teachers next to independently trained ``qat`` teachers of
+  the same bits (and the teachers-only stage of ``cmtkd-frozen``), validation top-1 at the last epoch
+  (neither side is selected by epoch), paired by student seed;
+- ``plots/length.{png,pdf}``: CMT-KD − KD and CMT-KD − MTKD (and the other baselines) against training
+  length, with their intervals.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grid  # noqa: E402
+import seed_stats  # noqa: E402
+import suite_config  # noqa: E402
+from script_io import InputError, error, read_csv, write_text  # noqa: E402
+
+ROOT = suite_config.ROOT
+BASE = "base"  # the directory of the study's base point
+CMTKD = "cmtkd"  # the method every baseline is compared with
+STUDY_KEYS = {"set", "methods"}
+REFERENCE_EPOCHS = 13  # config/reference.yaml's recipe, which results/reference/runs.csv timed
+RUN_OVERHEAD_S = 6.0  # per run: process start, data, the standalone evaluation (measured: ~5-7 s)
+
+
+class StudyError(ValueError):
+    """A study file the driver cannot run; the message names the key."""
+
+
+# ------------------------------------------------------------------------------------ levels
+def read_study(path: str | Path) -> tuple[dict, dict]:
+    """(the suite config without ``study``, the ``study`` section), checked."""
+    raw = suite_config.read_yaml(path)
+    study = raw.pop("study", None)
+    if not isinstance(study, dict) or not isinstance(study.get("axes"), dict) or not study["axes"]:
+        raise StudyError(f"{path}: a study file needs 'study: {{axes: {{AXIS: {{LEVEL: {{...}}}}}}}}' "
+                         f"(see workflow/scripts/verdict.py)")
+    for axis, levels in study["axes"].items():
+        if not isinstance(levels, dict) or len(levels) < 2:
+            raise StudyError(f"{path}: study.axes.{axis} must map at least two level names to their settings")
+        if sum(1 for spec in levels.values() if not spec) != 1:
+            raise StudyError(f"{path}: study.axes.{axis} needs exactly one level that is '{{}}' (the base point)")
+        for level, spec in levels.items():
+            if not grid.LEVEL_TEXT.match(str(level)):
+                raise StudyError(f"{path}: study.axes.{axis}.{level}: a level name names a folder (letters, digits, . _ + -)")
+            unknown = set(spec or {}) - STUDY_KEYS
+            if unknown:
+                raise StudyError(f"{path}: study.axes.{axis}.{level}: unknown key(s) {sorted(unknown)}; a level has "
+                                 f"'set' (suite keys layered over the study's suite) and 'methods'")
+    return raw, study
+
+
+def level_suite(suite: dict, spec: dict) -> dict:
+    """The suite of one level: ``set`` layered over the suite, experiments cut to ``methods``."""
+    config = grid.merge(suite, (spec or {}).get("set", {}))
+    keep = (spec or {}).get("methods")
+    if keep:
+        experiments = {}
+        for name, exp in config["experiments"].items():
+            methods = [m for m in exp["methods"] if m in keep]
+            if methods:
+                experiments[name] = {**exp, "methods": methods}
+        config["experiments"] = experiments
+    return config
+
+
+def levels(suite: dict, study: dict) -> pd.DataFrame:
+    """One row per (axis, level): its folder name, its methods (None: all) and its suite config."""
+    rows = []
+    for axis, specs in study["axes"].items():
+        for level, spec in specs.items():
+            name = BASE if not spec else f"{axis}~{level}"
+            rows.append({"axis": axis, "level": str(level), "suite": name, "methods": (spec or {}).get("methods"),
+                         "config": level_suite(suite, spec)})
+    return pd.DataFrame(rows)
+
+
+def suites(table: pd.DataFrame) -> dict[str, dict]:
+    """Each distinct level suite once, by folder name (the base point first)."""
+    out = {}
+    for row in table.to_dict("records"):
+        out.setdefault(row["suite"], row["config"])
+    return dict(sorted(out.items(), key=lambda item: item[0] != BASE))
+
+
+def write_suites(table: pd.DataFrame, directory: Path) -> dict[str, Path]:
+    paths = {}
+    for name, config in suites(table).items():
+        path = directory / name / "suite.yaml"
+        text = "# written by workflow/scripts/verdict.py from the study file; do not edit\n" + \
+            __import__("yaml").safe_dump(config, sort_keys=False)
+        if not path.is_file() or path.read_text() != text:
+            write_text(path, text)
+        paths[name] = path.resolve()
+    return paths
+
+
+def expanded(path: Path) -> pd.DataFrame:
+    """The runs of a written level suite, as the workflow expands them (config/config.yaml under it)."""
+    try:
+        return grid.expand(suite_config.load_suite([path])[0])
+    except (suite_config.SuiteConfigError, grid.GridError) as exc:
+        raise StudyError(str(exc)) from None
+
+
+# ------------------------------------------------------------------------------------ plan / run
+def estimate(paths: dict[str, Path], reference_runs: Path, cores: int) -> pd.DataFrame:
+    """Runs and estimated single-core hours per level suite: each run priced at the mean
+    ``train_seconds`` of its (method, arch, W/A) in the reference (1 thread per run) scaled by its epochs."""
+    ref = read_csv(reference_runs, columns=["method", "arch", "w_bits", "train_seconds"], numbers=["train_seconds"])
+    per_epoch = (ref.assign(s=ref["train_seconds"] / REFERENCE_EPOCHS)
+                 .groupby(["method", "arch", "w_bits"])["s"].mean().to_dict())
+    by_method = (ref.assign(s=ref["train_seconds"] / REFERENCE_EPOCHS).groupby(["method", "arch"])["s"].mean().to_dict())
+    rows = []
+    for name, path in paths.items():
+        runs = expanded(path)
+        seconds = [per_epoch.get((r["method"], r["arch"], r["w_bits"]), by_method.get((r["method"], r["arch"]), math.nan))
+                   * r["epochs"] + RUN_OVERHEAD_S for r in runs.to_dict("records")]
+        rows.append({"suite": name, "runs": len(runs), "cpu_hours": sum(seconds) / 3600,
+                     "wall_hours": sum(seconds) / 3600 / cores})
+    return pd.DataFrame(rows)
+
+
+def run(config_path: Path, directory: Path, cores: int) -> int:
+    suite, study = read_study(config_path)
+    table = levels(suite, study)
+    paths = write_suites(table, directory)
+    for name, path in paths.items():
+        print(f"verdict: level suite {name} ({path})", flush=True)
+        start = time.time()
+        command = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", str(path),
+                   "--directory", str(path.parent), "--snakefile", str(ROOT / "Snakefile"), "--rerun-incomplete"]
+        status = subprocess.call(command)
+        if status:
+            print(f"cmtkd: error: level suite {name} stopped (exit {status}); rerun the same command to resume",
+                  file=sys.stderr)
+            return status
+        print(f"verdict: {name} done in {time.time() - start:.0f} s", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ tables
+def method_label(method: str, teacher_bits: str) -> str:
+    """``kd (FP teacher)`` for a full-precision teacher, ``kd (8)``, ``mtkd (8-6-4)``; plain otherwise."""
+    if teacher_bits in ("", grid.NO_TEACHERS) or pd.isna(teacher_bits):
+        return method
+    if str(teacher_bits) == str(grid.FULL_PRECISION):
+        return f"{method} (FP teacher)"
+    return f"{method} ({teacher_bits})"
+
+
+def read_level_runs(directory: Path, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    runs = read_csv(directory / name / "results" / "runs.csv", columns=[*grid.COLUMNS, "role", "top1"],
+                    numbers=["top1"], dtype={"teacher_bits": str}, keep_default_na=False, na_values=[""])
+    histories = read_csv(directory / name / "results" / "runs" / "histories.csv", columns=[*grid.COLUMNS, "epoch"],
+                         dtype={"teacher_bits": str}, keep_default_na=False, na_values=[""])
+    return runs, histories
+
+
+def level_runs(table: pd.DataFrame, data: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per (axis, level): the grid runs it compares (its own methods from its suite, the others from
+    the base point), labelled."""
+    frames = []
+    for row in table.to_dict("records"):
+        own = data[row["suite"]]
+        own = own[own["role"] == "grid"]
+        if row["methods"]:
+            base = data[BASE]
+            base = base[(base["role"] == "grid") & ~base["method"].isin(row["methods"])]
+            own = pd.concat([own[own["method"].isin(row["methods"])], base])
+        frames.append(own.assign(axis=row["axis"], level=row["level"], from_suite=own["run_dir"].map(
+            lambda d, s=row["suite"]: s)))
+    runs = pd.concat(frames, ignore_index=True)
+    runs["label"] = [method_label(m, t) for m, t in zip(runs["method"], runs["teacher_bits"])]
+    return runs
+
+
+def setting(frame: pd.DataFrame) -> list[str]:
+    return ["dataset", "arch", "w_bits", "a_bits"]
+
+
+def verdict_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """CMT-KD − each baseline, per axis, level and setting, paired by seed; Holm over all of them."""
+    rows = []
+    for (axis, level, *cell), part in runs.groupby(["axis", "level", *setting(runs)], sort=False):
+        ours = part[part["method"] == CMTKD]
+        if ours.empty:
+            continue
+        mine = dict(zip(ours["seed"], ours["top1"]))
+        for label, other in part[part["method"] != CMTKD].groupby("label", sort=False):
+            paired = seed_stats.paired_difference(mine, dict(zip(other["seed"], other["top1"])))
+            rows.append({"axis": axis, "level": level, **dict(zip(setting(runs), cell)), "baseline": label,
+                         "cmtkd_top1": seed_stats.spread(ours["top1"]).mean,
+                         "baseline_top1": seed_stats.spread(other["top1"]).mean, "difference": paired.mean,
+                         "ci95": paired.ci95, "n_pairs": paired.n_pairs, "p_value": paired.p_value})
+    tidy = pd.DataFrame(rows)
+    tidy["p_holm"] = seed_stats.holm(tidy["p_value"])
+    tidy["verdict"] = [seed_stats.verdict(d, n, p) for d, n, p in zip(tidy["difference"], tidy["n_pairs"],
+                                                                      tidy["p_holm"])]
+    return tidy
+
+
+def accuracy_table(runs: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (axis, level, *cell, label), part in runs.groupby(["axis", "level", *setting(runs), "label"], sort=False):
+        s = seed_stats.spread(part["top1"])
+        rows.append({"axis": axis, "level": level, **dict(zip(setting(runs), cell)), "method": label,
+                     "top1": s.mean, "ci95": s.ci95, "n": s.n})
+    return pd.DataFrame(rows)
+
+
+def last_val(histories: pd.DataFrame, key: dict, column: str) -> float:
+    rows = histories
+    for k, v in key.items():
+        rows = rows[rows[k].astype(str) == str(v)]
+    if rows.empty or column not in rows:
+        return math.nan
+    return float(rows.sort_values("epoch")[column].iloc[-1])
+
+
+def teachers_table(table: pd.DataFrame, data: dict, histories: dict) -> pd.DataFrame:
+    """Per level with CMT-KD runs: each teacher bit-width's last-epoch validation top-1 when trained
+    jointly (cmtkd), in the teachers-only stage (cmtkd-teachers) and alone (qat at W=A=b), by seed."""
+    rows = []
+    for row in table.to_dict("records"):
+        runs, hist = data[row["suite"]], histories[row["suite"]]
+        qat_runs, qat_hist = (runs, hist) if not row["methods"] else (data[BASE], histories[BASE])
+        for r in runs[runs["method"] == CMTKD].to_dict("records"):
+            key = {c: r[c] for c in grid.COLUMNS}
+            stage = {**key, "method": "cmtkd-teachers", "w_bits": grid.FULL_PRECISION, "a_bits": grid.FULL_PRECISION}
+            for i, bits in enumerate(grid.teacher_list(r["teacher_bits"])):
+                column = f"val_top1_teacher{i}_w{bits}a{bits}"
+                alone = {"method": "qat", "dataset": r["dataset"], "arch": r["arch"], "w_bits": bits, "a_bits": bits,
+                         "seed": grid.teacher_seed(r["seed"], bits)}
+                have_qat = not qat_runs[(qat_runs["method"] == "qat") & (qat_runs["w_bits"] == bits)].empty
+                rows.append({"axis": row["axis"], "level": row["level"], "dataset": r["dataset"], "arch": r["arch"],
+                             "student": grid.bits_label(r["w_bits"], r["a_bits"]), "teacher_bits": bits,
+                             "seed": r["seed"], "joint": last_val(hist, key, column),
+                             "stage": last_val(hist, stage, column),
+                             "alone": last_val(qat_hist, alone, seed_stats.VAL_COLUMN) if have_qat else math.nan})
+    per_seed = pd.DataFrame(rows)
+    out = []
+    for (axis, level, dataset, arch, student, bits), part in per_seed.groupby(
+            ["axis", "level", "dataset", "arch", "student", "teacher_bits"], sort=False):
+        joint, alone = dict(zip(part["seed"], part["joint"])), dict(zip(part["seed"], part["alone"]))
+        paired = seed_stats.paired_difference({s: v for s, v in joint.items() if not pd.isna(v)},
+                                              {s: v for s, v in alone.items() if not pd.isna(v)})
+        sj, ss, sa = (seed_stats.spread(part[c]) for c in ("joint", "stage", "alone"))
+        out.append({"axis": axis, "level": level, "dataset": dataset, "arch": arch, "student": student,
+                    "teacher_bits": bits, "joint": sj.mean, "joint_ci95": sj.ci95, "stage": ss.mean,
+                    "stage_ci95": ss.ci95, "alone": sa.mean, "alone_ci95": sa.ci95, "joint_minus_alone": paired.mean,
+                    "ci95": paired.ci95, "n_pairs": paired.n_pairs, "p_value": paired.p_value})
+    tidy = pd.DataFrame(out)
+    if not tidy.empty:
+        tidy["p_holm"] = seed_stats.holm(tidy["p_value"])
+    return tidy
+
+
+def fmt(mean: float, ci: float, digits: int = 2, sign: bool = False) -> str:
+    if pd.isna(mean):
+        return "–"
+    text = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
+    return text if pd.isna(ci) else f"{text} ± {ci:.{digits}f}"
+
+
+def p_text(p: float) -> str:
+    return "–" if pd.isna(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def write_tables(tidy: dict[str, pd.DataFrame], out: Path) -> None:
+    v, a, t = tidy["verdict"], tidy["accuracy"], tidy["teachers"]
+    shown = {
+        "verdict": ("CMT-KD minus each baseline, paired by seed (top-1 points, 95 % t interval; Holm over all "
+                    f"{len(v)} comparisons)", pd.DataFrame({
+                        "axis": v["axis"], "level": v["level"], "setting": v["arch"] + " " +
+                        [grid.bits_label(w, x) for w, x in zip(v["w_bits"], v["a_bits"])],
+                        "baseline": v["baseline"], "CMT-KD": v["cmtkd_top1"].map("{:.2f}".format),
+                        "baseline top-1": v["baseline_top1"].map("{:.2f}".format),
+                        "CMT-KD − baseline": [fmt(d, c, sign=True) for d, c in zip(v["difference"], v["ci95"])],
+                        "n": v["n_pairs"], "p": v["p_value"].map(p_text), "p (Holm)": v["p_holm"].map(p_text),
+                        "verdict": v["verdict"]})),
+        "accuracy": ("Test top-1 per axis level (mean ± 95 % t interval over seeds)", pd.DataFrame({
+            "axis": a["axis"], "level": a["level"], "setting": a["arch"] + " " +
+            [grid.bits_label(w, x) for w, x in zip(a["w_bits"], a["a_bits"])], "method": a["method"],
+            "top-1": [fmt(m, c) for m, c in zip(a["top1"], a["ci95"])], "n": a["n"]})),
+        "teachers": ("CMT-KD's teachers: trained jointly with the student (joint), in the teachers-only stage of "
+                     "cmtkd-frozen (stage) and alone as qat runs (alone); validation top-1 at the last epoch, "
+                     "joint − alone paired by student seed", pd.DataFrame({
+                         "axis": t["axis"], "level": t["level"], "setting": t["arch"] + " " + t["student"],
+                         "teacher": t["teacher_bits"].map("W{0}A{0}".format),
+                         "joint": [fmt(m, c) for m, c in zip(t["joint"], t["joint_ci95"])],
+                         "stage": [fmt(m, c) for m, c in zip(t["stage"], t["stage_ci95"])],
+                         "alone": [fmt(m, c) for m, c in zip(t["alone"], t["alone_ci95"])],
+                         "joint − alone": [fmt(d, c, sign=True) for d, c in zip(t["joint_minus_alone"], t["ci95"])],
+                         "n": t["n_pairs"], "p (Holm)": t["p_holm"].map(p_text)}) if not t.empty else pd.DataFrame()),
+    }
+    for name, frame in tidy.items():
+        write_text(out / "tables" / f"{name}.csv", frame.to_csv(index=False))
+        title, display = shown[name]
+        text = f"# {title}\n\n{display.to_markdown(index=False)}\n\nSee README.md beside this folder and ASSUMPTIONS.md (A5, A19, A20, W13).\n"
+        write_text(out / "tables" / f"{name}.md", text)
+
+
+def plot_length(verdict: pd.DataFrame, runs: pd.DataFrame, axis: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    part = verdict[verdict["axis"] == axis]
+    epochs = runs[runs["axis"] == axis].groupby("level")["epochs"].first().to_dict()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (label, rows) in enumerate(part.groupby("baseline", sort=False)):
+        x = [epochs[level] for level in rows["level"]]
+        main = label.startswith(("kd (", "mtkd ("))
+        ax.errorbar([e * (1 + 0.015 * (i - 3)) for e in x], rows["difference"], yerr=rows["ci95"].fillna(0),
+                    marker="o", capsize=3, lw=2 if main else 1, alpha=1 if main else 0.45, label=f"CMT-KD − {label}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(epochs.values())), [str(e) for e in sorted(set(epochs.values()))])
+    ax.set_xlabel("training epochs (same schedule shape)")
+    ax.set_ylabel("top-1 difference (points), 95 % CI")
+    ax.set_title(f"CMT-KD minus each baseline against training length ({part['arch'].iloc[0]} "
+                 f"{grid.bits_label(part['w_bits'].iloc[0], part['a_bits'].iloc[0])})", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        fig.savefig(out / "plots" / f"{axis}.{ext}", dpi=150, **({"metadata": {"CreationDate": None}} if ext == "pdf" else {}))
+    plt.close(fig)
+
+
+def publish(config_path: Path, directory: Path, out: Path) -> dict:
+    import publish_results
+
+    suite, study = read_study(config_path)
+    table = levels(suite, study)
+    paths = write_suites(table, directory)
+    data, histories = {}, {}
+    for name, path in paths.items():
+        publish_results.publish(directory / name, [str(path)], out / name, None,
+                                f"python workflow/scripts/verdict.py run --config {config_path}")
+        data[name], histories[name] = read_level_runs(directory, name)
+    runs = level_runs(table, data)
+    tidy = {"verdict": verdict_table(runs), "accuracy": accuracy_table(runs), "teachers": teachers_table(table, data, histories)}
+    write_tables(tidy, out)
+    length_axis = study.get("length_axis", "length")
+    if length_axis in study["axes"]:
+        plot_length(tidy["verdict"], runs, length_axis, out)
+    return tidy
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["plan", "run", "publish"])
+    parser.add_argument("--config", default=str(ROOT / "config" / "verdict.yaml"), help="the study file")
+    parser.add_argument("--dir", default="studies/verdict", help="where the level suites run (default %(default)s)")
+    parser.add_argument("--cores", type=int, default=2, help="snakemake --cores for each level suite")
+    parser.add_argument("--out", default=str(ROOT / "results" / "verdict"), help="publish into (default %(default)s)")
+    parser.add_argument("--reference-runs", default=str(ROOT / "results" / "reference" / "runs.csv"),
+                        help="plan: the runs.csv whose train_seconds price the study")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "run":
+            return run(Path(args.config), Path(args.dir), args.cores)
+        if args.action == "publish":
+            tidy = publish(Path(args.config), Path(args.dir), Path(args.out))
+            print(f"{args.out}: {len(tidy['verdict'])} comparisons, {len(tidy['accuracy'])} cells, "
+                  f"{len(tidy['teachers'])} teacher rows")
+            return 0
+        suite, study = read_study(args.config)
+        table = levels(suite, study)
+        print(table[["axis", "level", "suite", "methods"]].to_string(index=False))
+        cost = estimate(write_suites(table, Path(args.dir)), Path(args.reference_runs), args.cores)
+        print(cost.to_string(index=False, float_format="{:.2f}".format))
+        print(f"total: {cost['runs'].sum()} runs, {cost['cpu_hours'].sum():.2f} single-core hours, "
+              f"{cost['wall_hours'].sum():.2f} h wall at {args.cores} jobs")
+        return 0
+    except (StudyError, InputError, suite_config.SuiteConfigError, grid.GridError) as exc:
+        return error(exc)
+    except Exception as exc:  # noqa: BLE001
+        from cmtkd.errors import UserError
+
+        if isinstance(exc, UserError):
+            return error(exc)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
