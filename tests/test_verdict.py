@@ -1,0 +1,98 @@
+"""The verdict study driver (workflow/scripts/verdict.py): levels of config/verdict.yaml, their
+suites and grids, bad study files, and the study's tables on hand-made runs (golden numbers below).
+Nothing here trains."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
+
+import grid  # noqa: E402
+import verdict  # noqa: E402
+
+STUDY = ROOT / "config" / "verdict.yaml"
+
+
+def test_the_study_file_gives_one_suite_per_level_and_shares_the_base_point(tmp_path):
+    suite, study = verdict.read_study(STUDY)
+    table = verdict.levels(suite, study)
+    assert set(table["axis"]) == {"reading", "init", "length"}
+    assert (table.groupby("axis")["suite"].apply(lambda s: (s == verdict.BASE).sum()) == 1).all()
+    paths = verdict.write_suites(table, tmp_path)
+    assert list(paths)[0] == verdict.BASE and len(paths) == 7
+    runs = {name: verdict.expanded(path) for name, path in paths.items()}
+    base = runs[verdict.BASE]
+    grid_runs = base[base["role"] == "grid"]
+    assert sorted(set(zip(grid_runs["method"], grid_runs["teacher_bits"]))) == sorted(
+        {("qat", "none"), ("kd", "8"), ("kd", "32"), ("mtkd", "8-6-4"), ("dml", "8-6-4"), ("kdcl", "8-6-4"),
+         ("cmtkd", "8-6-4"), ("cmtkd-frozen", "8-6-4")})
+    # kd's full-precision teacher is an fp run of its own seed 32000 + s
+    assert set(base[(base["method"] == "fp")]["seed"]) == {32000 + s for s in range(5)}
+    assert set(runs["length~4x"]["epochs"]) == {52} and set(base["epochs"]) == {13}
+    assert sorted(set(runs["reading~stage-input"]["method"])) == ["cmtkd", "cmtkd-frozen", "cmtkd-teachers"]
+    written = yaml.safe_load(paths["reading~stage-input"].read_text())
+    assert {written["method_args"][m]["fusion_input"] for m in ("cmtkd", "cmtkd-frozen", "cmtkd-teachers")} == \
+        {"stage-input"}
+    fp = runs["init~fp"]
+    assert len(fp) == len(base) + 5  # plus the fp run of each seed that every other run starts from
+    assert set(fp[fp["method"] == "fp"]["seed"]) == set(range(5)) | {32000 + s for s in range(5)}
+
+
+@pytest.mark.parametrize("study, message", [
+    ({}, "needs 'study"),
+    ({"axes": {"a": {"x": {}}}}, "at least two"),
+    ({"axes": {"a": {"x": {"set": {}}, "y": {"set": {}}}}}, "exactly one level"),
+    ({"axes": {"a": {"x": {}, "y": {"sets": {}}}}}, "unknown key"),
+    ({"axes": {"a": {"x": {}, "y z": {"set": {}}}}}, "names a folder"),
+])
+def test_bad_study_files_are_one_line_naming_the_key(tmp_path, study, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"experiments": {}, **({"study": study} if study else {})}))
+    with pytest.raises(verdict.StudyError, match=message):
+        verdict.read_study(path)
+
+
+def runs_frame(rows):
+    frame = pd.DataFrame(rows, columns=["method", "teacher_bits", "w_bits", "seed", "top1", "role"])
+    return frame.assign(dataset="digits", arch="resnet18", a_bits=frame["w_bits"],
+                        run_dir=[f"r{i}" for i in range(len(frame))], epochs=13)
+
+
+def test_tables_pair_by_seed_take_baselines_from_the_base_point_and_compare_teachers():
+    base = runs_frame([
+        *[("cmtkd", "8-6-4", 2, s, 90.0 + s, "grid") for s in range(3)],
+        *[("kd", "8", 2, s, 91.0 + s + 0.5 * (s == 2), "grid") for s in range(3)],  # diffs -1, -1, -1.5
+        *[("kd", "32", 2, s, 89.0 + s, "grid") for s in range(3)],  # +1 each
+        *[("qat", "none", 8, 8000 + s, 95.0, "teacher") for s in range(3)],
+    ])
+    level = runs_frame([*[("cmtkd", "8-6-4", 2, s, 92.0 + s, "grid") for s in range(3)]])  # +1 on kd (8)
+    table = pd.DataFrame([
+        {"axis": "reading", "level": "residual", "suite": "base", "methods": None, "config": {}},
+        {"axis": "reading", "level": "stage-input", "suite": "lvl", "methods": ["cmtkd"], "config": {}}])
+    runs = verdict.level_runs(table, {"base": base, "lvl": level})
+    assert set(runs[runs["level"] == "stage-input"]["label"]) == {"cmtkd (8-6-4)", "kd (8)", "kd (FP teacher)"}
+    tidy = verdict.verdict_table(runs).set_index(["level", "baseline"])
+    row = tidy.loc[("residual", "kd (8)")]
+    assert row["difference"] == pytest.approx(-7 / 6) and row["n_pairs"] == 3
+    assert row["ci95"] == pytest.approx(4.302653 * math.sqrt(1 / 12) / math.sqrt(3), rel=1e-5)
+    assert tidy.loc[("residual", "kd (FP teacher)")]["difference"] == 1.0
+    assert tidy.loc[("residual", "kd (FP teacher)")]["p_value"] == 0.0  # constant non-zero differences
+    assert tidy.loc[("stage-input", "kd (8)")]["difference"] == pytest.approx(2 - 7 / 6)
+    assert (tidy["p_holm"] >= tidy["p_value"]).all()
+    hist = pd.DataFrame([
+        *[{**dict(method="cmtkd", dataset="digits", arch="resnet18", w_bits=2, a_bits=2, teacher_bits="8-6-4",
+                  seed=s), "epoch": e, "val_top1_teacher0_w8a8": 80.0 + e + s} for s in range(3) for e in (1, 2)],
+        *[{**dict(method="qat", dataset="digits", arch="resnet18", w_bits=8, a_bits=8, teacher_bits="none",
+                  seed=8000 + s), "epoch": e, "val_top1_student": 79.0 + e} for s in range(3) for e in (1, 2)]])
+    teachers = verdict.teachers_table(table.iloc[:1], {"base": base}, {"base": hist})
+    row = teachers[teachers["teacher_bits"] == 8].iloc[0]
+    assert row["joint"] == 83.0 and row["alone"] == 81.0  # last epoch: 82 + s (mean 83), 81
+    assert row["joint_minus_alone"] == 2.0 and row["n_pairs"] == 3
+    assert math.isnan(teachers[teachers["teacher_bits"] == 6].iloc[0]["alone"])  # no 6-bit column or run
