@@ -37,6 +37,9 @@ class ModelConfig:
     # conv-inputs: quantize each quantized layer's input, full-precision residual stream and classifier
     # input (the EdMIPS/HWGQ references); block-outputs: quantize every block output (ledger Q7)
     quant_layout: Literal["conv-inputs", "block-outputs"] = "conv-inputs"
+    # AlexNet's channels (ledger R7): auto = hwgq on ImageNet (96-256-384-384-256, the HWGQ/LQ-Nets AlexNet
+    # whose numbers results/paper/reported.csv quotes), torchvision's 64-192-384-256-256 on small images
+    alexnet_channels: Literal["auto", "torchvision", "hwgq"] = "auto"
 
 
 @dataclass
@@ -286,7 +289,7 @@ def to_dict(cfg: RunConfig) -> dict:
 
 # Keys added after runs were published, left out of the hash while at their default, so that adding
 # them changed no existing run's hash (committed results and resumable run directories stay valid).
-HASH_OMITTED_AT_DEFAULT = {"data.image_size": None, "train.tf32": True}
+HASH_OMITTED_AT_DEFAULT = {"data.image_size": None, "train.tf32": True, "model.alexnet_channels": "auto"}
 # The same for method options (cmtkd's readings of Eq. 1, ASSUMPTIONS.md A5/A19/A20).
 HASH_OMITTED_METHOD_ARGS_AT_DEFAULT = {"fusion_input": "residual", "theta_from": "teachers", "requantize_fused": False}
 

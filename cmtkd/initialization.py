@@ -23,7 +23,7 @@ from torch import nn
 from cmtkd.errors import UserError
 
 # arch_config keys that must agree between the source and the network it initialises (the bits may not).
-MATCHED_KEYS = ("arch", "num_classes", "in_channels", "variant", "width", "quant_layout")
+MATCHED_KEYS = ("arch", "num_classes", "in_channels", "variant", "width", "quant_layout", "alexnet_channels")
 
 
 def is_quantizer_state(key: str) -> bool:
@@ -52,6 +52,9 @@ def source_arch_config(path: str) -> dict:
 
 def check_matching(path: str, source: dict, target: dict) -> None:
     source = {"quant_layout": "block-outputs", **source}  # model files from before quant_layout existed
+    if source.get("arch") == "alexnet" or target.get("arch") == "alexnet":  # absent: torchvision's channels
+        source = {"alexnet_channels": "torchvision", **source}
+        target = {"alexnet_channels": "torchvision", **target} if "arch" in target and "variant" in target else target
     for key in MATCHED_KEYS:
         if key in target and source.get(key) != target[key]:
             raise UserError(f"model.init_from={path}: {key} is {source.get(key)!r} there but {target[key]!r} "

@@ -272,3 +272,46 @@ def test_model_file_without_layout_key_loads_as_block_outputs(tmp_path):
     blob = checkpoint.load_model(tmp_path / "model.pt", "retrain")
     model = checkpoint.build_network(blob, tmp_path / "model.pt", "retrain")
     assert model.quant_layout == "block-outputs"
+
+
+def test_imagenet_alexnet_hwgq_channels_are_caffenets():
+    """model.alexnet_channels=hwgq (the default on ImageNet, ledger R7): 96-256-384-384-256, as the HWGQ and
+    LQ-Nets AlexNets whose numbers results/paper/reported.csv quotes; same kernels, strides and FC sizes."""
+    model = build_model("alexnet", 1000, 2, 2, variant="imagenet", alexnet_channels="hwgq")
+    convs = [m for m in model.modules() if isinstance(m, QConv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == \
+        [(3, 96, 11, 4), (96, 256, 5, 1), (256, 384, 3, 1), (384, 384, 3, 1), (384, 256, 3, 1)]
+    assert [(f.in_features, f.out_features) for f in model.modules() if isinstance(f, QLinear)] == \
+        [(9216, 4096), (4096, 4096), (4096, 1000)]
+    with pytest.raises(UserError, match="alexnet_channels"):
+        build_model("alexnet", 10, alexnet_channels="vgg")
+
+
+def test_alexnet_channels_resolve_by_dataset_and_reach_the_model_file_only_when_not_torchvisions():
+    from cmtkd.config import build_config, config_hash
+    from cmtkd.data import DataInfo
+    from cmtkd.registry import get_method
+
+    imagenet = DataInfo(name="imagenet", num_classes=1000, in_channels=3, image_size=224, variant="imagenet",
+                        num_train=1, num_val=0, num_test=0)
+    digits = DataInfo(name="digits", num_classes=10, in_channels=1, image_size=28, variant="cifar",
+                      num_train=1, num_val=0, num_test=0)
+    cfg = build_config([{"method": "qat", "arch": "alexnet", "model": {"width": 0.125}}])
+    with torch.device("meta"):
+        on_imagenet = get_method("qat")(cfg, imagenet).arch_config(2, 2)
+        on_digits = get_method("qat")(cfg, digits).arch_config(2, 2)
+        chosen = get_method("qat")(build_config([{"method": "qat", "arch": "alexnet", "model": {
+            "width": 0.125, "alexnet_channels": "torchvision"}}]), imagenet).arch_config(2, 2)
+    assert on_imagenet["alexnet_channels"] == "hwgq"
+    assert "alexnet_channels" not in on_digits and "alexnet_channels" not in chosen  # model files as before
+    plain = build_config([{"method": "qat", "arch": "alexnet"}])
+    as_before = {k: v for k, v in to_dict_without(plain, "alexnet_channels").items()}
+    assert config_hash(plain) == config_hash(as_before)
+
+
+def to_dict_without(cfg, key):
+    from cmtkd.config import to_dict
+
+    d = to_dict(cfg)
+    d["model"].pop(key)
+    return d

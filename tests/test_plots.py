@@ -131,3 +131,13 @@ def test_every_plot_has_a_report_caption_and_a_pdf_output():
     for name in NAMES:
         caption = (REPO_ROOT / "workflow" / "report" / f"{name}.rst").read_text()
         assert len(caption.split()) > 15 and f"{name}.pdf" in caption
+
+
+def test_a_full_precision_teacher_is_labelled_fp_in_tables_and_plots():
+    sys.path.insert(0, str(SCRIPTS))
+    import make_tables
+    import plots
+
+    assert plots.method_label("kd", "32") == "kd [FP]" and plots.method_label("kd", "8") == "kd [8]"
+    assert make_tables.teachers_label("32") == "FP" and make_tables.teachers_label("8-6-4") == "8-6-4"
+    assert make_tables.teachers_label("none") == "—"

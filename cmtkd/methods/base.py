@@ -78,13 +78,19 @@ class Method(nn.Module):
     # -- building blocks -------------------------------------------------------------------
     def arch_config(self, w_bits: int, a_bits: int) -> dict:
         """Everything needed to rebuild one network of this run (stored in model.pt)."""
+        from cmtkd.models import alexnet_channels
+
         variant = self.cfg.model.variant if self.cfg.model.variant != "auto" else self.info.variant
-        return dict(
+        config = dict(
             arch=self.cfg.arch, num_classes=self.info.num_classes, in_channels=self.info.in_channels,
             variant=variant, width=self.cfg.model.width, w_bits=w_bits, a_bits=a_bits,
             policy=self.cfg.model.policy, weight_quant=self.cfg.model.weight_quant,
             act_quant=self.cfg.model.act_quant, quant_layout=self.cfg.model.quant_layout,
         )
+        channels = alexnet_channels(self.cfg.model.alexnet_channels, variant)
+        if self.cfg.arch == "alexnet" and channels != "torchvision":  # files of torchvision's stay as they were
+            config["alexnet_channels"] = channels
+        return config
 
     def build_network(self, w_bits: int, a_bits: int) -> nn.Module:
         """A network of this run at (w_bits, a_bits): from scratch, or from ``model.init_from``."""

@@ -5,17 +5,21 @@ Stages: ``conv1 .. conv5, head`` (head = fc6, fc7, fc8). A plain chain quantizes
 whichever ``quant_layout`` is chosen (conv -> BN -> quantizer -> [pool] -> next layer; max-pooling
 commutes with the monotone quantizer); the layouts differ only in what fc8 reads when the policy keeps it
 full precision: ``conv-inputs`` (default, as the HWGQ/EdMIPS references) a full-precision ReLU,
-``block-outputs`` the quantizer's output. ImageNet variant: torchvision's channel
-layout (64-192-384-256-256, 11x11/4 stem, 4096-4096 FC). CIFAR variant (ours; the paper's is not
-described): 3x3 stride-1 convs, 2x2 max-pools after conv1, conv2, conv5, and 1024-1024 FC layers.
+``block-outputs`` the quantizer's output. ImageNet variant: 11x11/4 stem, 3x3/2 max-pools, 4096-4096 FC,
+with the channels ``channels`` names: ``hwgq`` (96-256-384-384-256, CaffeNet's, as the HWGQ and LQ-Nets
+AlexNets; without CaffeNet's two-tower groups) or ``torchvision`` (64-192-384-256-256); ``auto`` is
+``hwgq`` on ImageNet. CIFAR variant (ours; the paper's is not described): torchvision's channels,
+3x3 stride-1 convs, 2x2 max-pools after conv1, conv2, conv5, and 1024-1024 FC layers.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from cmtkd.errors import UserError
 from cmtkd.models.common import LayerFactory, StagedNet, check_quant_layout, init_weights, scaled
 
-CHANNELS = (64, 192, 384, 256, 256)
+CHANNELS = {"torchvision": (64, 192, 384, 256, 256),  # torchvision's AlexNet (one-tower)
+            "hwgq": (96, 256, 384, 384, 256)}  # CaffeNet's channels, as the HWGQ and LQ-Nets AlexNets (ledger R7)
 
 
 class AlexNetHead(nn.Module):
@@ -41,11 +45,14 @@ class AlexNetHead(nn.Module):
 class AlexNet(StagedNet):
     def __init__(self, num_classes: int, w_bits: int = 32, a_bits: int = 32, variant: str = "cifar",
                  width: float = 1.0, in_channels: int = 3, policy: str = "fp-first-last",
-                 weight_quant: str = "auto", act_quant: str = "hwgq", quant_layout: str = "conv-inputs"):
+                 weight_quant: str = "auto", act_quant: str = "hwgq", quant_layout: str = "conv-inputs",
+                 channels: str = "torchvision"):
         super().__init__()
         f = LayerFactory(w_bits, a_bits, policy, weight_quant, act_quant)
         self.quant_layout = check_quant_layout(quant_layout)
-        ch = [scaled(c, width) for c in CHANNELS]
+        if channels not in CHANNELS:
+            raise UserError(f"unknown model.alexnet_channels '{channels}'; choose one of: auto, {', '.join(CHANNELS)}")
+        ch = [scaled(c, width) for c in CHANNELS[channels]]
         if variant == "imagenet":
             kernels, strides, pads = (11, 5, 3, 3, 3), (4, 1, 1, 1, 1), (2, 2, 1, 1, 1)
             pool = lambda: nn.MaxPool2d(3, 2)  # noqa: E731

@@ -288,6 +288,14 @@ def method_label(method: str, notes: Notes, fmt: Fmt) -> str:
     return fmt.tex(tex_escape(method) + marker) if fmt.kind == "tex" else method + marker
 
 
+def teachers_label(teacher_bits: str) -> str:
+    """A teacher set as the tables show it: ``8-6-4``; a full-precision teacher as ``FP`` (kd with
+    teacher set [32], the Apprentice/QKD-style baseline: ``FP``; ledger B11); ``—`` for none."""
+    if teacher_bits == NO_TEACHERS:
+        return "—"
+    return "-".join("FP" if bits == "32" else bits for bits in str(teacher_bits).split("-"))
+
+
 def paper_note(row, notes: Notes) -> str:
     note = f" {row['note']}." if isinstance(row.get("note"), str) and row["note"] else ""
     return notes.mark(f"{row['provenance']}: {row['source']}.{note}")
@@ -317,7 +325,7 @@ def main_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[pd
         key = (row["dataset"], row["arch"], row["method"], row["teacher_bits"], label)
         line = table_rows.setdefault(key, {
             "Dataset": row["dataset"], "Arch": row["arch"], "Method": method_label(row["method"], notes, fmt),
-            "Teachers": "—" if row["teacher_bits"] == NO_TEACHERS else row["teacher_bits"], "Source": label,
+            "Teachers": teachers_label(row["teacher_bits"]), "Source": label,
             **{c: "" for c in columns}})
         column = bits_label(int(row["w_bits"]), int(row["a_bits"]))
         if row["origin"] == "reported":
@@ -354,7 +362,7 @@ def ablation_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tupl
                     for m in ABLATION_VARIANTS}
     for method, variant in ABLATION_VARIANTS.items():
         for tset in teacher_sets[method]:
-            line = {"Variant": variant, "Method": method, "Teachers": "—" if tset == NO_TEACHERS else tset,
+            line = {"Variant": variant, "Method": method, "Teachers": teachers_label(tset),
                     "Source": "ours", **{n: "—" for n in names}}
             for r in ours[(ours["method"] == method) & (ours["teacher_bits"] == tset)].to_dict("records"):
                 line[f"{setting(r)}: ours"] = fmt.cell(r)
@@ -371,7 +379,7 @@ def ablation_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tupl
     for r in sort_rows(others).to_dict("records") + other_reported.to_dict("records"):
         label = source_label(r, notes, fmt)
         line = {"Variant": "(comparison)", "Method": method_label(r["method"], notes, fmt),
-                "Teachers": "—" if r["teacher_bits"] == NO_TEACHERS else r["teacher_bits"], "Source": label,
+                "Teachers": teachers_label(r["teacher_bits"]), "Source": label,
                 **{n: "" for n in names}}
         if r["origin"] == "reported":
             if f"{setting(r)}: reported" in line:
@@ -410,7 +418,7 @@ def delta_table(summary: pd.DataFrame, paper: pd.DataFrame, fmt: Fmt) -> tuple[p
                 "W/A": bits_label(int(p["w_bits"]), int(p["a_bits"])),
                 "Reported top-1": fmt.reported(p["top1"], marker),
                 "Ours / imported": "not run" if m is None else source_label(m, notes, fmt),
-                "Teachers": "—" if m is None or m["teacher_bits"] == NO_TEACHERS else m["teacher_bits"],
+                "Teachers": "—" if m is None else teachers_label(m["teacher_bits"]),
                 "Top-1": "—" if m is None else fmt.cell(m),
                 "Δ top-1": fmt.delta(d1), "Δ top-5": fmt.delta(d5),
             })
@@ -491,7 +499,7 @@ def comparison_table(runs: pd.DataFrame, fmt: Fmt) -> tuple[pd.DataFrame, list, 
     rows = [{
         "Dataset": r["dataset"], "Arch": r["arch"], "W/A": bits_label(int(r["w_bits"]), int(r["a_bits"])),
         "Method": method_label(r["method"], notes, fmt),
-        "Teachers": "—" if r["teacher_bits"] == NO_TEACHERS else r["teacher_bits"],
+        "Teachers": teachers_label(r["teacher_bits"]),
         "CMT-KD teachers": r["reference_teacher_bits"], "Pairs": f"n={r['n_pairs']}",
         "Δ top-1 (95 % CI)": fmt.difference(r["diff_mean"], r["diff_ci95"], r["n_pairs"], r["not_converged"]),
         "p": fmt.p_value(r["p_value"]), "p (Holm)": fmt.p_value(r["p_holm"]), "Verdict": r["verdict"],

@@ -78,7 +78,10 @@ def legend_outside(fig, axes) -> None:
 
 
 def method_label(method: str, teacher_bits: str) -> str:
-    return method if teacher_bits in (NO_TEACHERS, "") else f"{method} [{teacher_bits}]"
+    """``kd [8]``, ``mtkd [8-6-4]``; a full-precision teacher as ``kd [FP]`` (ledger B11)."""
+    if teacher_bits in (NO_TEACHERS, ""):
+        return method
+    return f"{method} [{'-'.join('FP' if b == '32' else b for b in str(teacher_bits).split('-'))}]"
 
 
 def method_rank(method: str) -> int:
