@@ -134,3 +134,19 @@ def test_conda_environment_installs_the_project_with_its_test_extra():
     pip = [step["pip"] for step in env["dependencies"] if isinstance(step, dict) and "pip" in step]
     assert pip == [['-e ".[test]"']]
     assert "pip install -e '.[test]'" in (REPO_ROOT / "README.md").read_text()
+
+
+# The files a checkout has at its root; a stray file (a test's leftover, a hostile pickle) fails here.
+ROOT_FILES = {".gitignore", ".snakemake-workflow-catalog.yml", "ASSUMPTIONS.md", "CITATION.cff", "LICENSE",
+              "Makefile", "README.md", "Snakefile", "environment.yml", "hubconf.py", "pyproject.toml"}
+
+
+def test_no_stray_tracked_file_at_the_repository_root():
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    at_root = {name for name in tracked if "/" not in name}
+    assert at_root <= ROOT_FILES, f"tracked files at the root outside the allow-list: {sorted(at_root - ROOT_FILES)}"
