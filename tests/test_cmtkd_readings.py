@@ -11,15 +11,7 @@ from cmtkd.config import build_config, config_hash
 from cmtkd.errors import UserError
 from cmtkd.methods.cmtkd import read_unit_input, run_from_input
 from cmtkd.registry import get_method
-from test_cmtkd import INFO, batch, make, on_grid
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from test_cmtkd import INFO, _one_thread, batch, make, on_grid  # noqa: F401  (_one_thread: autouse fixture)
 
 
 def stage_inputs(m, images):
