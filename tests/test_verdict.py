@@ -96,3 +96,13 @@ def test_tables_pair_by_seed_take_baselines_from_the_base_point_and_compare_teac
     assert row["joint"] == 83.0 and row["alone"] == 81.0  # last epoch: 82 + s (mean 83), 81
     assert row["joint_minus_alone"] == 2.0 and row["n_pairs"] == 3
     assert math.isnan(teachers[teachers["teacher_bits"] == 6].iloc[0]["alone"])  # no 6-bit column or run
+
+
+def test_importance_table_reads_the_last_epochs_pi_of_cmtkd():
+    key = dict(method="cmtkd", dataset="digits", arch="resnet18", w_bits=2, a_bits=2, teacher_bits="8-4")
+    hist = pd.DataFrame([{**key, "seed": s, "epoch": e, "pi_layer1_0": 0.5 + 0.1 * (e == 2) * (s + 1),
+                          "pi_layer1_1": 0.5 - 0.1 * (e == 2) * (s + 1)} for s in range(2) for e in (1, 2)])
+    table = pd.DataFrame([{"axis": "reading", "level": "residual", "suite": "base", "methods": None}])
+    pi = verdict.importance_table(table, {"base": hist}).iloc[0]
+    assert pi["pi_layer1_0"] == pytest.approx(0.65) and pi["seeds"] == 2
+    assert pi["max_deviation"] == pytest.approx(0.2)

@@ -26,6 +26,7 @@ writes the study's own tables and plot into ``OUT/tables`` and ``OUT/plots``:
 - ``teachers``: CMT-KD's jointly trained teachers next to independently trained ``qat`` teachers of
   the same bits (and the teachers-only stage of ``cmtkd-frozen``), validation top-1 at the last epoch
   (neither side is selected by epoch), paired by student seed;
+- ``importance``: CMT-KD's importance weights pi at the last epoch per level (does theta learn?);
 - ``plots/length.{png,pdf}``: CMT-KD − KD and CMT-KD − MTKD (and the other baselines) against training
   length, with their intervals.
 """
@@ -288,6 +289,24 @@ def teachers_table(table: pd.DataFrame, data: dict, histories: dict) -> pd.DataF
     return tidy
 
 
+def importance_table(table: pd.DataFrame, histories: dict) -> pd.DataFrame:
+    """Per level: CMT-KD's importance weights pi at the last epoch (mean over seeds, and the largest
+    distance of any pi from 1/n): does theta learn anything?"""
+    rows = []
+    for row in table.to_dict("records"):
+        hist = histories[row["suite"]]
+        runs = hist[hist["method"] == CMTKD]
+        columns = [c for c in runs.columns if c.startswith("pi_") and runs[c].notna().any()]
+        if runs.empty or not columns:
+            continue
+        last = runs.sort_values("epoch").groupby("seed").tail(1)
+        n = len({c.rsplit("_", 1)[1] for c in columns})
+        rows.append({"axis": row["axis"], "level": row["level"], "seeds": len(last),
+                     **{c: float(last[c].mean()) for c in columns},
+                     "max_deviation": float((last[columns] - 1 / n).abs().max().max())})
+    return pd.DataFrame(rows)
+
+
 def fmt(mean: float, ci: float, digits: int = 2, sign: bool = False) -> str:
     if pd.isna(mean):
         return "–"
@@ -300,7 +319,7 @@ def p_text(p: float) -> str:
 
 
 def write_tables(tidy: dict[str, pd.DataFrame], out: Path) -> None:
-    v, a, t = tidy["verdict"], tidy["accuracy"], tidy["teachers"]
+    v, a, t, pi = tidy["verdict"], tidy["accuracy"], tidy["teachers"], tidy["importance"]
     shown = {
         "verdict": ("CMT-KD minus each baseline, paired by seed (top-1 points, 95 % t interval; Holm over all "
                     f"{len(v)} comparisons)", pd.DataFrame({
@@ -325,6 +344,9 @@ def write_tables(tidy: dict[str, pd.DataFrame], out: Path) -> None:
                          "alone": [fmt(m, c) for m, c in zip(t["alone"], t["alone_ci95"])],
                          "joint − alone": [fmt(d, c, sign=True) for d, c in zip(t["joint_minus_alone"], t["ci95"])],
                          "n": t["n_pairs"], "p (Holm)": t["p_holm"].map(p_text)}) if not t.empty else pd.DataFrame()),
+        "importance": ("CMT-KD's importance weights pi = softmax(theta) at the last epoch, mean over seeds "
+                       "(pi_<point>_<teacher>, teachers in teacher_bits order), and the largest |pi - 1/n| of any run",
+                       pi.round(4)),
     }
     for name, frame in tidy.items():
         write_text(out / "tables" / f"{name}.csv", frame.to_csv(index=False))
@@ -374,7 +396,8 @@ def publish(config_path: Path, directory: Path, out: Path) -> dict:
                                 f"python workflow/scripts/verdict.py run --config {config_path}")
         data[name], histories[name] = read_level_runs(directory, name)
     runs = level_runs(table, data)
-    tidy = {"verdict": verdict_table(runs), "accuracy": accuracy_table(runs), "teachers": teachers_table(table, data, histories)}
+    tidy = {"verdict": verdict_table(runs), "accuracy": accuracy_table(runs),
+            "teachers": teachers_table(table, data, histories), "importance": importance_table(table, histories)}
     write_tables(tidy, out)
     length_axis = study.get("length_axis", "length")
     if length_axis in study["axes"]:
