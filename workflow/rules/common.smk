@@ -44,7 +44,7 @@ GPUS_PER_JOB = int(config["gpus_per_job"]) if GPU else 1
 LAUNCHER = 'python "$CMTKD_SCRIPTS/gpu_slot.py" --' if GPU else ""
 TRAIN_LAUNCHER = f'python "$CMTKD_SCRIPTS/gpu_slot.py" --count {GPUS_PER_JOB} --' if GPUS_PER_JOB > 1 else LAUNCHER
 TRAIN_GPU_RESOURCES = {"gpu": GPUS_PER_JOB} if GPU else {}  # `--resources gpu=N`: N GPUs in the pool
-TABLE_NAMES = ("main", "ablation", "paper_delta", "comparison")
+TABLE_NAMES = ("main", "ablation", "paper_delta", "comparison", "teachers")
 PLOT_NAMES = ("accuracy_vs_bits", "training_curves", "importance_weights")
 TABLES = [f"results/tables/{name}.{ext}" for name in TABLE_NAMES for ext in ("csv", "md", "tex")]
 PLOTS, REPORT_HTML = [f"results/plots/{name}.png" for name in PLOT_NAMES], "results/report.html"

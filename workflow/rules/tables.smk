@@ -41,10 +41,12 @@ rule collect_runs:
 
 
 rule make_tables:
-    """Main comparison, ablation (the paper's Table 1), difference-to-paper and paired comparison-with-CMT-KD tables."""
+    """Main comparison, ablation (the paper's Table 1), difference-to-paper, paired comparison-with-CMT-KD and
+    CMT-KD's-teachers tables."""
     input:
         runs=RUNS_CSV,
         grid=GRID_CSV,
+        histories=HISTORIES_CSV,  # the teachers table
         paper=PAPER_CSV,
         external=EXTERNAL_CSVS,
         schema=SCHEMAS / "runs.schema.yaml",
@@ -91,6 +93,7 @@ rule tables:
         '(python "$CMTKD_SCRIPTS/collect_runs.py" --grid {input.grid:q} --finished-only --out {params.runs:q}'
         " --histories {params.histories:q}"
         ' && python "$CMTKD_SCRIPTS/make_tables.py" --runs {params.runs:q} --grid {input.grid:q}'
-        " --paper {input.paper:q} --external {input.external:q} --out-dir results/tables"
+        " --paper {input.paper:q} --external {input.external:q} --histories {params.histories:q}"
+        " --out-dir results/tables"
         ' && python "$CMTKD_SCRIPTS/plots.py" --runs {params.runs:q} --histories {params.histories:q}'
         " --out-dir results/plots{params.sensitivity}) > {log:q} 2>&1; status=$?; cat {log:q}; exit $status"

@@ -3,7 +3,7 @@
     make_tables.py --runs results/runs.csv --grid results/grid.csv --paper results/paper/reported.csv
                    [--external results/external/*.csv] --out-dir results/tables
 
-Writes four tables, each as ``.md`` and ``.tex`` (pandas ``Styler.to_latex``, booktabs rules) for
+Writes five tables, each as ``.md`` and ``.tex`` (pandas ``Styler.to_latex``, booktabs rules) for
 reading and as a tidy ``.csv`` (one row per cell, numbers unformatted: mean, ci95, std, n) for machines:
 
 - ``main``: rows = methods (ours, imported, reported), columns = student W/A, cells = top-1
@@ -11,6 +11,8 @@ reading and as a tidy ``.csv`` (one row per cell, numbers unformatted: mean, ci9
 - ``ablation``: the CMT-KD variants in the order of the paper's Table 1, ours next to the paper's;
 - ``paper_delta``: every reported number with ours (and imported) for the same method and setting,
   and the difference;
+- ``teachers``: every CMT-KD cell's teachers, trained jointly (CMT-KD), in the teachers-only stage and
+  alone (qat at the same bits), validation top-1 at the last epoch (needs ``--histories``);
 - ``comparison``: every method of ours against CMT-KD (``cmtkd``) at the same setting, paired by
   seed: the difference, its 95 % t interval, the paired t-test's p-value, Holm-adjusted across the
   table, and a verdict (better / worse / no significant difference / too few seeds).
@@ -36,7 +38,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checks
 from grid import CELL as KEY
-from grid import METHODS, NO_TEACHERS, bits_label
+from grid import METHODS, NO_TEACHERS, bits_label, teacher_list, teacher_seed
 from script_io import InputError, UserError, error, read_csv
 import seed_stats
 from seed_stats import (ALPHA, CONVERGENCE_GAIN_PP, cell_convergence, cell_mark, gains, holm, not_converged,
@@ -76,7 +78,14 @@ NOT_CONVERGED_NOTES = {  # by seed_stats.CONVERGENCE_SCOPE
     "run": (f"not converged: the best validation top-1 of at least one of this cell's runs still rose by "
             f"≥ {CONVERGENCE_GAIN_PP:g} pp over its last 20 % of epochs (ASSUMPTIONS.md W13)"),
 }
-TABLE_NOTES = {"comparison": [
+TABLE_NOTES = {"teachers": [
+    ("Validation top-1 (%) of each CMT-KD teacher at the last epoch (held-out part of the training set; the "
+     "teachers are not saved, so they have no test number): trained jointly with the student (CMT-KD's own "
+     "history), in the teachers-only stage of cmtkd-frozen (cmtkd-teachers), and alone (the qat run of the same "
+     "bits that kd and mtkd load, seed 1000·b + s); mean ± 95 % t interval over seeds; – where the suite has no "
+     "such run. Joint − alone: paired by student seed, Holm-adjusted across this table. The paper says the "
+     "collaboration helps the teachers too (docs/method.md §1)."),
+], "comparison": [
     ("Δ top-1 = method − CMT-KD (cmtkd) in points over the seeds both have (paired by seed; Pairs = their number), "
      "mean ± half-width of the 95 % Student-t interval of the differences; p: two-sided paired t-test "
      "(scipy.stats.ttest_rel); p (Holm): Holm-adjusted across all rows of this table."),
@@ -509,11 +518,97 @@ def comparison_table(runs: pd.DataFrame, fmt: Fmt) -> tuple[pd.DataFrame, list, 
     return display, notes.lines(), tidy
 
 
+# ----------------------------------------------------------------------------------- teachers
+TEACHER_COLUMNS = ["dataset", "arch", "w_bits", "a_bits", "teacher_set", "teacher_bits"]
+
+
+def last_value(histories: pd.DataFrame, key: dict, column: str) -> float:
+    """``column`` of the last epoch of the run ``key`` in a histories table (NaN when absent)."""
+    if histories is None or histories.empty or column not in histories:
+        return math.nan
+    rows = histories
+    for k, v in key.items():
+        rows = rows[rows[k].astype(str) == str(v)]
+    rows = rows[rows[column].notna()]
+    return math.nan if rows.empty else float(rows.sort_values("epoch")[column].iloc[-1])
+
+
+def teacher_seeds(runs: pd.DataFrame, histories: pd.DataFrame, alone: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per CMT-KD run (``cmtkd``) and teacher bit-width b: the teacher's validation top-1 at the last epoch
+    when trained jointly with the student (``joint``, the run's history), in the teachers-only stage of
+    cmtkd-frozen (``stage``: the ``cmtkd-teachers`` run of the same set and seed) and alone (``alone``: the
+    ``qat`` run at W = A = b with seed 1000 b + s, the teacher kd/mtkd load; from ``alone``'s histories, by
+    default the same table). The last epoch, not a selected one: neither side is picked by validation."""
+    alone = histories if alone is None else alone
+    rows = []
+    for r in runs[runs["method"] == REFERENCE].to_dict("records"):
+        key = {c: r[c] for c in [*KEY, "seed"]}
+        stage = {**key, "method": "cmtkd-teachers", "w_bits": 32, "a_bits": 32}
+        for i, bits in enumerate(teacher_list(r["teacher_bits"])):
+            column = f"val_top1_teacher{i}_w{bits}a{bits}"
+            single = {"method": "qat", "dataset": r["dataset"], "arch": r["arch"], "w_bits": bits, "a_bits": bits,
+                      "seed": teacher_seed(int(r["seed"]), bits)}
+            rows.append({"dataset": r["dataset"], "arch": r["arch"], "w_bits": int(r["w_bits"]),
+                         "a_bits": int(r["a_bits"]), "teacher_set": r["teacher_bits"], "teacher_bits": bits,
+                         "seed": int(r["seed"]), "joint": last_value(histories, key, column),
+                         "stage": last_value(histories, stage, column),
+                         "alone": last_value(alone, single, seed_stats.VAL_COLUMN)})
+    return pd.DataFrame(rows, columns=[*TEACHER_COLUMNS, "seed", "joint", "stage", "alone"])
+
+
+def teacher_summary(per_seed: pd.DataFrame, by: list[str] = TEACHER_COLUMNS) -> pd.DataFrame:
+    """Mean ± 95 % t interval of joint, stage and alone per teacher; joint − alone paired by seed, Holm."""
+    out = []
+    for values, part in per_seed.groupby(by, sort=False):
+        values = values if isinstance(values, tuple) else (values,)
+        paired = paired_difference({s: v for s, v in zip(part["seed"], part["joint"]) if not pd.isna(v)},
+                                   {s: v for s, v in zip(part["seed"], part["alone"]) if not pd.isna(v)})
+        row = dict(zip(by, values))
+        for column in ("joint", "stage", "alone"):
+            cell = spread(part[column])
+            row.update({column: cell.mean, f"{column}_ci95": cell.ci95, f"{column}_n": cell.n})
+        row.update(joint_minus_alone=paired.mean, ci95=paired.ci95, n_pairs=paired.n_pairs, p_value=paired.p_value)
+        out.append(row)
+    tidy = pd.DataFrame(out, columns=[*by, "joint", "joint_ci95", "joint_n", "stage", "stage_ci95", "stage_n", "alone",
+                                      "alone_ci95", "alone_n", "joint_minus_alone", "ci95", "n_pairs", "p_value"])
+    tidy["p_holm"] = holm(tidy["p_value"]) if len(tidy) else []
+    return tidy
+
+
+def teachers_display(tidy: pd.DataFrame, fmt: "Fmt", by: list[str] = TEACHER_COLUMNS) -> pd.DataFrame:
+    pm = r"$\pm$" if fmt.kind == "tex" else "±"
+
+    def value(mean, ci):
+        return "—" if pd.isna(mean) else fmt.tex(f"{mean:.2f}" if pd.isna(ci) else f"{mean:.2f} {pm} {ci:.2f}")
+
+    shown = {"dataset": "Dataset", "arch": "Arch", "teacher_set": "Teachers", "axis": "Axis", "level": "Level"}
+    rows = []
+    for r in tidy.to_dict("records"):
+        row = {shown[c]: (teachers_label(r[c]) if c == "teacher_set" else r[c]) for c in by if c in shown}
+        if "w_bits" in by:
+            row["Student"] = bits_label(int(r["w_bits"]), int(r["a_bits"]))
+        row.update({"Teacher": f"W{r['teacher_bits']}A{r['teacher_bits']}",
+                    "Joint (CMT-KD)": value(r["joint"], r["joint_ci95"]),
+                    "Teachers-only stage": value(r["stage"], r["stage_ci95"]),
+                    "Alone (qat)": value(r["alone"], r["alone_ci95"]),
+                    "Joint − alone": fmt.difference(r["joint_minus_alone"], r["ci95"], r["n_pairs"])
+                    if not pd.isna(r["joint_minus_alone"]) else "—",
+                    "Pairs": r["n_pairs"], "p (Holm)": fmt.p_value(r["p_holm"])})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def teachers_table(runs: pd.DataFrame, histories: pd.DataFrame | None, fmt) -> tuple[pd.DataFrame, list, pd.DataFrame]:
+    tidy = teacher_summary(teacher_seeds(runs, histories if histories is not None else pd.DataFrame()))
+    return teachers_display(tidy, fmt), [], tidy
+
+
 TITLES = {
     "main": "Main comparison: top-1 accuracy (%) by student bit-width",
     "ablation": "Ablation of CMT-KD (rows as in the paper's Table 1, then further switches): top-1 accuracy (%)",
     "paper_delta": "Difference to reported numbers (ours − reported, top-1/top-5 points)",
     "comparison": "Each method against CMT-KD, paired by seed: Δ top-1 (points), paired t-test, Holm-adjusted",
+    "teachers": "CMT-KD's teachers trained jointly, in the teachers-only stage and alone: validation top-1 (%)",
 }
 
 
@@ -552,14 +647,23 @@ def write_latex(path: Path, name: str, title: str, display: pd.DataFrame, notes:
     path.write_text(header + body.replace("Δ", r"$\Delta$").replace("−", "--").replace("—", "--"))
 
 
-def build(runs_csv, grid_csv, paper_csv, external_csvs, out_dir, schema=SCHEMA) -> None:
+def read_histories(path: str | None) -> pd.DataFrame | None:
+    if not path:
+        return None
+    return read_csv(path, columns=[*KEY, "seed", "epoch"], numbers=["epoch"], dtype={"teacher_bits": str},
+                    keep_default_na=False, na_values=[""], fix="rebuild it with `snakemake tables`")
+
+
+def build(runs_csv, grid_csv, paper_csv, external_csvs, out_dir, schema=SCHEMA, histories_csv=None) -> None:
     runs, grid, paper = read_runs(runs_csv), read_grid(grid_csv), read_paper(paper_csv)
+    histories = read_histories(histories_csv)
     summary = summarize(runs, grid, read_external(external_csvs, schema))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     compare = lambda _summary, _paper, fmt: comparison_table(runs, fmt)  # noqa: E731  (runs, not cells)
+    teachers = lambda _summary, _paper, fmt: teachers_table(runs, histories, fmt)  # noqa: E731
     for name, make in (("main", main_table), ("ablation", ablation_table), ("paper_delta", delta_table),
-                       ("comparison", compare)):
+                       ("comparison", compare), ("teachers", teachers)):
         general = GENERAL_NOTES + TABLE_NOTES.get(name, [])
         display, notes, tidy = make(summary, paper, fmt := Fmt("md"))
         write_tidy_csv(tidy, out / f"{name}.csv")
@@ -576,10 +680,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paper", required=True, help="results/paper/reported.csv")
     parser.add_argument("--external", nargs="*", default=[], help="imported results in the runs.csv columns")
     parser.add_argument("--schema", default=str(SCHEMA), help="JSON schema of a runs.csv row")
+    parser.add_argument("--histories", help="results/runs/histories.csv (for the teachers table; without it the "
+                                            "table has no teacher accuracies)")
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
     try:
-        build(args.runs, args.grid, args.paper, args.external, args.out_dir, args.schema)
+        build(args.runs, args.grid, args.paper, args.external, args.out_dir, args.schema, args.histories)
     except UserError as exc:  # an input file it cannot use (script_io.InputError): one line naming it
         return error(exc)
     except OSError as exc:  # e.g. an --out-dir it cannot write to
@@ -593,6 +699,7 @@ if __name__ == "__main__":
 
         sm = snakemake  # noqa: F821
         sys.exit(run_rule(main, ["--runs", sm.input.runs, "--grid", sm.input.grid, "--paper", sm.input.paper,
-                                 "--schema", str(sm.input.schema), "--external", *sm.input.external,
+                                 "--schema", str(sm.input.schema), "--histories", sm.input.histories,
+                                 "--external", *sm.input.external,
                                  "--out-dir", str(Path(sm.output.main_csv).parent)], sm.log[0]))
     sys.exit(main())

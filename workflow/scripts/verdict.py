@@ -44,6 +44,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid  # noqa: E402
+import make_tables  # noqa: E402
 import seed_stats  # noqa: E402
 import suite_config  # noqa: E402
 from script_io import InputError, error, read_csv, write_text  # noqa: E402
@@ -242,51 +243,17 @@ def accuracy_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def last_val(histories: pd.DataFrame, key: dict, column: str) -> float:
-    rows = histories
-    for k, v in key.items():
-        rows = rows[rows[k].astype(str) == str(v)]
-    if rows.empty or column not in rows:
-        return math.nan
-    return float(rows.sort_values("epoch")[column].iloc[-1])
-
-
 def teachers_table(table: pd.DataFrame, data: dict, histories: dict) -> pd.DataFrame:
-    """Per level with CMT-KD runs: each teacher bit-width's last-epoch validation top-1 when trained
-    jointly (cmtkd), in the teachers-only stage (cmtkd-teachers) and alone (qat at W=A=b), by seed."""
-    rows = []
+    """make_tables' teachers table per level with CMT-KD runs: each teacher's last-epoch validation top-1
+    trained jointly, in the teachers-only stage and alone (qat; from the base point where the level
+    trains only CMT-KD methods), joint − alone paired by student seed, Holm over the study."""
+    frames = []
     for row in table.to_dict("records"):
-        runs, hist = data[row["suite"]], histories[row["suite"]]
-        qat_runs, qat_hist = (runs, hist) if not row["methods"] else (data[BASE], histories[BASE])
-        for r in runs[runs["method"] == CMTKD].to_dict("records"):
-            key = {c: r[c] for c in grid.COLUMNS}
-            stage = {**key, "method": "cmtkd-teachers", "w_bits": grid.FULL_PRECISION, "a_bits": grid.FULL_PRECISION}
-            for i, bits in enumerate(grid.teacher_list(r["teacher_bits"])):
-                column = f"val_top1_teacher{i}_w{bits}a{bits}"
-                alone = {"method": "qat", "dataset": r["dataset"], "arch": r["arch"], "w_bits": bits, "a_bits": bits,
-                         "seed": grid.teacher_seed(r["seed"], bits)}
-                have_qat = not qat_runs[(qat_runs["method"] == "qat") & (qat_runs["w_bits"] == bits)].empty
-                rows.append({"axis": row["axis"], "level": row["level"], "dataset": r["dataset"], "arch": r["arch"],
-                             "student": grid.bits_label(r["w_bits"], r["a_bits"]), "teacher_bits": bits,
-                             "seed": r["seed"], "joint": last_val(hist, key, column),
-                             "stage": last_val(hist, stage, column),
-                             "alone": last_val(qat_hist, alone, seed_stats.VAL_COLUMN) if have_qat else math.nan})
-    per_seed = pd.DataFrame(rows)
-    out = []
-    for (axis, level, dataset, arch, student, bits), part in per_seed.groupby(
-            ["axis", "level", "dataset", "arch", "student", "teacher_bits"], sort=False):
-        joint, alone = dict(zip(part["seed"], part["joint"])), dict(zip(part["seed"], part["alone"]))
-        paired = seed_stats.paired_difference({s: v for s, v in joint.items() if not pd.isna(v)},
-                                              {s: v for s, v in alone.items() if not pd.isna(v)})
-        sj, ss, sa = (seed_stats.spread(part[c]) for c in ("joint", "stage", "alone"))
-        out.append({"axis": axis, "level": level, "dataset": dataset, "arch": arch, "student": student,
-                    "teacher_bits": bits, "joint": sj.mean, "joint_ci95": sj.ci95, "stage": ss.mean,
-                    "stage_ci95": ss.ci95, "alone": sa.mean, "alone_ci95": sa.ci95, "joint_minus_alone": paired.mean,
-                    "ci95": paired.ci95, "n_pairs": paired.n_pairs, "p_value": paired.p_value})
-    tidy = pd.DataFrame(out)
-    if not tidy.empty:
-        tidy["p_holm"] = seed_stats.holm(tidy["p_value"])
-    return tidy
+        alone = histories[BASE] if row["methods"] else histories[row["suite"]]
+        per_seed = make_tables.teacher_seeds(data[row["suite"]], histories[row["suite"]], alone)
+        frames.append(per_seed.assign(axis=row["axis"], level=row["level"]))
+    per_seed = pd.concat(frames, ignore_index=True)
+    return make_tables.teacher_summary(per_seed, ["axis", "level", *make_tables.TEACHER_COLUMNS])
 
 
 def importance_table(table: pd.DataFrame, histories: dict) -> pd.DataFrame:
@@ -334,16 +301,11 @@ def write_tables(tidy: dict[str, pd.DataFrame], out: Path) -> None:
             "axis": a["axis"], "level": a["level"], "setting": a["arch"] + " " +
             [grid.bits_label(w, x) for w, x in zip(a["w_bits"], a["a_bits"])], "method": a["method"],
             "top-1": [fmt(m, c) for m, c in zip(a["top1"], a["ci95"])], "n": a["n"]})),
-        "teachers": ("CMT-KD's teachers: trained jointly with the student (joint), in the teachers-only stage of "
-                     "cmtkd-frozen (stage) and alone as qat runs (alone); validation top-1 at the last epoch, "
-                     "joint − alone paired by student seed", pd.DataFrame({
-                         "axis": t["axis"], "level": t["level"], "setting": t["arch"] + " " + t["student"],
-                         "teacher": t["teacher_bits"].map("W{0}A{0}".format),
-                         "joint": [fmt(m, c) for m, c in zip(t["joint"], t["joint_ci95"])],
-                         "stage": [fmt(m, c) for m, c in zip(t["stage"], t["stage_ci95"])],
-                         "alone": [fmt(m, c) for m, c in zip(t["alone"], t["alone_ci95"])],
-                         "joint − alone": [fmt(d, c, sign=True) for d, c in zip(t["joint_minus_alone"], t["ci95"])],
-                         "n": t["n_pairs"], "p (Holm)": t["p_holm"].map(p_text)}) if not t.empty else pd.DataFrame()),
+        "teachers": ("CMT-KD's teachers: trained jointly with the student (Joint), in the teachers-only stage of "
+                     "cmtkd-frozen and alone as qat runs; validation top-1 at the last epoch, joint − alone paired "
+                     "by student seed (Holm over the study)",
+                     make_tables.teachers_display(t, make_tables.Fmt("md"),
+                                                  ["axis", "level", *make_tables.TEACHER_COLUMNS])),
         "importance": ("CMT-KD's importance weights pi = softmax(theta) at the last epoch, mean over seeds "
                        "(pi_<point>_<teacher>, teachers in teacher_bits order), and the largest |pi - 1/n| of any run",
                        pi.round(4)),
