@@ -116,15 +116,17 @@ def test_suite_teachers_table_shows_joint_stage_and_alone_with_fp_labels():
                          for s in range(2)])
     hist = pd.DataFrame(
         [{**key, "method": "cmtkd", "w_bits": 2, "seed": s, "epoch": 3, "val_top1_teacher0_w8a8": 90.0 + s,
-          "val_top1_teacher1_w4a4": 88.0} for s in range(2)]
+          "val_top1_teacher1_w4a4": 88.0, "val_top1_teachers": 93.0} for s in range(2)]
         + [{**key, "method": "cmtkd-teachers", "w_bits": 32, "a_bits": 32, "seed": s, "epoch": 3,
-            "val_top1_teacher0_w8a8": 91.0, "val_top1_teacher1_w4a4": 89.0} for s in range(2)]
+            "val_top1_teacher0_w8a8": 91.0, "val_top1_teacher1_w4a4": 89.0, "val_top1_student": 94.0 + s}
+           for s in range(2)]
         + [{"dataset": "digits", "arch": "resnet18", "method": "qat", "w_bits": b, "a_bits": b, "teacher_bits": "none",
             "seed": 1000 * b + s, "epoch": 3, "val_top1_student": 92.0 - s} for b in (8, 4) for s in range(2)])
     display, _, tidy = make_tables.teachers_table(runs, hist, make_tables.Fmt("md"))
     eight = tidy[tidy["teacher_bits"] == 8].iloc[0]
     assert (eight["joint"], eight["stage"], eight["alone"]) == (90.5, 91.0, 91.5)
     assert eight["joint_minus_alone"] == -1.0 and eight["n_pairs"] == 2  # -2 and 0
+    assert (eight["joint_ensemble"], eight["stage_ensemble"]) == (93.0, 94.5)  # z_T jointly and in the stage
     assert list(display["Teacher"]) == ["W8A8", "W4A4"] and display["Student"].iloc[0] == "W2A2"
     assert display["Joint − alone"].iloc[0].startswith("-1.00 ±")
     empty = make_tables.teachers_table(runs, None, make_tables.Fmt("md"))[0]

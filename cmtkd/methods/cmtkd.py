@@ -434,9 +434,9 @@ class CMTKD(Method):
     def eval_models(self):
         models = {"student": self.student}
         models.update({f"teacher{i}_w{b}a{b}": _TeacherView(self, i) for i, b in enumerate(self.teacher_bits)})
-        if self.options.freeze_teachers:
-            # z_T of the frozen fused teachers: must equal what their teachers-only run logged
-            models["teachers"] = _TeacherView(self, None)
+        # z_T, the teachers' combined logit (what CE_T and the MinLogit target use: with teacher_loss=combined
+        # the heads are trained only through it). Frozen teachers: must equal what their teachers-only run logged
+        models["teachers"] = _TeacherView(self, None)
         return models
 
     def log_scalars(self):

@@ -82,8 +82,10 @@ TABLE_NOTES = {"teachers": [
     ("Validation top-1 (%) of each CMT-KD teacher at the last epoch (held-out part of the training set; the "
      "teachers are not saved, so they have no test number): trained jointly with the student (CMT-KD's own "
      "history), in the teachers-only stage of cmtkd-frozen (cmtkd-teachers), and alone (the qat run of the same "
-     "bits that kd and mtkd load, seed 1000·b + s); mean ± 95 % t interval over seeds; – where the suite has no "
-     "such run. Joint − alone: paired by student seed, Holm-adjusted across this table. The paper says the "
+     "bits that kd and mtkd load, seed 1000·b + s); z_T: the teachers' combined logit (the mean of the heads, "
+     "which CE_T trains with teacher_loss=combined: the heads are not trained one by one), jointly and in the "
+     "stage; mean ± 95 % t interval over seeds; — where the suite has no such run (or its runs predate the "
+     "z_T log). Joint − alone: paired by student seed, Holm-adjusted across this table. The paper says the "
      "collaboration helps the teachers too (docs/method.md §1)."),
 ], "comparison": [
     ("Δ top-1 = method − CMT-KD (cmtkd) in points over the seeds both have (paired by seed; Pairs = their number), "
@@ -520,6 +522,9 @@ def comparison_table(runs: pd.DataFrame, fmt: Fmt) -> tuple[pd.DataFrame, list, 
 
 # ----------------------------------------------------------------------------------- teachers
 TEACHER_COLUMNS = ["dataset", "arch", "w_bits", "a_bits", "teacher_set", "teacher_bits"]
+# per seed: each teacher head trained jointly / in the teachers-only stage / alone, and the teachers' combined
+# logit z_T (what CE_T trains with teacher_loss=combined) jointly (logged by runs since val_top1_teachers) / in the stage
+TEACHER_VALUES = ["joint", "stage", "alone", "joint_ensemble", "stage_ensemble"]
 
 
 def last_value(histories: pd.DataFrame, key: dict, column: str) -> float:
@@ -538,7 +543,9 @@ def teacher_seeds(runs: pd.DataFrame, histories: pd.DataFrame, alone: pd.DataFra
     when trained jointly with the student (``joint``, the run's history), in the teachers-only stage of
     cmtkd-frozen (``stage``: the ``cmtkd-teachers`` run of the same set and seed) and alone (``alone``: the
     ``qat`` run at W = A = b with seed 1000 b + s, the teacher kd/mtkd load; from ``alone``'s histories, by
-    default the same table). The last epoch, not a selected one: neither side is picked by validation."""
+    default the same table); and the teachers' combined logit z_T, jointly (``joint_ensemble``, NaN for runs
+    made before CMT-KD logged it) and in the stage (``stage_ensemble``). The last epoch, not a selected one:
+    neither side is picked by validation."""
     alone = histories if alone is None else alone
     rows = []
     for r in runs[runs["method"] == REFERENCE].to_dict("records"):
@@ -552,8 +559,10 @@ def teacher_seeds(runs: pd.DataFrame, histories: pd.DataFrame, alone: pd.DataFra
                          "a_bits": int(r["a_bits"]), "teacher_set": r["teacher_bits"], "teacher_bits": bits,
                          "seed": int(r["seed"]), "joint": last_value(histories, key, column),
                          "stage": last_value(histories, stage, column),
-                         "alone": last_value(alone, single, seed_stats.VAL_COLUMN)})
-    return pd.DataFrame(rows, columns=[*TEACHER_COLUMNS, "seed", "joint", "stage", "alone"])
+                         "alone": last_value(alone, single, seed_stats.VAL_COLUMN),
+                         "joint_ensemble": last_value(histories, key, "val_top1_teachers"),
+                         "stage_ensemble": last_value(histories, stage, seed_stats.VAL_COLUMN)})
+    return pd.DataFrame(rows, columns=[*TEACHER_COLUMNS, "seed", *TEACHER_VALUES])
 
 
 def teacher_summary(per_seed: pd.DataFrame, by: list[str] = TEACHER_COLUMNS) -> pd.DataFrame:
@@ -564,13 +573,13 @@ def teacher_summary(per_seed: pd.DataFrame, by: list[str] = TEACHER_COLUMNS) -> 
         paired = paired_difference({s: v for s, v in zip(part["seed"], part["joint"]) if not pd.isna(v)},
                                    {s: v for s, v in zip(part["seed"], part["alone"]) if not pd.isna(v)})
         row = dict(zip(by, values))
-        for column in ("joint", "stage", "alone"):
+        for column in TEACHER_VALUES:
             cell = spread(part[column])
             row.update({column: cell.mean, f"{column}_ci95": cell.ci95, f"{column}_n": cell.n})
         row.update(joint_minus_alone=paired.mean, ci95=paired.ci95, n_pairs=paired.n_pairs, p_value=paired.p_value)
         out.append(row)
-    tidy = pd.DataFrame(out, columns=[*by, "joint", "joint_ci95", "joint_n", "stage", "stage_ci95", "stage_n", "alone",
-                                      "alone_ci95", "alone_n", "joint_minus_alone", "ci95", "n_pairs", "p_value"])
+    stats = [f"{c}{suffix}" for c in TEACHER_VALUES for suffix in ("", "_ci95", "_n")]
+    tidy = pd.DataFrame(out, columns=[*by, *stats, "joint_minus_alone", "ci95", "n_pairs", "p_value"])
     tidy["p_holm"] = holm(tidy["p_value"]) if len(tidy) else []
     return tidy
 
@@ -591,6 +600,8 @@ def teachers_display(tidy: pd.DataFrame, fmt: "Fmt", by: list[str] = TEACHER_COL
                     "Joint (CMT-KD)": value(r["joint"], r["joint_ci95"]),
                     "Teachers-only stage": value(r["stage"], r["stage_ci95"]),
                     "Alone (qat)": value(r["alone"], r["alone_ci95"]),
+                    "z_T joint": value(r["joint_ensemble"], r["joint_ensemble_ci95"]),
+                    "z_T stage": value(r["stage_ensemble"], r["stage_ensemble_ci95"]),
                     "Joint − alone": fmt.difference(r["joint_minus_alone"], r["ci95"], r["n_pairs"])
                     if not pd.isna(r["joint_minus_alone"]) else "—",
                     "Pairs": r["n_pairs"], "p (Holm)": fmt.p_value(r["p_holm"])})

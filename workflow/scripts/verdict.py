@@ -197,33 +197,31 @@ def level_runs(table: pd.DataFrame, data: dict[str, pd.DataFrame]) -> pd.DataFra
     frames = []
     for row in table.to_dict("records"):
         own = data[row["suite"]]
-        own = own[own["role"] == "grid"]
+        own = own[own["role"] == "grid"].assign(suite=row["suite"])
         if row["methods"]:
             base = data[BASE]
-            base = base[(base["role"] == "grid") & ~base["method"].isin(row["methods"])]
+            base = base[(base["role"] == "grid") & ~base["method"].isin(row["methods"])].assign(suite=BASE)
             own = pd.concat([own[own["method"].isin(row["methods"])], base])
-        frames.append(own.assign(axis=row["axis"], level=row["level"], from_suite=own["run_dir"].map(
-            lambda d, s=row["suite"]: s)))
+        frames.append(own.assign(axis=row["axis"], level=row["level"]))
     runs = pd.concat(frames, ignore_index=True)
     runs["label"] = [method_label(m, t) for m, t in zip(runs["method"], runs["teacher_bits"])]
     return runs
 
 
-def setting(frame: pd.DataFrame) -> list[str]:
-    return ["dataset", "arch", "w_bits", "a_bits"]
+SETTING = ["dataset", "arch", "w_bits", "a_bits"]  # a table cell, seeds aside
 
 
 def verdict_table(runs: pd.DataFrame) -> pd.DataFrame:
     """CMT-KD − each baseline, per axis, level and setting, paired by seed; Holm over all of them."""
     rows = []
-    for (axis, level, *cell), part in runs.groupby(["axis", "level", *setting(runs)], sort=False):
+    for (axis, level, *cell), part in runs.groupby(["axis", "level", *SETTING], sort=False):
         ours = part[part["method"] == CMTKD]
         if ours.empty:
             continue
         mine = dict(zip(ours["seed"], ours["top1"]))
         for label, other in part[part["method"] != CMTKD].groupby("label", sort=False):
             paired = seed_stats.paired_difference(mine, dict(zip(other["seed"], other["top1"])))
-            rows.append({"axis": axis, "level": level, **dict(zip(setting(runs), cell)), "baseline": label,
+            rows.append({"axis": axis, "level": level, **dict(zip(SETTING, cell)), "baseline": label,
                          "cmtkd_top1": seed_stats.spread(ours["top1"]).mean,
                          "baseline_top1": seed_stats.spread(other["top1"]).mean, "difference": paired.mean,
                          "ci95": paired.ci95, "n_pairs": paired.n_pairs, "p_value": paired.p_value})
@@ -236,9 +234,9 @@ def verdict_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def accuracy_table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for (axis, level, *cell, label), part in runs.groupby(["axis", "level", *setting(runs), "label"], sort=False):
+    for (axis, level, *cell, label), part in runs.groupby(["axis", "level", *SETTING, "label"], sort=False):
         s = seed_stats.spread(part["top1"])
-        rows.append({"axis": axis, "level": level, **dict(zip(setting(runs), cell)), "method": label,
+        rows.append({"axis": axis, "level": level, **dict(zip(SETTING, cell)), "method": label,
                      "top1": s.mean, "ci95": s.ci95, "n": s.n})
     return pd.DataFrame(rows)
 
