@@ -131,3 +131,13 @@ def test_suite_teachers_table_shows_joint_stage_and_alone_with_fp_labels():
     assert display["Joint − alone"].iloc[0].startswith("-1.00 ±")
     empty = make_tables.teachers_table(runs, None, make_tables.Fmt("md"))[0]
     assert set(empty["Joint (CMT-KD)"]) == {"—"}  # no histories: no numbers, no error
+
+
+def test_wide_verdict_has_a_row_per_level_and_a_column_per_baseline():
+    v = pd.DataFrame({"axis": ["a", "a", "a"], "level": ["x", "x", "y"], "baseline": ["kd (8)", "qat", "kd (8)"],
+                      "cmtkd_top1": [90.0, 90.0, 91.0], "difference": [-1.0, 0.5, 2.0], "ci95": [0.5, 1.0, 1.0],
+                      "p_holm": [0.01, 0.5, math.nan]})
+    wide = verdict.wide_verdict(v)
+    assert list(wide.columns) == ["axis", "level", "CMT-KD top-1", "kd (8)", "qat"]
+    assert wide.iloc[0]["kd (8)"] == "-1.00 ± 0.50*" and wide.iloc[0]["qat"] == "+0.50 ± 1.00"
+    assert wide.iloc[1]["CMT-KD top-1"] == "91.00" and pd.isna(wide.iloc[1]["qat"])

@@ -308,11 +308,24 @@ def write_tables(tidy: dict[str, pd.DataFrame], out: Path) -> None:
                        "(pi_<point>_<teacher>, teachers in teacher_bits order), and the largest |pi - 1/n| of any run",
                        pi.round(4)),
     }
+    shown["verdict_wide"] = ("CMT-KD minus each baseline per axis level (points, 95 % t interval; * = Holm-significant "
+                             "at 5 % over the whole study; CMT-KD's own top-1 in the first column)", wide_verdict(v))
     for name, frame in tidy.items():
         write_text(out / "tables" / f"{name}.csv", frame.to_csv(index=False))
-        title, display = shown[name]
+    for name, (title, display) in shown.items():
         text = f"# {title}\n\n{display.to_markdown(index=False)}\n\nSee README.md beside this folder and ASSUMPTIONS.md (A5, A19, A20, W13).\n"
         write_text(out / "tables" / f"{name}.md", text)
+
+
+def wide_verdict(v: pd.DataFrame) -> pd.DataFrame:
+    """One row per axis level, one column per baseline: CMT-KD − baseline (the paper's layout of a table)."""
+    cell = [fmt(d, c, sign=True) + ("*" if p < seed_stats.ALPHA else "") for d, c, p in
+            zip(v["difference"], v["ci95"], v["p_holm"].fillna(1.0))]
+    frame = v.assign(cell=cell)
+    wide = frame.pivot_table(index=["axis", "level"], columns="baseline", values="cell", aggfunc="first", sort=False)
+    ours = frame.groupby(["axis", "level"], sort=False)["cmtkd_top1"].first().map("{:.2f}".format)
+    wide.insert(0, "CMT-KD top-1", ours)
+    return wide.reset_index()
 
 
 def plot_length(verdict: pd.DataFrame, runs: pd.DataFrame, axis: str, out: Path) -> None:
