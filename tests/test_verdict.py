@@ -141,3 +141,17 @@ def test_wide_verdict_has_a_row_per_level_and_a_column_per_baseline():
     assert list(wide.columns) == ["axis", "level", "CMT-KD top-1", "kd (8)", "qat"]
     assert wide.iloc[0]["kd (8)"] == "-1.00 ± 0.50*" and wide.iloc[0]["qat"] == "+0.50 ± 1.00"
     assert wide.iloc[1]["CMT-KD top-1"] == "91.00" and pd.isna(wide.iloc[1]["qat"])
+
+
+def test_level_effect_compares_each_retrained_method_with_itself_at_the_base_point():
+    base = runs_frame([*[("cmtkd", "8-6-4", 2, s, 90.0 + s, "grid") for s in range(3)],
+                       *[("qat", "none", 2, s, 91.0, "grid") for s in range(3)]])
+    level = runs_frame([*[("cmtkd", "8-6-4", 2, s, 91.0 + s + (s == 1), "grid") for s in range(3)]])  # +1, +2, +1
+    table = pd.DataFrame([
+        {"axis": "reading", "level": "residual", "suite": "base", "methods": None, "config": {}},
+        {"axis": "reading", "level": "stage-input", "suite": "lvl", "methods": ["cmtkd"], "config": {}}])
+    runs = verdict.level_runs(table, {"base": base, "lvl": level})
+    effect = verdict.level_effect_table(runs, table)
+    assert list(effect["method"]) == ["cmtkd (8-6-4)"]  # qat is the base point's run at both levels
+    assert effect["difference"].iloc[0] == pytest.approx(4 / 3) and effect["n_pairs"].iloc[0] == 3
+    assert effect["base_level"].iloc[0] == "residual" and effect["p_holm"].iloc[0] >= effect["p_value"].iloc[0]

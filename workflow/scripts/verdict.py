@@ -22,6 +22,8 @@ writes the study's own tables and plot into ``OUT/tables`` and ``OUT/plots``:
 
 - ``verdict``: per axis and level, CMT-KD minus each baseline, paired by seed (mean, 95 % t interval,
   raw p of the paired t-test, Holm over every comparison of the study, verdict at 5 %);
+- ``level_effect``: each method at each level minus itself at the base point, paired by seed (what a
+  level does to every method it retrains);
 - ``accuracy``: every method's top-1 (mean ± 95 % t interval over seeds) per axis and level;
 - ``teachers``: CMT-KD's jointly trained teachers next to independently trained ``qat`` teachers of
   the same bits (and the teachers-only stage of ``cmtkd-frozen``), validation top-1 at the last epoch
@@ -232,6 +234,31 @@ def verdict_table(runs: pd.DataFrame) -> pd.DataFrame:
     return tidy
 
 
+def level_effect_table(runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Each method at each level minus the same method at its axis's base point, paired by seed (how much
+    the level moves every method, not only CMT-KD); Holm over the table. Methods a level does not
+    retrain (its baselines come from the base point) are left out: their difference is zero by construction."""
+    base_level = {r["axis"]: r["level"] for r in table.to_dict("records") if r["suite"] == BASE}
+    retrained = {(r["axis"], r["level"]): r["methods"] for r in table.to_dict("records")}
+    rows = []
+    for (axis, level, *cell, label), part in runs.groupby(["axis", "level", *SETTING, "label"], sort=False):
+        methods = retrained[(axis, level)]
+        if level == base_level[axis] or (methods and part["method"].iloc[0] not in methods):
+            continue
+        base = runs[(runs["axis"] == axis) & (runs["level"] == base_level[axis]) & (runs["label"] == label)]
+        for column, value in zip(SETTING, cell):
+            base = base[base[column] == value]
+        paired = seed_stats.paired_difference(dict(zip(part["seed"], part["top1"])), dict(zip(base["seed"], base["top1"])))
+        rows.append({"axis": axis, "level": level, "base_level": base_level[axis], **dict(zip(SETTING, cell)),
+                     "method": label, "top1": seed_stats.spread(part["top1"]).mean,
+                     "base_top1": seed_stats.spread(base["top1"]).mean, "difference": paired.mean, "ci95": paired.ci95,
+                     "n_pairs": paired.n_pairs, "p_value": paired.p_value})
+    tidy = pd.DataFrame(rows)
+    if len(tidy):
+        tidy["p_holm"] = seed_stats.holm(tidy["p_value"])
+    return tidy
+
+
 def accuracy_table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (axis, level, *cell, label), part in runs.groupby(["axis", "level", *SETTING, "label"], sort=False):
@@ -284,7 +311,7 @@ def p_text(p: float) -> str:
 
 
 def write_tables(tidy: dict[str, pd.DataFrame], out: Path) -> None:
-    v, a, t, pi = tidy["verdict"], tidy["accuracy"], tidy["teachers"], tidy["importance"]
+    v, a, t, pi, e = tidy["verdict"], tidy["accuracy"], tidy["teachers"], tidy["importance"], tidy["level_effect"]
     shown = {
         "verdict": ("CMT-KD minus each baseline, paired by seed (top-1 points, 95 % t interval; Holm over all "
                     f"{len(v)} comparisons)", pd.DataFrame({
@@ -304,6 +331,13 @@ def write_tables(tidy: dict[str, pd.DataFrame], out: Path) -> None:
                      "by student seed (Holm over the study)",
                      make_tables.teachers_display(t, make_tables.Fmt("md"),
                                                   ["axis", "level", *make_tables.TEACHER_COLUMNS])),
+        "level_effect": ("Each method at each level minus the same method at its axis's base point, paired by seed "
+                         "(points, 95 % t interval; Holm over this table)", pd.DataFrame({
+                             "axis": e["axis"], "level": e["level"], "vs": e["base_level"], "method": e["method"],
+                             "top-1": e["top1"].map("{:.2f}".format), "base top-1": e["base_top1"].map("{:.2f}".format),
+                             "level − base": [fmt(d, c, sign=True) for d, c in zip(e["difference"], e["ci95"])],
+                             "n": e["n_pairs"], "p": e["p_value"].map(p_text), "p (Holm)": e["p_holm"].map(p_text)})
+                         if len(e) else pd.DataFrame()),
         "importance": ("CMT-KD's importance weights pi = softmax(theta) at the last epoch, mean over seeds "
                        "(pi_<point>_<teacher>, teachers in teacher_bits order), and the largest |pi - 1/n| of any run",
                        pi.round(4)),
@@ -370,7 +404,8 @@ def publish(config_path: Path, directory: Path, out: Path) -> dict:
         data[name], histories[name] = read_level_runs(directory, name)
     runs = level_runs(table, data)
     tidy = {"verdict": verdict_table(runs), "accuracy": accuracy_table(runs),
-            "teachers": teachers_table(table, data, histories), "importance": importance_table(table, histories)}
+            "level_effect": level_effect_table(runs, table), "teachers": teachers_table(table, data, histories),
+            "importance": importance_table(table, histories)}
     write_tables(tidy, out)
     length_axis = study.get("length_axis", "length")
     if length_axis in study["axes"]:
