@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make all   -> install everything into .venv and run the default suite (Snakemake, embedded dataset, CPU)
 #   make test  -> install everything into .venv and run the test suite
-#   make reference-check -> rerun cells of the committed reference results and compare (README "Reference results")
+#   make reference-check -> rerun cells of the committed reference results and compare (results/reference/README.md)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -37,7 +37,7 @@ gpu-check:
 gpu-wheels:
 	$(PYTHON) benchmarks/gpu_check.py --download-wheels .whl
 
-# Reference results (README, "Reference results"): config/reference.yaml, run in $(REFERENCE_RUN), published
+# Reference results (results/reference/README.md): config/reference.yaml, run in $(REFERENCE_RUN), published
 # into $(REFERENCE)/ (runs.csv, tables, plots, FINGERPRINT.json, ENVIRONMENT.md; no checkpoints).
 REFERENCE_CONFIG ?= config/reference.yaml
 REFERENCE_RUN    ?= runs/reference
