@@ -69,7 +69,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The verdict study (config/verdict.yaml; published into results/verdict/): every level suite in $(VERDICT_RUN)
+# The verdict study (config/verdict.yaml, results/verdict/README.md): every level suite in $(VERDICT_RUN)
 # (resumes when rerun), then its tables and plot published into results/verdict/.
 VERDICT_RUN ?= studies/verdict
 verdict: $(STAMP)
