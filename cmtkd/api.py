@@ -72,7 +72,7 @@ def load_run(path: str | Path, device: "str | torch.device" = "cpu") -> Run:
     import torch
 
     from cmtkd.config import config_hash, load_run_config
-    from cmtkd.engine.trainer import REBUILD_METRICS, check_model_of_run
+    from cmtkd.engine.trainer import REBUILD_METRICS, check_model_of_run, history_problem
     from cmtkd.engine.trainer import load_student as _load
     from cmtkd.errors import UserError
     from cmtkd.files import read_regular_file, read_sealed_json
@@ -85,8 +85,13 @@ def load_run(path: str | Path, device: "str | torch.device" = "cpu") -> Run:
     # Sealed like everything the tables read: an edited or truncated metrics.json is an error, not a number.
     metrics: Any = read_sealed_json(metrics_file, REBUILD_METRICS) if metrics_file.exists() else None
     history_file = run_dir / "history.csv"
+    # model.pt is written after the last epoch, so the history must hold all of them: checked as `cmtkd train`
+    # checks it before it calls a run complete (a run it would rebuild is not loaded).
+    problem = history_problem(history_file, config.epochs)
+    if problem is not None:
+        raise UserError(f"{problem}; {REBUILD_METRICS}")
     try:
-        history = pd.read_csv(io.BytesIO(read_regular_file(history_file))) if history_file.exists() else pd.DataFrame()
+        history = pd.read_csv(io.BytesIO(read_regular_file(history_file)))
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise UserError(f"{history_file} is unreadable ({type(exc).__name__}); {REBUILD_METRICS}") from None
     return Run(path=run_dir, config=config, student=model.eval(), arch_config=dict(blob["arch_config"]),

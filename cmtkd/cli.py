@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import signal
 import sys
 import textwrap
+import threading
 import warnings
 
 from cmtkd.errors import UserError
@@ -77,6 +80,9 @@ def cmd_train(args) -> int:
 
     cfg = _config_from_args(args)
     if args.print_config:
+        from cmtkd.engine.footprint import check_network_size
+
+        check_network_size(cfg)  # what `cmtkd train` would refuse: the workflow's pre-start check relies on it
         print(yaml.safe_dump(asdict(cfg), sort_keys=False), end="")
         return 0
     from cmtkd.engine import train
@@ -129,10 +135,11 @@ def cmd_export(args) -> int:
     import torch
 
     from cmtkd.config import load_run_config
-    from cmtkd.engine.trainer import load_student
+    from cmtkd.engine.trainer import load_student, refuse_run_in_use
     from cmtkd.files import atomic_write_bytes, sha256_file
 
     run_dir = Path(args.run_dir)
+    refuse_run_in_use(run_dir)  # a run still in training has no model.pt yet: say so, not that it is missing
     cfg = load_run_config(run_dir)
     model, blob = load_student(run_dir, torch.device("cpu"))
     if "w_bits" not in blob["arch_config"]:
@@ -200,6 +207,40 @@ def cmd_list(args) -> int:
     return 0
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a job scheduler's stop, a closed terminal), raised where the program is: it
+    unwinds like Ctrl-C, through every cleanup (lock release, temp files), so the run stays resumable."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """While the body runs, :data:`STOP_SIGNALS` raise :class:`Stopped` (their default would end the process
+    at once, leaving the lock file and temp files to the next run and saying nothing); the previous handlers
+    are restored afterwards. Only in the main thread (the only one Python delivers signals to); a signal that
+    is ignored (``nohup`` ignores SIGHUP) stays ignored."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        def stop(signum, frame):
+            raise Stopped(signum)
+
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name, None)  # (Windows has no SIGHUP)
+            if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmtkd", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -249,13 +290,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "list": cmd_list}[args.command]
     try:
-        return handler(args)
+        with stop_signals_interrupt():
+            return handler(args)
     except UserError as exc:
         print(f"cmtkd: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         again = ("rerun the same command to resume from the last finished epoch" if args.command == "train"
                  else "nothing was written; rerun the command")  # evaluate/export write atomically, at the end
+        if isinstance(exc, Stopped):
+            print(f"cmtkd: stopped by {signal.Signals(exc.signum).name}; {again}", file=sys.stderr)
+            return 128 + exc.signum
         print(f"cmtkd: interrupted; {again}", file=sys.stderr)
         return 130
 

@@ -73,6 +73,9 @@ class TrainConfig:
     progress: Literal["auto", "bar", "none"] = "auto"  # auto: a bar on a TTY
     # Experiment trackers besides history.csv: csv | tensorboard | wandb (cmtkd.engine.loggers).
     loggers: list[str] = field(default_factory=lambda: ["csv"])
+    # The memory one network of the run may need for a training step, estimated before anything is
+    # allocated (cmtkd.engine.footprint); a config asking for more is refused. Raise it for a larger model.
+    max_network_gib: float = 64.0
 
 
 @dataclass
@@ -93,7 +96,7 @@ class RunConfig:
 
 # Keys that may differ between a checkpoint and the resuming command without changing results.
 NON_RESULT_KEYS = ("train.progress", "train.threads", "data.num_workers", "data.eval_batch_size", "data.download",
-                   "train.loggers")
+                   "train.loggers", "train.max_network_gib")
 
 # torch.set_num_threads has no upper bound of its own: 100000 exceeds the process's thread limit and
 # OpenMP then crashes the process (segfault) instead of raising. 4096 is above the hardware threads of
@@ -135,6 +138,8 @@ def check_numbers(cfg: RunConfig) -> None:
     _require(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0")
     _require(math.isfinite(cfg.model.width) and cfg.model.width > 0, "model.width", cfg.model.width,
              "a finite number > 0")
+    _require(math.isfinite(cfg.train.max_network_gib) and cfg.train.max_network_gib > 0, "train.max_network_gib",
+             cfg.train.max_network_gib, "a finite number > 0")
     for key, seed in (("seed", cfg.seed), ("data.split_seed", cfg.data.split_seed)):
         _require(0 <= seed <= MAX_SEED, key, seed, "in 0..2**63-1")
     check_threads(cfg.train.threads)

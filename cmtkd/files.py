@@ -110,10 +110,20 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
 MAX_READ_BYTES = 16 * 2**30
 
 
+# A file this long whose blocks on disk hold less than half of it is sparse (holes read as zeros):
+# cmtkd writes every byte of its files, so such a file is damage or a trap, refused before reading it.
+SPARSE_MIN_BYTES = 64 * 2**20
+
+
+def is_sparse(info: os.stat_result) -> bool:
+    return info.st_size > SPARSE_MIN_BYTES and info.st_blocks * 512 < info.st_size // 2
+
+
 def read_regular_file(path: str | Path, limit: int = MAX_READ_BYTES) -> bytes:
     """The bytes of ``path`` if it is a regular file (a symbolic link to one is fine) of at most ``limit``
-    bytes. Anything else raises OSError before a byte is read: a FIFO would block for ever, /dev/zero or a
-    sparse terabyte file would fill memory, and a run directory or teacher path from elsewhere may hold them."""
+    bytes that is not sparse (:func:`is_sparse`). Anything else raises OSError before a byte is read: a FIFO
+    would block for ever, /dev/zero or a sparse file would fill memory with zeros it never stored, and a
+    run directory or teacher path from elsewhere may hold them."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait for a writer
     try:
         info = os.fstat(fd)
@@ -121,6 +131,10 @@ def read_regular_file(path: str | Path, limit: int = MAX_READ_BYTES) -> bytes:
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         if info.st_size > limit:
             raise OSError(errno.EFBIG, f"{info.st_size / 2**30:.1f} GiB, more than any file cmtkd writes", str(path))
+        if is_sparse(info):
+            raise OSError(errno.EFBIG, f"a sparse file ({info.st_size / 2**20:,.0f} MiB long, "
+                                       f"{info.st_blocks * 512 / 2**20:,.0f} MiB on disk), which cmtkd never writes",
+                          str(path))
         with os.fdopen(os.dup(fd), "rb") as fh:
             return fh.read()
     finally:
@@ -161,12 +175,16 @@ def write_sealed_json(path: str | Path, obj: dict) -> dict:
     return sealed
 
 
+# metrics.json and eval.json are a few KB; the cap bounds what a damaged or planted one makes us read.
+MAX_JSON_BYTES = 64 * 2**20
+
+
 def read_sealed_json(path: str | Path, fix: str) -> dict:
     """Read a JSON object written by :func:`write_sealed_json` and check its seal; any problem is a
     one-line UserError naming ``path`` and ``fix`` (what rebuilds the file)."""
     path = Path(path)
     try:
-        text = read_regular_file(path).decode()
+        text = read_regular_file(path, MAX_JSON_BYTES).decode()
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; {fix}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -306,28 +324,44 @@ def load_yaml_text(text: str):
         loader.dispose()
 
 
+# A config file is a few KB; 1 MiB is far above any real one and bounds what a YAML file can make us read.
+MAX_CONFIG_BYTES = 2**20
+
+
+def yaml_error_line(exc) -> str:
+    """``yaml.YAMLError`` -> "line N: what" (its first line), for one-line messages."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}: {what}" if mark is not None else what
+
+
 def read_yaml_mapping(path: str | Path, what: str, missing: str, not_mapping: str) -> dict:
-    """The mapping a YAML file holds (an empty file is ``{}``). ``what`` names the file in the one-line
-    error for invalid YAML (not UTF-8, a repeated key, an anchor); ``missing`` and ``not_mapping`` are
-    the whole errors for those cases."""
+    """The mapping a YAML file holds (an empty file is ``{}``), read as strictly as cmtkd reads every
+    config (library and workflow alike): a regular file of at most :data:`MAX_CONFIG_BYTES`, UTF-8, no
+    repeated key, no anchor/alias. ``what`` names the file in the one-line error for each of those (with
+    the line where there is one); ``missing`` and ``not_mapping`` are the whole errors for those cases."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise UserError(missing)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{what} {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                        f"{exc.start}); save it as UTF-8") from None
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise UserError(f"{what} {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); "
+                        f"save it as UTF-8") from None
     except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise UserError(f"{what} {path} is {path.stat().st_size:,} bytes, more than a config file can be "
+                            f"({MAX_CONFIG_BYTES:,}); give the right file") from None
         raise UserError(f"cannot read {what} {path} ({exc.strerror or exc}); fix the cause and rerun") from None
     try:
         data = load_yaml_text(text) or {}
     except YamlRefused as exc:
         raise UserError(f"{what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{what} {path} is not valid YAML ({yaml_error_line(exc)})") from None
     if not isinstance(data, dict):
         raise UserError(not_mapping)
     return data

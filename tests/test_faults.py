@@ -286,7 +286,7 @@ def test_disk_full_during_training_is_one_line_and_leaves_nothing_partial(tmp_pa
         out = disk / "run"
         line = one_line_error(run_cli("train", *tiny_args(epochs=1), "--out", str(out)))
         assert "no space left on device" in line and CHECKPOINT_FILE in line
-        assert not (out / CHECKPOINT_FILE).exists() and not own_temp_files(out)
+        assert not out.exists()  # the directory it created, removed again (no checkpoint, no temp file in it)
 
 
 def test_disk_full_during_export_is_one_line_and_leaves_nothing_partial(reference_run, tmp_path):
@@ -497,7 +497,7 @@ def test_cleanup_removes_only_our_own_temp_files(tmp_path):
     stale = user_dir / ".checkpoint.pt.cmtkd-k1ll3d00.tmp"
     stale.write_bytes(b"half a checkpoint")
     args = tiny_args(epochs=1)
-    args[args.index("data.batch_size=256")] = "data.batch_size=100000"  # fails after the directory is set up
+    args[args.index("data.batch_size=256")] = "data.batch_size=4000"  # more than digits has: fails after the directory is set up
     line = one_line_error(run_cli("train", *args, "--out", str(user_dir)))
     assert "fewer than data.batch_size" in line
     assert (user_dir / ".notes.tmp").read_text() == "my notes"

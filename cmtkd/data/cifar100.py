@@ -6,6 +6,7 @@ validation part (``val_fraction``) for model selection; the official 10,000 test
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from cmtkd.data.common import DataConfig, DataInfo, stratified_split
 from cmtkd.data.in_memory import Augmentation, TensorBundle, TensorSplit
 from cmtkd.errors import UserError
+from cmtkd.files import read_regular_file
 
 FOLDER = "cifar-100-python"
 NUM_CLASSES = 100
@@ -29,6 +31,7 @@ STD = (0.2675, 0.2565, 0.2761)
 # The standard CIFAR recipe: pad 4, random 32x32 crop, horizontal flip.
 AUGMENTATION = Augmentation(crop_padding=4, horizontal_flip=True)
 
+MAX_FILE_BYTES = 2**30  # a CIFAR-100 pickle is 155 MB (train) or 31 MB (test)
 HOW_TO_GET = (
     "set data.download=true (needs internet) or copy the python version of CIFAR-100 "
     "(cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, extracted) there"
@@ -123,16 +126,36 @@ class _DatasetUnpickler(pickle.Unpickler):
         return found
 
 
-def _materialize(obj, depth: int = 0):
-    """``obj`` with every _ArrayStub replaced by its numpy array (dicts and lists, a few levels deep)."""
+class _Budget:
+    """How many containers and elements :func:`_materialize` may still visit: at most the file's size in
+    bytes. A pickle stores each object once and may refer to it again for two bytes (a memo reference),
+    so a 12 KB file can describe a list of lists of lists that expands to billions of elements; every
+    element of a real file costs at least one byte of it."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def spend(self, count: int) -> None:
+        self.left -= count
+        if self.left < 0:
+            _refuse("structure that expands beyond the file's own size (repeated memo references)")
+
+
+def _materialize(obj, budget: _Budget, depth: int = 0):
+    """``obj`` with every _ArrayStub replaced by its numpy array; dicts and lists (at most a few levels
+    deep, as a CIFAR-100 batch has them) copied within ``budget``."""
+    budget.spend(1)
     if isinstance(obj, _ArrayStub):
         if obj.array is None:
             _refuse("an array without data")
         return obj.array
-    if depth < 4 and isinstance(obj, dict):
-        return {key: _materialize(value, depth + 1) for key, value in obj.items()}
-    if depth < 4 and isinstance(obj, list):
-        return [_materialize(value, depth + 1) for value in obj]
+    if isinstance(obj, (dict, list)):
+        if depth >= 4:
+            _refuse("nesting deeper than a CIFAR-100 batch has")
+        budget.spend(len(obj))
+        if isinstance(obj, dict):
+            return {key: _materialize(value, budget, depth + 1) for key, value in obj.items()}
+        return [_materialize(value, budget, depth + 1) for value in obj]
     if isinstance(obj, (_DtypeStub, _NdarrayMarker)):
         _refuse("a stray numpy object")
     return obj
@@ -146,8 +169,8 @@ def _text_keys(batch: dict) -> dict:
 def load_pickle_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One pickle file as uint8 images (N, 3, 32, 32) and int64 fine labels."""
     try:
-        with path.open("rb") as handle:
-            batch = _materialize(_DatasetUnpickler(handle, encoding="latin1").load())
+        data = read_regular_file(path, MAX_FILE_BYTES)  # the real train file is 155 MB
+        batch = _materialize(_DatasetUnpickler(io.BytesIO(data), encoding="latin1").load(), _Budget(len(data)))
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError, MemoryError, RecursionError) as exc:  # what a malformed stream can raise
         raise UserError(f"cannot read CIFAR-100 file {path} ({type(exc).__name__}: {exc}); delete it and "

@@ -18,6 +18,9 @@ from torch import Tensor
 from cmtkd.errors import UserError
 
 DATASETS = ("digits", "cifar100", "imagenet")
+# What a network needs to know of each dataset before its files are read (classes, input channels,
+# training image size, model variant); ImageNet's class count is the folder's, 1000 for the real one.
+NOMINAL = {"digits": (10, 1, 28, "cifar"), "cifar100": (100, 3, 32, "cifar"), "imagenet": (1000, 3, 224, "imagenet")}
 
 
 @dataclass

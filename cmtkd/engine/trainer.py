@@ -15,9 +15,12 @@ Data-parallel training on several GPUs: ``torchrun --nproc_per_node=N -m cmtkd.c
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import math
 import os
 import random
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +39,8 @@ from cmtkd.data import build_data
 from cmtkd.data.common import check_data_parallel
 from cmtkd.engine import distributed
 from cmtkd.engine.env import fingerprint, peak_memory_mib
-from cmtkd.files import (RunBusy, RunLock, atomic_write_text, ensure_writable_dir, read_regular_file,
+from cmtkd.engine.footprint import check_network_size
+from cmtkd.files import (LOCK_FILE, RunBusy, RunLock, atomic_write_text, ensure_writable_dir, read_regular_file,
                          read_sealed_json, remove_stale_temp_files, write_sealed_json)
 from cmtkd.engine.loggers import Trackers, check_logger_packages
 from cmtkd.initialization import check_init_source
@@ -231,16 +235,39 @@ def finished_outputs_problem(run_dir: Path, chash: str, epochs: int) -> str | No
     return history_problem(run_dir / "history.csv", epochs)
 
 
+# The history columns _epoch_row writes in every row, always finite (it refuses a diverged epoch); other
+# columns (validation, a method's scalars) may be absent or empty in some rows.
+HISTORY_NUMBERS = ("lr", "time_s", "images_per_s", "train_top1", "loss")
+
+
 def history_problem(path: Path, epochs: int) -> str | None:
-    """Why ``history.csv`` is not the log of ``epochs`` finished epochs (None if it is)."""
+    """Why ``history.csv`` is not the log of ``epochs`` finished epochs (None if it is): as the trainer
+    writes it, a header with ``epoch`` and one row per epoch, every row as long as the header, epochs
+    1..``epochs`` in order, and the columns of HISTORY_NUMBERS finite numbers. One line, naming the file."""
     import csv
 
     try:
         rows = list(csv.reader(read_regular_file(path).decode().splitlines()))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         return f"{path} is missing or unreadable ({getattr(exc, 'strerror', None) or type(exc).__name__})"
-    if not rows or "epoch" not in rows[0] or len(rows) != epochs + 1 or any(len(r) != len(rows[0]) for r in rows):
-        return f"{path} is not the log of {epochs} epochs (truncated or edited)"
+    edited = f"is not the log of {epochs} epochs (truncated or edited)"
+    if not rows or "epoch" not in rows[0]:
+        return f"{path} {edited}: no 'epoch' column in its header"
+    header = rows[0]
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            return f"{path} {edited}: line {line} has {len(row)} fields, the header {len(header)}"
+        if row[header.index("epoch")] != str(line - 1):
+            return f"{path} {edited}: line {line} has epoch {row[header.index('epoch')]!r}, not {line - 1}"
+        for column in (c for c in HISTORY_NUMBERS if c in header):
+            try:
+                finite = math.isfinite(float(row[header.index(column)]))
+            except ValueError:
+                finite = False
+            if not finite:
+                return f"{path} {edited}: line {line} has {column} {row[header.index(column)]!r}, not a number"
+    if len(rows) != epochs + 1:
+        return f"{path} {edited}: it holds {len(rows) - 1} rows"
     return None
 
 
@@ -255,12 +282,44 @@ def check_model_of_run(run_dir: Path, blob: dict, chash: str) -> None:
                         f"(copied from another run, or the config edited); {REBUILD_MODEL}")
 
 
+def refuse_run_in_use(run_dir: str | Path) -> None:
+    """A one-line :class:`RunBusy` if another process holds ``run_dir``'s :class:`RunLock` (a ``cmtkd train``
+    still writing it: its model.pt and metrics.json do not exist yet, and what does exist is not final).
+
+    Only looks: a shared, non-blocking ``flock`` on the lock file if there is one, dropped at once. Nothing
+    is created or written (a read-only or finished run directory is fine), and no training that starts
+    afterwards is blocked. Problems opening the file are left to the command's own checks."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        # O_NOFOLLOW: a planted link is not followed; O_NONBLOCK: a FIFO there does not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return  # no lock file: nobody writes the run (a holder deletes it when it releases the lock)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return
+            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            holder = text.splitlines()[0] if text else "cmtkd process"
+            training = ", which is still training it" if holder.startswith("cmtkd train") else ""
+            raise RunBusy(f"{Path(run_dir)} is in use by another {holder}{training}; wait for it to finish, "
+                          f"then rerun the command") from None
+    finally:
+        os.close(fd)  # drops our shared lock, if taken
+
+
 def evaluate_run(run_dir: str | Path, split: str = "test", threads: int = 0, write: bool = True,
                  data=None, device: str | None = None) -> dict:
     """Standalone evaluation of a finished run's saved student: the number tables use. ``device``
     (cpu | cuda | auto) overrides the run's own ``train.device``, e.g. to evaluate a GPU run on a CPU."""
     run_dir = Path(run_dir)
     check_threads(threads, "threads (--threads)")
+    if write:  # (the trainer evaluates its own run, under its own lock, with write=False)
+        refuse_run_in_use(run_dir)
     cfg = load_run_config(run_dir)
     trained = config_hash(cfg)  # before this evaluation's own settings: model.pt must match it
     if threads:
@@ -431,6 +490,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log=print) -> dict:
 
     Started by torchrun with several processes, every process calls this: each trains on its slice of
     every global batch, and rank 0 alone logs and writes ``out_dir``."""
+    check_network_size(cfg)  # before anything is allocated or written
     device = setup_runtime(cfg)
     # Checked before any process group or file exists, so a bad setting costs no rendezvous.
     check_logger_packages(cfg.train.loggers)
@@ -475,46 +535,45 @@ def _train_locked(cfg: RunConfig, out: Path, device: torch.device, log, lock: Ru
             return read_sealed_json(out / "metrics.json", REBUILD_METRICS)
         log(f"{out}: {problem}; rebuilding the results from the final checkpoint")
 
-    data = _load_data(cfg, cfg_dict, out, device, lock, created)
+    new_config = distributed.is_main() and not (out / "config.yaml").exists()  # this run will write it
     try:
+        data = _load_data(cfg, cfg_dict, out, device)
         run = _build_run(cfg, out, device, data, log=log, cfg_dict=cfg_dict, chash=chash)
-    except UserError:  # e.g. a teacher run that is missing or does not load
-        _discard_new_run_dir(out, lock, created)
+        if ckpt is not None:
+            _resume(run, ckpt)
+        else:
+            _log_start(run)
+        run.forward = distributed.wrap_for_training(run.method, device)
+        if run.main:
+            run.trackers = Trackers(cfg.train.loggers, out, config=run.cfg_dict, config_hash=run.chash,
+                                    start_epoch=run.state.epoch)
+        for epoch in range(run.state.epoch, cfg.epochs):
+            train_epoch(run, epoch)
+        return _finish(run)
+    except BaseException:  # e.g. a missing teacher, no space for the first checkpoint, Ctrl-C
+        _discard_unstarted_run(out, lock, created, new_config)
         raise
-    if ckpt is not None:
-        _resume(run, ckpt)
-    else:
-        _log_start(run)
-    run.forward = distributed.wrap_for_training(run.method, device)
-    if run.main:
-        run.trackers = Trackers(cfg.train.loggers, out, config=run.cfg_dict, config_hash=run.chash,
-                                start_epoch=run.state.epoch)
-    for epoch in range(run.state.epoch, cfg.epochs):
-        train_epoch(run, epoch)
-    return _finish(run)
 
 
-def _discard_new_run_dir(out: Path, lock: RunLock, created: bool) -> None:
-    """Leave nothing behind for a run that could not start: the directory this run created, if it holds
-    nothing but the run's lock and the config.yaml it wrote."""
-    if not (distributed.is_main() and created):
+def _discard_unstarted_run(out: Path, lock: RunLock, created: bool, new_config: bool) -> None:
+    """Leave the directory of a run that stopped before its first checkpoint as the run found it: the
+    config.yaml it wrote is removed (not one that was there before), and so is the directory, if the run
+    created it and nothing else is in it now (a user's file or a logger's output keeps it). A run with a
+    checkpoint is resumable: it keeps everything."""
+    if not distributed.is_main() or (out / CHECKPOINT).exists():
         return
-    config = out / "config.yaml"
-    if [p for p in out.iterdir() if p not in (lock.path, config)]:
-        return
-    config.unlink(missing_ok=True)
-    lock.release()
-    out.rmdir()
+    with contextlib.suppress(OSError):  # a cleanup that cannot be done must not hide the run's own error
+        if new_config:
+            (out / "config.yaml").unlink(missing_ok=True)
+        if created and all(p == lock.path for p in out.iterdir()):
+            lock.release()  # deletes the lock file
+            out.rmdir()
 
 
-def _load_data(cfg: RunConfig, cfg_dict: dict, out: Path, device: torch.device, lock: RunLock, created: bool):
+def _load_data(cfg: RunConfig, cfg_dict: dict, out: Path, device: torch.device):
     """The run's dataset, checked against the process count; then ``config.yaml`` is written."""
     main = distributed.is_main()
-    try:
-        data = build_data(cfg.data, device)
-    except UserError:
-        _discard_new_run_dir(out, lock, created)
-        raise
+    data = build_data(cfg.data, device)
     check_data_parallel(cfg.data, distributed.world_size(), data.info.num_train)
     if main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))

@@ -42,6 +42,24 @@ def check_loss_weights(options, nonnegative: tuple[str, ...] = ("alpha", "beta")
         raise UserError(f"method_args.temperature must be a finite number > 0, got {options.temperature!r}")
 
 
+def arch_config(cfg: "RunConfig", info: "DataInfo", w_bits: int, a_bits: int) -> dict:
+    """The keyword arguments of :func:`cmtkd.models.build_model` for one network of run ``cfg`` on a
+    dataset described by ``info`` (stored in model.pt as its arch_config)."""
+    from cmtkd.models import alexnet_channels
+
+    variant = cfg.model.variant if cfg.model.variant != "auto" else info.variant
+    config = dict(
+        arch=cfg.arch, num_classes=info.num_classes, in_channels=info.in_channels,
+        variant=variant, width=cfg.model.width, w_bits=w_bits, a_bits=a_bits,
+        policy=cfg.model.policy, weight_quant=cfg.model.weight_quant,
+        act_quant=cfg.model.act_quant, quant_layout=cfg.model.quant_layout,
+    )
+    channels = alexnet_channels(cfg.model.alexnet_channels, variant)
+    if cfg.arch == "alexnet" and channels != "torchvision":  # files of torchvision's stay as they were
+        config["alexnet_channels"] = channels
+    return config
+
+
 class Method(nn.Module):
     """A training method. Its options (``method_args``) are the fields of its ``Options`` dataclass,
     typed (``Literal[...]`` for a choice): :func:`cmtkd.config.method_options` coerces and checks
@@ -78,19 +96,7 @@ class Method(nn.Module):
     # -- building blocks -------------------------------------------------------------------
     def arch_config(self, w_bits: int, a_bits: int) -> dict:
         """Everything needed to rebuild one network of this run (stored in model.pt)."""
-        from cmtkd.models import alexnet_channels
-
-        variant = self.cfg.model.variant if self.cfg.model.variant != "auto" else self.info.variant
-        config = dict(
-            arch=self.cfg.arch, num_classes=self.info.num_classes, in_channels=self.info.in_channels,
-            variant=variant, width=self.cfg.model.width, w_bits=w_bits, a_bits=a_bits,
-            policy=self.cfg.model.policy, weight_quant=self.cfg.model.weight_quant,
-            act_quant=self.cfg.model.act_quant, quant_layout=self.cfg.model.quant_layout,
-        )
-        channels = alexnet_channels(self.cfg.model.alexnet_channels, variant)
-        if self.cfg.arch == "alexnet" and channels != "torchvision":  # files of torchvision's stay as they were
-            config["alexnet_channels"] = channels
-        return config
+        return arch_config(self.cfg, self.info, w_bits, a_bits)
 
     def build_network(self, w_bits: int, a_bits: int) -> nn.Module:
         """A network of this run at (w_bits, a_bits): from scratch, or from ``model.init_from``."""

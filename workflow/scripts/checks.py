@@ -59,12 +59,37 @@ def validate_rows(frame: pd.DataFrame, path: str, schema_path: str | Path = RUNS
                              f"{EXTERNAL_HELP}")
 
 
+def check_row_lengths(path: str) -> None:
+    """Every row of an imported CSV has as many fields as its header (blank lines aside, as pandas skips them).
+    pandas would fill a short row's last columns with NaN, take the first column of a long first row as the
+    index (shifting every value one column left), and fail on a later long row in two lines."""
+    import csv
+
+    ragged = None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader, line, header = csv.reader(fh), 1, None
+            for row in reader:
+                if row and header is None:
+                    header = row
+                elif row and len(row) != len(header):
+                    ragged = (line, len(row), len(header))
+                    break
+                line = reader.line_num + 1  # where the next row starts (a quoted value may span lines)
+    except (ValueError, OSError, csv.Error) as exc:  # (UnicodeDecodeError is a ValueError)
+        raise InputError(f"{path}: not a readable CSV ({' '.join(str(exc).split())}); {EXTERNAL_HELP}") from None
+    if ragged:
+        raise InputError(f"{path}: line {ragged[0]} has {ragged[1]} fields, the header {ragged[2]} (a missing or extra "
+                         f"comma, or a value with a comma not in double quotes); {EXTERNAL_HELP}")
+
+
 def read_external_file(path: str, schema_path: str | Path = RUNS_SCHEMA) -> pd.DataFrame:
     """One imported CSV, validated; ``source`` defaults to the file name, ``teacher_bits`` to none."""
+    check_row_lengths(path)
     try:
         frame = pd.read_csv(path, dtype={"teacher_bits": str})
     except (ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable CSV ({exc}); {EXTERNAL_HELP}") from None
+        raise InputError(f"{path}: not a readable CSV ({' '.join(str(exc).split())}); {EXTERNAL_HELP}") from None
     validate_rows(frame, path, schema_path)
     for column, default in (("source", Path(path).name), ("teacher_bits", grid.NO_TEACHERS)):
         frame[column] = frame[column] if column in frame else pd.Series(index=frame.index, dtype=object)

@@ -39,7 +39,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 try:
     from cmtkd.catalog import MethodEntry, catalog
@@ -489,5 +488,8 @@ def shell_join(args: list[str]) -> str:
 
 
 def load_config(path: str | Path) -> dict:
-    with open(path) as handle:
-        return yaml.safe_load(handle) or {}
+    """A suite config file, read as strictly as every config (cmtkd.files.read_yaml_mapping)."""
+    from cmtkd.files import read_yaml_mapping
+
+    return read_yaml_mapping(path, "config file", missing=f"config file {path} does not exist",
+                             not_mapping=f"config file {path} must hold a mapping of config keys")

@@ -30,6 +30,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid  # noqa: E402
+from cmtkd.errors import UserError  # noqa: E402  (cmtkd.errors and cmtkd.files import no torch)
+from cmtkd.files import YamlRefused, load_yaml_text, read_yaml_mapping  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SUITE = ROOT / "config" / "config.yaml"
@@ -48,18 +50,13 @@ merge = grid.merge  # config layers merge as arch_recipe merges into recipe (gri
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
+    """A suite config file, read by the library's strict reader (cmtkd.files.read_yaml_mapping): a
+    regular UTF-8 file of at most 1 MiB, no repeated key, no anchor/alias, each a one-line error."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise SuiteConfigError(f"config file {path}: cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise SuiteConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SuiteConfigError(f"config file {path} must hold a mapping of config keys, not {type(data).__name__}")
-    return data
+        return read_yaml_mapping(path, "config file", missing=f"config file {path} does not exist",
+                                 not_mapping=f"config file {path} must hold a mapping of config keys")
+    except UserError as exc:
+        raise SuiteConfigError(str(exc)) from None
 
 
 def schema_type(schema: dict, path: Sequence[str]) -> str | None:
@@ -89,7 +86,9 @@ def parse_overrides(args: Iterable[str], schema: dict) -> dict:
             value = text
         else:
             try:
-                value = yaml.safe_load(text)
+                value = load_yaml_text(text)
+            except YamlRefused as exc:
+                raise SuiteConfigError(f"--config {key}: {exc}") from None
             except yaml.YAMLError:
                 value = text
         out = merge(out, {key: value})

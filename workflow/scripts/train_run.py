@@ -25,12 +25,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import yaml
-
 from cmtkd.checkpoint import CHECKPOINT_FILE
 from cmtkd.cli import main as cmtkd_main
 from cmtkd.cli import train_config
-from cmtkd.config import config_diff
+from cmtkd.config import config_diff, load_yaml
 from cmtkd.errors import UserError
 
 USAGE = "usage: train_run.py train --out RUN_DIR [cmtkd train flags] [--nproc_per_node N] [--evaluate]"
@@ -43,10 +41,10 @@ def discard_stale_checkpoint(argv: list[str]) -> int:
         return 0
     try:
         cfg = train_config(argv[1:])  # argv[0] is "train"
+        changed = config_diff(load_yaml(saved), asdict(cfg))
     except UserError as exc:
         print(f"cmtkd: error: {exc}", file=sys.stderr)
         return 2
-    changed = config_diff(yaml.safe_load(saved.read_text()), asdict(cfg))
     if changed:
         print(f"{run}: the config changed ({', '.join(changed[:6])}); discarding the old checkpoint", file=sys.stderr)
         checkpoint.unlink()
