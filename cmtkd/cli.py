@@ -80,9 +80,11 @@ def cmd_train(args) -> int:
 
     cfg = _config_from_args(args)
     if args.print_config:
-        from cmtkd.engine.footprint import check_network_size
+        from cmtkd.engine.footprint import check_method_builds, check_network_size
 
-        check_network_size(cfg)  # what `cmtkd train` would refuse: the workflow's pre-start check relies on it
+        # what `cmtkd train` would refuse: the workflow's pre-start check relies on both
+        check_network_size(cfg)
+        check_method_builds(cfg)
         print(yaml.safe_dump(asdict(cfg), sort_keys=False), end="")
         return 0
     from cmtkd.engine import train

@@ -8,6 +8,8 @@ what was found, and the fix.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 from pathlib import Path
 
@@ -20,6 +22,25 @@ from cmtkd.data.common import DIGITS_SIZES
 from cmtkd.errors import UserError
 from cmtkd.files import read_yaml_mapping, sha256_bytes
 SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
+# Set while a method is built only to check its config (cmtkd.engine.footprint.check_method_builds): no
+# model file is read, since the teachers a workflow will train do not exist yet when it checks its runs.
+_STAND_INS = contextvars.ContextVar("cmtkd_stand_in_files", default=False)
+STAND_IN_SHA256 = "0" * 64
+
+
+@contextlib.contextmanager
+def stand_in_files():
+    """Within: :func:`load_teacher` reads no file and returns an untrained network of the architecture
+    it was asked to check, and methods skip every other model file they would load (``stand_ins()``)."""
+    token = _STAND_INS.set(True)
+    try:
+        yield
+    finally:
+        _STAND_INS.reset(token)
+
+
+def stand_ins() -> bool:
+    return _STAND_INS.get()
 
 
 def teacher_file(path: str | Path) -> Path:
@@ -61,6 +82,12 @@ def load_teacher(path: str | Path, *, arch: str, num_classes: int, w_bits: int |
     run trained on (when given and its config.yaml sits beside it) is ``image_size``; the weights
     fit the rebuilt network. Returns ``(model, sha256)`` with the model in eval mode and ``requires_grad=False``.
     """
+    if stand_ins():
+        from cmtkd.models import build_model
+
+        variant = "imagenet" if (image_size or 0) >= 128 else "cifar"  # what a file would tell; 224 vs 28/32
+        return build_model(arch=arch, num_classes=num_classes, in_channels=in_channels or 3, w_bits=w_bits or 32,
+                           a_bits=a_bits or 32, variant=variant).eval().requires_grad_(False), STAND_IN_SHA256
     given = Path(path)
     file = teacher_file(given)
     if not file.is_file():

@@ -38,21 +38,42 @@ class Footprint:
         return BYTES_PER_ELEMENT * elements / 2**30
 
 
+def nominal_info(cfg: RunConfig):
+    """The dataset facts a network of ``cfg`` is built from (cmtkd.data.common.NOMINAL), without its files."""
+    from cmtkd.data.common import NOMINAL, DataInfo, check_digits_size
+
+    num_classes, channels, size, variant = NOMINAL[cfg.data.name]
+    if cfg.data.name == "digits":
+        size = check_digits_size(cfg.data.image_size)
+    return DataInfo(name=cfg.data.name, num_classes=num_classes, in_channels=channels, image_size=size,
+                    variant=variant, num_train=0, num_val=0, num_test=0)
+
+
+def check_method_builds(cfg: RunConfig) -> None:
+    """Build the method of ``cfg`` (resolved) on the meta device, reading no file (teachers and
+    ``model.init_from`` stood in by untrained networks: cmtkd.teachers.stand_in_files), so that every
+    option checked only when the networks exist (e.g. CMT-KD's fusion points) fails here, in one line,
+    before a run directory or a workflow job exists."""
+    import torch
+
+    from cmtkd.registry import get_method
+    from cmtkd.teachers import stand_in_files
+
+    with stand_in_files(), torch.device("meta"):
+        get_method(cfg.method)(cfg, nominal_info(cfg))
+
+
 def network_footprint(cfg: RunConfig) -> Footprint:
     """The student network of ``cfg`` (resolved) sized under fake tensors. Raises UserError when the
     network is too large for torch even to describe (its sizes overflow 64 bits)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from cmtkd.data.common import NOMINAL, DataInfo, check_digits_size
     from cmtkd.methods.base import arch_config
     from cmtkd.models import build_model
 
-    num_classes, channels, size, variant = NOMINAL[cfg.data.name]
-    if cfg.data.name == "digits":
-        size = check_digits_size(cfg.data.image_size)
-    info = DataInfo(name=cfg.data.name, num_classes=num_classes, in_channels=channels, image_size=size,
-                    variant=variant, num_train=0, num_val=0, num_test=0)
+    info = nominal_info(cfg)
+    channels, size = info.in_channels, info.image_size
     kwargs = arch_config(cfg, info, cfg.w_bits, cfg.a_bits)
     outputs = [0]
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from cmtkd.errors import UserError
 from cmtkd.models import build_model
+from cmtkd.teachers import stand_ins
 
 if TYPE_CHECKING:
     from cmtkd.config import RunConfig
@@ -102,7 +103,7 @@ class Method(nn.Module):
         """A network of this run at (w_bits, a_bits): from scratch, or from ``model.init_from``."""
         config = self.arch_config(w_bits, a_bits)
         network = build_model(**config)
-        if self.cfg.model.init_from:
+        if self.cfg.model.init_from and not stand_ins():  # (a config check reads no model file)
             from cmtkd.initialization import initialize_from
 
             digest = initialize_from(network, self.cfg.model.init_from, config)
