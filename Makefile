@@ -10,8 +10,13 @@ CORES  ?= 2
 
 .PHONY: all test install tables bench gpu-check gpu-wheels reference reference-publish reference-check verdict verdict-plan
 
+# ... and ends by comparing its runs with the committed default suite, cell by cell: identical seed for
+# seed, or within the intervals (Welch, Bonferroni over the cells: reference_check.py), or not; the last
+# line is the verdict (exit status 1, "do not agree", is reported, not a failure of the run itself).
+COMMITTED_SUITE ?= results/default-suite
 all: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/python workflow/scripts/reference_check.py compare . --reference $(COMMITTED_SUITE) --out-dir results/against-committed || test $$? -eq 1
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15  # the slowest tests, to keep the suite under 20 minutes

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cmtkd.errors import UserError
+from cmtkd.errors import UserError, did_you_mean
 from cmtkd.files import read_yaml_mapping
 
 ENV_VAR = "CMTKD_METHODS"
@@ -138,6 +138,6 @@ def catalog() -> dict[str, MethodEntry]:
 def method_entry(name: str) -> MethodEntry:
     entries = catalog()
     if name not in entries:
-        raise UserError(f"unknown method '{name}'; choose one of: {', '.join(sorted(entries))} "
+        raise UserError(f"unknown method '{name}'{did_you_mean(name, entries)}; choose one of: {', '.join(sorted(entries))} "
                         f"(methods of your own: see {ENV_VAR} in README.md)")
     return entries[name]

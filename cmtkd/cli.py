@@ -11,7 +11,7 @@ import textwrap
 import threading
 import warnings
 
-from cmtkd.errors import UserError
+from cmtkd.errors import UserError, did_you_mean
 
 EPILOG = textwrap.dedent("""\
     examples:
@@ -28,7 +28,7 @@ EPILOG = textwrap.dedent("""\
 
 def _train_parser(sub) -> None:
     p = sub.add_parser(
-        "train", help="train one run (any method) into a run directory",
+        "train", allow_abbrev=False, help="train one run (any method) into a run directory",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Train one run. The run directory receives config.yaml (resolved), history.csv (one row
@@ -62,7 +62,7 @@ def train_config(argv: list[str]):
     """The resolved config of ``cmtkd train ARGV`` (ARGV without ``train``), without training: what
     ``--print-config`` prints, as a RunConfig. argparse exits on malformed flags; config problems
     raise UserError."""
-    return _config_from_args(build_parser().parse_args(["train", *argv]))
+    return _config_from_args(parse_command_line(["train", *argv]))
 
 
 def _config_from_args(args):
@@ -245,7 +245,7 @@ def stop_signals_interrupt():
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cmtkd", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="cmtkd", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             cmtkd: Collaborative Multi-Teacher Knowledge Distillation (CMT-KD, WACV 2023) for low
             bit-width networks, with the baselines it is compared against, on one engine.
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,export,list}")
     _train_parser(sub)
-    p = sub.add_parser("evaluate", help="evaluate a finished run's saved student on the test set -> RUN_DIR/eval.json",
+    p = sub.add_parser("evaluate", allow_abbrev=False, help="evaluate a finished run's saved student on the test set -> RUN_DIR/eval.json",
                        description="Rebuild the student from RUN_DIR/model.pt and evaluate it on the test split "
                                    "(or --split val). Writes RUN_DIR/eval.json and prints it. This standalone "
                                    "number, not the training log, is what the tables use.")
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda", "auto"),
                    help="where to evaluate (default: the run's train.device); --device cpu evaluates a GPU-trained "
                         "run on a machine without one (an fp16-autocast run then runs in fp32)")
-    p = sub.add_parser("export", help="export a run's student alone as a torch.export program (.pt2) or QDQ ONNX",
+    p = sub.add_parser("export", allow_abbrev=False, help="export a run's student alone as a torch.export program (.pt2) or QDQ ONNX",
                        description="Write the selected student of RUN_DIR (teachers and training state dropped) as a "
                                    "self-contained torch.export program (--format pt2, default; load it anywhere with "
                                    "torch.export.load(PATH).module()) or as an ONNX graph with QuantizeLinear/"
@@ -280,13 +280,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="input height/width, 1-1024 and at least what the network's "
                    "pooling needs (default: the run's data.image_size, else by dataset: digits 28, cifar100 32, "
                    "imagenet 224)")
-    sub.add_parser("list", help="list methods, architectures, datasets, policies and quantizers")
+    sub.add_parser("list", allow_abbrev=False, help="list methods, architectures, datasets, policies and quantizers")
     return parser
+
+
+def parse_command_line(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an unknown flag is reported by the subcommand it was given to (its
+    usage, not the top level's), with the closest flag it has; flags are never abbreviated."""
+    parser = parser or build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        subparsers = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        target = subparsers.choices.get(args.command, parser) if subparsers else parser
+        first = next((e for e in extra if e.startswith("-")), extra[0])
+        hint = did_you_mean(first.split("=")[0], list(target._option_string_actions)) if first.startswith("-") else ""
+        target.error(f"unrecognized argument{'s' if len(extra) > 1 else ''}: {' '.join(extra)}{hint}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(argv, parser)
     if args.command is None:
         parser.print_help()
         return 2

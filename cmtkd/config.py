@@ -179,6 +179,22 @@ def deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+# Keys only a suite config (config/*.yaml, for Snakemake) has: such a file given to `cmtkd train --config`.
+SUITE_ONLY_KEYS = ("experiments", "recipe", "arch_recipe", "arch_method_args", "dataset", "gpu", "gpus_per_job")
+
+
+def run_config_file(path: str | Path) -> dict:
+    """The config keys of ``cmtkd train --config FILE``; a suite config is recognised and the command
+    that runs it named."""
+    data = load_yaml(path)
+    suite = [key for key in SUITE_ONLY_KEYS if key in data]
+    if suite:
+        raise UserError(f"{path} is a suite config for the workflow (it has {', '.join(suite)}), not the config of "
+                        f"one run; run it with `snakemake --cores 2 --configfile {path}`, or give `cmtkd train "
+                        f"--config` a file of run keys (`cmtkd train --print-config` shows them)")
+    return data
+
+
 def load_yaml(path: str | Path) -> dict:
     return read_yaml_mapping(path, "config file", missing=f"config file {path} does not exist",
                              not_mapping=f"config file {path} must hold a mapping of config keys")
@@ -201,7 +217,7 @@ def config_from_flags(*, config_files: list[str | Path] = (), method: str | None
                       sets: list[str] = ()) -> RunConfig:
     """The resolved config of ``cmtkd train`` with these flags (``None``: flag not given), applied in
     the CLI's order: defaults < config files < flags < ``--set key=value`` expressions."""
-    overrides = [load_yaml(path) for path in config_files]
+    overrides = [run_config_file(path) for path in config_files]
     flags = {"method": method, "arch": arch, "w_bits": w_bits, "a_bits": a_bits, "epochs": epochs, "seed": seed}
     overrides.append({k: v for k, v in flags.items() if v is not None})
     for key, value in (("data.name", dataset), ("data.root", data_root), ("train.threads", threads),

@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from cmtkd.errors import UserError
+from cmtkd.errors import UserError, did_you_mean
 
 # PyYAML (YAML 1.1) reads exponent floats without a dot (``1e-3``) as strings; accept them for floats.
 _EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
@@ -48,7 +48,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         raise UserError(f"config key '{key}' expects null, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}' expects a list, got {value!r}")
+            example = f"[{value}]" if isinstance(value, str) and "," in value else "[a, b, c]"
+            raise UserError(f"config key '{key}' expects a list, got {value!r}; write it in brackets, e.g. "
+                            f"--set {key}={example} (in YAML: {key.rpartition('.')[2]}: {example})")
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
@@ -86,7 +88,10 @@ def from_dict(cls, data: Any, prefix: str = "", base=None):
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise UserError(f"unknown config key '{full}'; valid keys here: {', '.join(names)}")
+            if not names:  # e.g. the Options of a method that has none
+                raise UserError(f"unknown config key '{full}': '{prefix}' takes no keys here"
+                                + (" (this method has no options; remove it)" if prefix == "method_args" else ""))
+            raise UserError(f"unknown config key '{full}'{did_you_mean(key, names)}; valid keys here: {', '.join(names)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             value = from_dict(tp, value, prefix=full, base=getattr(obj, key))

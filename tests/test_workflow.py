@@ -600,3 +600,21 @@ def test_tiny_suite_end_to_end(tmp_path):
     config["recipe"]["epochs"] = 2
     write_config(tmp_path / "tiny.yaml", config)
     assert job_counts(snakemake(tmp_path, "-n", config=tmp_path / "tiny.yaml").stdout)["train"] == 2
+    # ... and tables built for another suite leave these runs out instead of averaging them in (issue 26.1):
+    # `snakemake tables` without the smoke run's --configfile is the default suite, whose qat and fp cells
+    # have the same run directories but 11 epochs.
+    done = snakemake(tmp_path, "tables", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = done.stdout + done.stderr  # (the tables rule shows its log)
+    left_out = [line for line in said.splitlines() if line.startswith("left out ")]
+    assert len(left_out) == 2 and all("trained with another configuration" in line and "1 epochs" in line
+                                      for line in left_out), said[-3000:]
+    assert pd.read_csv(results / "runs.csv").empty
+    assert "(n=1/3)" not in (results / "tables" / "main.md").read_text()  # before: `qat ... 19.80 (n=1/3)`
+    # with its own config the smoke run tabulates again
+    done = snakemake(tmp_path, "tables", config=write_config(tmp_path / "tiny.yaml", {**config, "recipe": {
+        **config["recipe"], "epochs": 1}}), timeout=300)
+    assert done.returncode == 0 and "left out " not in done.stdout + done.stderr, done.stdout[-3000:]
+    assert sorted(pd.read_csv(results / "runs.csv")["method"]) == ["fp", "qat"]
+    suite = yaml.safe_load((results / "runs" / "suite.yaml").read_text())  # the suite the tables were made for
+    assert suite["recipe"]["epochs"] == 1 and list(suite["experiments"]) == ["tiny"]

@@ -1,5 +1,6 @@
 # The suite's wiring: its config, the grid of runs, paths, and the per-run values the rules use.
 # The logic lives in workflow/scripts/ (suite_config, grid, checks, html_report; tested there).
+import json
 import os
 import sys
 from pathlib import Path

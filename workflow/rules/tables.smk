@@ -10,17 +10,20 @@ localrules:
 
 
 rule grid_table:
-    """The runs the config asks for (and the teachers they need), one row each."""
+    """The runs the config asks for (and the teachers they need), one row each, with the config hash each
+    is trained with; beside it the resolved suite config itself (results/runs/suite.yaml)."""
     output:
         GRID_CSV,
+        suite="results/runs/suite.yaml",
     log:
         f"{LOGS}/grid_table.log",
     params:
         rows=RUN_TABLE.to_dict("records"),
+        suite=json.dumps(config, sort_keys=True, default=str),  # another suite (recipe): another grid.csv
     run:
-        import pandas as pd
-
-        pd.DataFrame(params.rows).to_csv(output[0], index=False)
+        # each run's config hash as this suite trains it: collect_runs leaves out a run directory of
+        # another suite (e.g. a 1-epoch smoke run at the same path) instead of averaging it in
+        checks.write_grid(params.rows, train_argv, output[0], output.suite, config, CONFIG_NAME)
 
 
 rule collect_runs:

@@ -174,6 +174,35 @@ def cmtkd_train_error(argv: list[str]) -> str | None:
     return (lines[-1] if lines else f"exit status {rc}").removeprefix("cmtkd: error: ")
 
 
+def expected_hashes(runs: list[dict], train_argv: Callable[[dict], list[str]]) -> list[str]:
+    """The config hash each run (grid key) gets from its ``cmtkd train`` arguments, as the trainer records
+    it in metrics.json; "" where cmtkd is not importable here (``--sdm conda``) or rejects the run (the
+    pre-start check reports that)."""
+    try:
+        from cmtkd.cli import train_config
+        from cmtkd.config import config_hash
+        from cmtkd.errors import UserError
+    except ImportError:
+        return [""] * len(runs)
+    hashes = []
+    for key in runs:
+        try:
+            hashes.append(config_hash(train_config(train_argv(key))))
+        except (UserError, SystemExit):
+            hashes.append("")
+    return hashes
+
+
+def write_grid(runs: list[dict], train_argv: Callable[[dict], list[str]], grid_csv: str, suite_yaml: str,
+               config: dict, config_name: str) -> None:
+    """results/runs/grid.csv (one row per run, with the config hash it is trained with) and, beside it,
+    the resolved suite config the grid was made from."""
+    table = pd.DataFrame(runs)
+    table["config_hash"] = expected_hashes(runs, train_argv)
+    table.to_csv(grid_csv, index=False)
+    Path(suite_yaml).write_text(f"# {config_name}\n{yaml.safe_dump(config, sort_keys=False)}")
+
+
 def run_label(key: dict) -> str:
     variant = key.get(grid.VARIANT)
     return (f"{key['method']} {key['dataset']} {key['arch']} "

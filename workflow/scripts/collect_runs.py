@@ -125,6 +125,13 @@ def collect(grid: pd.DataFrame, finished_only: bool = False) -> tuple[pd.DataFra
             missing.append(row["run_dir"])
             continue
         record, history = read_run(row)
+        expected = str(row.get("config_hash") or "")  # this suite's hash of the run (grid_table); "" unknown
+        if expected and record["config_hash"] != expected:
+            print(f"left out {row['run_dir']}: it was trained with another configuration (config hash "
+                  f"{record['config_hash']}, {record['epochs']} epochs) than this suite asks for ({expected}); "
+                  f"tabulate it with the suite it was run with (its --configfile), or delete it to retrain",
+                  file=sys.stderr)
+            continue
         records.append(record)
         if history is not None:
             histories.append(history)
@@ -149,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         grid = read_csv(args.grid, columns=[*GRID_COLUMNS, "run_dir"], fix="write it with the workflow "
-                        "(snakemake results/runs/grid.csv)", dtype={"teacher_bits": str}, keep_default_na=False)
+                        "(snakemake results/runs/grid.csv)", dtype={"teacher_bits": str, "config_hash": str},
+                        keep_default_na=False)
         runs, histories = collect(grid, args.finished_only)
         write_text(args.out, runs.to_csv(index=False))
         write_text(args.histories, histories.to_csv(index=False))
@@ -164,6 +172,10 @@ if __name__ == "__main__":
         from script_io import run_rule
 
         sm = snakemake  # noqa: F821
-        sys.exit(run_rule(main, ["--grid", sm.input.grid, "--out", sm.output.runs,
-                                 "--histories", sm.output.histories], sm.log[0]))
+        status = run_rule(main, ["--grid", sm.input.grid, "--out", sm.output.runs,
+                                 "--histories", sm.output.histories], sm.log[0])
+        for line in Path(sm.log[0]).read_text().splitlines():  # shown, not only logged: a table lost runs
+            if line.startswith("left out "):
+                print(line, file=sys.stderr)
+        sys.exit(status)
     sys.exit(main())
