@@ -26,6 +26,8 @@ from cmtkd.teachers import FrozenTeacher, check_sha256_option, teacher_metadata
 
 
 class KD(Method):
+    teachers_help = "a finished `cmtkd train --method fp|qat` run of the same arch and dataset (any bit-width)"
+
     @dataclass
     class Options:
         teacher: str = ""                   # run directory (or its model.pt) of the pre-trained teacher

@@ -36,7 +36,7 @@ def stage_names(arch: str) -> list[str]:
 class KDAT(KD):
     @dataclass
     class Options(KD.Options):
-        feature_stages: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3"])
+        feature_stages: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3"])  # stages whose attention maps are matched
         gamma: float = 100.0                # weight of the summed attention-transfer loss
         attention_reduction: AtReduction = "mean"  # over positions (see cmtkd.losses); rescales gamma
 

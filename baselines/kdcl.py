@@ -40,9 +40,9 @@ class KDCL(JointPeers):
     class Options:
         teacher_bits: list[int] = field(default_factory=lambda: [8, 6, 4])  # W = A = b_i per teacher
         teacher_reduction: Literal["sum", "mean"] = "sum"  # of the teachers' CE and KL terms
-        alpha: float = 1.0
-        beta: float = 0.5
-        temperature: float = 4.0
+        alpha: float = 1.0          # weight of every network's cross-entropy
+        beta: float = 0.5           # weight of every network's KL to the MinLogit ensemble target
+        temperature: float = 4.0    # softmax temperature T of the ensemble target
 
     @classmethod
     def check_options(cls, options, cfg):

@@ -65,14 +65,16 @@ def multi_teacher_kd(student_logits: torch.Tensor, teacher_logits: list[torch.Te
 
 
 class MTKD(Method):
+    teachers_help = "finished `cmtkd train --method fp|qat` runs of the same arch and dataset, one per teacher"
+
     @dataclass
     class Options:
         teachers: list[str] = field(default_factory=list)      # run directories (or model.pt files)
         teacher_sha256: list[str] = field(default_factory=list)  # empty, or one hash per teacher
-        aggregation: Aggregation = "avg_probs"  # see the module docstring
-        alpha: float = 1.0
-        beta: float = 0.5
-        temperature: float = 4.0
+        aggregation: Aggregation = "avg_probs"  # mean of soft targets | mean of KLs | per-sample confidence weights
+        alpha: float = 1.0          # weight of the student's cross-entropy
+        beta: float = 0.5           # weight of the KD term L_KD
+        temperature: float = 4.0    # softmax temperature T of the soft targets
 
     @classmethod
     def check_options(cls, options, cfg):

@@ -194,18 +194,21 @@ def cmd_list(args) -> int:
     from cmtkd.data import DATASETS
     from cmtkd.models import ARCHS, POLICIES
     from cmtkd.quant import ACT_QUANTIZERS, WEIGHT_QUANTIZERS
+    from cmtkd.options_doc import description, method_text
     from cmtkd.registry import get_method, method_names
 
+    if args.method is not None:
+        print(method_text(args.method))
+        return 0
     print("methods:")
     for name in method_names():
-        cls = get_method(name)
-        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        print(f"  {name:14s} {doc[0] if doc else ''}")
+        print(f"  {name:14s} {description(get_method(name))}")
     print("archs:             " + ", ".join(ARCHS))
     print("datasets:          " + ", ".join(DATASETS))
     print("policies:          " + ", ".join(POLICIES))
     print("weight quantizers: " + ", ".join(WEIGHT_QUANTIZERS))
     print("act quantizers:    " + ", ".join(ACT_QUANTIZERS))
+    print("`cmtkd list METHOD`: how the method gets its teachers, and its options (type, default, meaning)")
     return 0
 
 
@@ -280,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="input height/width, 1-1024 and at least what the network's "
                    "pooling needs (default: the run's data.image_size, else by dataset: digits 28, cifar100 32, "
                    "imagenet 224)")
-    sub.add_parser("list", allow_abbrev=False, help="list methods, architectures, datasets, policies and quantizers")
+    p = sub.add_parser("list", allow_abbrev=False, help="list methods, architectures, datasets, policies and quantizers",
+                       description="Without METHOD: every method, architecture, dataset, policy and quantizer. With "
+                                   "METHOD: what it is, how its teachers are given, and each of its options (type, "
+                                   "default, meaning).")
+    p.add_argument("method", nargs="?", metavar="METHOD", help="a method name: show its teachers and options")
     return parser
 
 

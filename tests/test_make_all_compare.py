@@ -38,4 +38,4 @@ def test_make_all_ends_with_a_one_line_verdict_against_the_committed_suite(tmp_p
     assert done.returncode == 0, done.stdout + done.stderr  # a verdict, not a failed `make all`
     last = done.stdout.strip().splitlines()[-1]
     assert re.search(verdict, last), last
-    assert (tmp_path / "results" / "against-committed" / "reference_check.md").is_file()
+    assert (tmp_path / "results" / "against-committed" / "reference_check.csv").is_file()

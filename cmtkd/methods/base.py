@@ -73,6 +73,9 @@ class Method(nn.Module):
     # Options an earlier version of this method name had, each with the line that explains what
     # became of them (a renamed method): an old run's config fails with that line, not "unknown key".
     retired_options: ClassVar[dict[str, str]] = {}
+    # What this method's teachers must be, after the option syntax that `cmtkd list METHOD` derives
+    # from the catalog (cmtkd.options_doc.teachers_text); empty: that syntax says enough.
+    teachers_help: ClassVar[str] = ""
 
     @dataclass
     class Options:

@@ -154,13 +154,13 @@ class CMTKD(Method):
         # quantizer; "stage-input" what teacher i's next stage reads (ResNet: quant1(bn0(A_k^i)), the mixture
         # feeding both the conv path and the downsample), and the student's attention feature is then its own
         # next-stage input. The same on AlexNet, whose stage outputs are already quantized.
-        fusion_input: FusionInput = "residual"
+        fusion_input: FusionInput = "residual"  # what Eq. 1 fuses at each fusion point (see above; ledger A5)
         requantize_fused: bool = False  # teacher i's next unit reads Q_i(F_k) instead of F_k (ledger A19)
         theta_from: ThetaFrom = "teachers"  # "all": the student's feature loss reaches theta too (ledger A20)
         alpha: float = 1.0       # CE weight (PAPER §5, SECONDARY)
         beta: float = 0.5        # mutual-learning KL weight
         gamma: float = 100.0     # attention-transfer weight
-        temperature: float = 4.0  # OPEN
+        temperature: float = 4.0  # softmax temperature T of mutual learning; OPEN
         theta_init: Literal["uniform", "random"] = "uniform"  # theta = 0 | N(0, 0.01); OPEN
         theta_lr_mult: float = 0.1    # theta at lr/10 (SECONDARY)
         learn_theta: bool = True      # False: the paper's "Average teacher" row
@@ -569,17 +569,19 @@ class FusedTeachers(nn.Module):
 class CMTKDTeachers(Method):
     """teachers-only stage of CMT-KD: n fused teachers + theta, no student (what cmtkd-frozen loads)"""
 
+    teachers_help = "the teachers and theta are all this run trains (no student); cmtkd-frozen loads them"
+
     default_bits = 32  # there is no student: W/A of the run are 32, the teachers' are teacher_bits
 
     @dataclass
     class Options:
         teacher_bits: list[int] = field(default_factory=lambda: [8, 6, 4])  # as CMT-KD
-        fusion_points: list[str] = field(default_factory=lambda: ["stage-ends"])
+        fusion_points: list[str] = field(default_factory=lambda: ["stage-ends"])  # as CMT-KD
         fusion_input: FusionInput = "residual"  # as CMT-KD (cmtkd-frozen checks that its stage matches)
-        requantize_fused: bool = False
-        theta_init: Literal["uniform", "random"] = "uniform"
-        theta_lr_mult: float = 0.1
-        learn_theta: bool = True
+        requantize_fused: bool = False  # as CMT-KD
+        theta_init: Literal["uniform", "random"] = "uniform"  # as CMT-KD
+        theta_lr_mult: float = 0.1  # as CMT-KD
+        learn_theta: bool = True  # as CMT-KD
         teacher_loss: Literal["combined", "per_teacher"] = "combined"  # CE on z_T | mean CE over heads
 
     @classmethod
