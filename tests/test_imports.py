@@ -34,7 +34,7 @@ LAYERS = [
     ["cmtkd.checkpoint"],  # model.pt / checkpoint.pt: read by teachers and the engine, written by the engine
     ["cmtkd.teachers", "cmtkd.initialization"],
     ["cmtkd.methods", "cmtkd.baselines"],
-    ["cmtkd.registry"],
+    ["cmtkd.registry", "cmtkd.options_doc"],  # options_doc: the method catalog as text (cmtkd list, docs/methods.md)
     ["cmtkd.config"],
     ["cmtkd.engine"],
     ["cmtkd.cli", "cmtkd.onnx_export"],
